@@ -1,0 +1,7 @@
+"""``python -m mmexplain`` (also ``torchrun ... -m mmexplain eval ...``)."""
+
+import sys
+
+from mmexplain.cli import main
+
+sys.exit(main())

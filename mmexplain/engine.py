@@ -1,0 +1,453 @@
+"""The engine: activations and gradients at one layer, for K targets in one backward.
+
+    inputs --prefix--> A (B, C, *grid) --suffix/head--> outputs --target--> scores (B, K)
+
+The engine differentiates the scores with respect to A only
+(``torch.autograd.grad``), so no parameter of the caller's model ever gets a
+``.grad``. The prefix (everything before the target layer) runs without
+autograd; the graph starts at A. K targets per input are explained with one
+backward by one of three strategies (DESIGN.md, "The engine's contract"):
+
+1. ``"expand"``: the part after A runs on A repeated to B*K rows, row b*K+k
+   is scored only on target k, and one ``autograd.grad`` gives all maps;
+2. ``"batched"``: one ``autograd.grad`` with ``is_grads_batched=True``;
+3. ``"loop"``: K calls of ``autograd.grad`` with ``retain_graph=True``.
+
+All three give the same maps (tests/test_engine.py checks it).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmexplain.errors import InputError, bad_type, bad_value, describe
+from mmexplain.methods import WeightRule
+from mmexplain.targets import as_target, check_scores
+
+STRATEGIES = ("auto", "expand", "batched", "loop")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps for B inputs and K targets each.
+
+    maps     (B, K, *grid) float32, grid = (h, w) or (t, h, w)
+    scores   (B, K)        the target scores that were explained
+    weights  (B, K, C)     channel importances (alpha of Grad-CAM eq. 1 / w of Grad-CAM++ eq. 20)
+    activations (B, C, *grid) the target layer's activations, float32
+    """
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor
+    activations: torch.Tensor | None = None
+    method: str = "gradcam"
+    layer: str | None = None
+    strategy: str | None = None
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(self.maps.shape[2:])
+
+    def upsample(self, size: int | tuple[int, ...]) -> "Explanation":
+        """Resize the maps: bilinear for 2-D grids, trilinear for 3-D grids."""
+        nd = self.maps.dim() - 2
+        if isinstance(size, int):
+            size = (size,) * nd
+        size = tuple(int(s) for s in size)
+        if len(size) != nd or any(s <= 0 for s in size):
+            raise bad_value("size", f"{nd} positive sizes for a {nd}-D map", size)
+        mode = {2: "bilinear", 3: "trilinear"}.get(nd)
+        if mode is None:
+            raise bad_value("maps", "2-D or 3-D grids to upsample", self.maps)
+        maps = F.interpolate(self.maps, size=size, mode=mode, align_corners=False)
+        return replace(self, maps=maps)
+
+    def normalize(self) -> "Explanation":
+        """Each map to [0, 1] (min-max); an all-zero map stays all zero, never NaN."""
+        return replace(self, maps=normalize_maps(self.maps))
+
+    def to(self, device: torch.device | str) -> "Explanation":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return replace(self, maps=move(self.maps), scores=move(self.scores),
+                       weights=move(self.weights), activations=move(self.activations))
+
+
+def normalize_maps(maps: torch.Tensor, start_dim: int = 2) -> torch.Tensor:
+    """Min-max normalise every map (the axes from ``start_dim`` on) to [0, 1].
+
+    A constant map becomes all ones if it is non-zero and stays all zeros if it
+    is zero, so the result never holds NaN.
+    """
+    flat = maps.flatten(start_dim)
+    lo = flat.amin(dim=-1, keepdim=True)
+    hi = flat.amax(dim=-1, keepdim=True)
+    rng = hi - lo
+    scaled = (flat - lo) / torch.where(rng > 0, rng, torch.ones_like(rng))
+    flat_out = torch.where(rng > 0, scaled, (flat != 0).to(flat.dtype))
+    return flat_out.view_as(maps)
+
+
+# --------------------------------------------------------------------------- model state
+
+
+@contextmanager
+def borrowed(module: nn.Module | None, eval_mode: bool = True) -> Iterator[None]:
+    """Use ``module`` in eval mode and give it back exactly as found.
+
+    Every submodule's ``training`` flag and every parameter's ``requires_grad``
+    are restored in ``finally``, also when the body raises.
+    """
+    if module is None:
+        yield
+        return
+    flags = [(m, m.training) for m in module.modules()]
+    needs = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        if eval_mode:
+            module.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for p, flag in needs:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """A dotted module name or a module of ``model`` -> (name, module)."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise bad_value("layer", f"a submodule of the given {type(model).__name__}",
+                        f"a {type(layer).__name__} that is not part of it", raw=True)
+    if not isinstance(layer, str):
+        raise bad_type("layer", "a dotted module name (str) or an nn.Module", layer)
+    try:
+        return layer, model.get_submodule(layer)
+    except AttributeError as exc:
+        names = [n for n, _ in model.named_modules() if n]
+        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.4)
+        if not close:  # fall back to the names that share the first component
+            head = layer.split(".")[0]
+            close = [n for n in names if n.split(".")[0].startswith(head[:3])][:5]
+        hint = ", ".join(repr(n) for n in close) if close else ", ".join(repr(n) for n in names[:8])
+        raise InputError(
+            f"layer: expected the name of a submodule of {type(model).__name__}, "
+            f"received {layer!r}; closest available: {hint}"
+        ) from exc
+
+
+def batch_size_of(inputs: Any) -> int:
+    """B of a tensor, or of the first tensor inside a tuple/list/dict."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0:
+            raise bad_value("inputs", "a batched tensor (B, ...)", inputs)
+        return inputs.shape[0]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    if isinstance(values, (tuple, list)) or isinstance(inputs, Mapping):
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return v.shape[0]
+    raise bad_type("inputs", "a tensor (B, ...) or a tuple/dict holding one", inputs)
+
+
+def call_model(model: Callable[..., Any], inputs: Any, context: Mapping[str, Any]) -> Any:
+    if isinstance(inputs, tuple):
+        return model(*inputs, **context)
+    if isinstance(inputs, Mapping):
+        return model(**inputs, **context)
+    return model(inputs, **context)
+
+
+def expand_context(context: Mapping[str, Any], batch: int, k: int) -> dict[str, Any]:
+    """Repeat every per-input entry (tensor or list with B rows) K times, row-interleaved."""
+    out: dict[str, Any] = {}
+    for key, value in context.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+            out[key] = value.repeat_interleave(k, dim=0)
+        elif isinstance(value, (list, tuple)) and len(value) == batch:
+            out[key] = type(value)(v for v in value for _ in range(k))
+        else:
+            out[key] = value
+    return out
+
+
+def is_adapter(obj: Any) -> bool:
+    return callable(getattr(obj, "encode", None)) and callable(getattr(obj, "head", None))
+
+
+# --------------------------------------------------------------------------- runners
+#
+# A runner runs the model for a batch and returns (leaf, outputs): ``leaf`` is
+# the activation A with requires_grad, repeated ``k`` times per input (k = 1:
+# no repetition), and ``outputs`` what the model returned for those rows.
+
+
+class _HookRunner:
+    """Any nn.Module, through a forward hook on the target layer."""
+
+    def __init__(self, model: nn.Module, layer: str | nn.Module,
+                 reshape: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.model = model
+        self.layer_name, self.layer = resolve_layer(model, layer)
+        self.reshape = reshape
+
+    def run(self, inputs: Any, context: Mapping[str, Any], k: int) -> tuple[torch.Tensor, Any]:
+        captured: list[torch.Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+            if captured:
+                raise InputError(
+                    f"layer: expected a module called once per forward pass, received "
+                    f"{self.layer_name!r}, which is called again; pick a layer used once"
+                )
+            if not isinstance(output, torch.Tensor):
+                raise bad_type(f"output of layer {self.layer_name!r}",
+                               "a tensor (B, C, *grid); pass reshape= for other outputs", output)
+            base = output.detach()
+            if k > 1:
+                base = base.repeat_interleave(k, dim=0)
+            leaf = base.requires_grad_(True)
+            captured.append(leaf)
+            torch.set_grad_enabled(True)  # the graph starts at A (see run: prefix ran without)
+            return leaf.clone()  # a non-leaf: an in-place op after the layer cannot touch A
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():  # restores the grad mode on exit, also on errors
+                outputs = call_model(self.model, inputs, context)
+        finally:
+            handle.remove()
+        if not captured:
+            raise InputError(f"layer: expected a module that runs in the forward pass, received "
+                             f"{self.layer_name!r}, which was never called")
+        return captured[0], outputs
+
+    def grid_view(self, leaf: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.reshape if self.reshape is not None else (lambda t: t)
+
+
+class _AdapterRunner:
+    """An adapter: ``encode`` runs once, ``head`` runs on (expanded) A."""
+
+    def __init__(self, adapter: Any, layer: str | None) -> None:
+        if layer is not None:
+            if not callable(getattr(adapter, "at_layer", None)):
+                raise bad_value("layer", "None for an adapter without at_layer()", layer)
+            adapter = adapter.at_layer(layer)
+        self.adapter = adapter
+        self.layer_name = getattr(adapter, "layer", None)
+        self._cache: tuple[int, torch.Tensor] | None = None
+        self.reshape = None
+
+    def run(self, inputs: Any, context: Mapping[str, Any], k: int) -> tuple[torch.Tensor, Any]:
+        if self._cache is None or self._cache[0] != id(inputs):
+            with torch.no_grad():
+                acts = self.adapter.encode(inputs, **context)
+            if not isinstance(acts, torch.Tensor):
+                raise bad_type("adapter.encode(...)", "a tensor (B, C, *grid)", acts)
+            self._cache = (id(inputs), acts.detach())
+        acts = self._cache[1]
+        batch = acts.shape[0]
+        ctx = dict(context)
+        if k > 1:
+            acts = acts.repeat_interleave(k, dim=0)
+            expand = getattr(self.adapter, "expand_context", None)
+            ctx = expand(ctx, k) if callable(expand) else expand_context(ctx, batch, k)
+        leaf = acts.clone().requires_grad_(True)
+        with torch.enable_grad():
+            outputs = self.adapter.head(leaf, **ctx)
+        return leaf, outputs
+
+    def grid_view(self, leaf: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: t
+
+
+def _grad(scores: torch.Tensor, leaf: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """dscores/dleaf; zeros where the scores do not depend on the layer at all."""
+    if not scores.requires_grad:
+        raise bad_value("target(outputs)", "scores computed differentiably from the model's "
+                        "outputs (do not detach them or use .item())",
+                        "scores that do not require grad", raw=True)
+    (grad,) = torch.autograd.grad(scores, leaf, allow_unused=True, **kwargs)
+    if grad is None:
+        shape = leaf.shape if not kwargs.get("is_grads_batched") else (
+            kwargs["grad_outputs"].shape[0], *leaf.shape)
+        return torch.zeros(shape, dtype=leaf.dtype, device=leaf.device)
+    return grad
+
+
+# --------------------------------------------------------------------------- the explainer
+
+
+class CAM:
+    """Gradient-weighted class activation maps at one layer.
+
+    ``CAM(model, layer)`` works for any ``nn.Module`` through hooks;
+    ``CAM(adapter)`` for an adapter with ``encode``/``head``. Use the subclasses
+    :class:`GradCAM` and :class:`GradCAMPlusPlus`.
+    """
+
+    method = "gradcam"
+
+    def __init__(
+        self,
+        model: Any,
+        layer: str | nn.Module | None = None,
+        *,
+        counterfactual: bool = False,
+        pooling: str = "mean",
+        gradients: str = "raw",
+        relu: bool = True,
+        strategy: str = "auto",
+        reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        eval_mode: bool = True,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise bad_value("strategy", f"one of {STRATEGIES}", strategy)
+        self.rule = WeightRule(self.method, pooling=pooling, gradients=gradients,
+                               counterfactual=counterfactual, relu=relu)
+        self.strategy = strategy
+        self.eval_mode = eval_mode
+        if is_adapter(model):
+            self.runner: _HookRunner | _AdapterRunner = _AdapterRunner(model, layer)
+        elif isinstance(model, nn.Module):
+            if layer is None:
+                raise bad_value("layer", "a layer name or module for a plain nn.Module "
+                                "(for example the last convolutional block)", layer)
+            self.runner = _HookRunner(model, layer, reshape)
+        else:
+            raise bad_type("model", "an nn.Module or an adapter with encode()/head()", model)
+        self.model = model
+        self.layer = self.runner.layer_name
+
+    def __enter__(self) -> "CAM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:  # hooks live only inside a call: nothing to release
+        return None
+
+    def __call__(self, inputs: Any, target: Any = None, **context: Any) -> Explanation:
+        batch = batch_size_of(inputs)
+        tgt = as_target(target, batch)
+        module = self.model if isinstance(self.model, nn.Module) else None
+        with borrowed(module, self.eval_mode):
+            if isinstance(self.runner, _AdapterRunner):
+                self.runner._cache = None
+            try:
+                acts, grads, scores, used = self._gradients(inputs, tgt, context, batch)
+            finally:
+                if isinstance(self.runner, _AdapterRunner):
+                    self.runner._cache = None
+        return self._explain(acts, grads, scores, used)
+
+    # -- gradients -------------------------------------------------------------------
+
+    def _gradients(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """-> acts (B, *A), grads (B, K, *A), scores (B, K), strategy used."""
+        k_known = getattr(tgt, "num_targets", None)
+        strategy = self.strategy
+        if k_known is not None and k_known > 1 and strategy in ("auto", "expand"):
+            try:
+                return self._expanded(inputs, tgt, context, batch, k_known)
+            except (RuntimeError, InputError):
+                if strategy == "expand":
+                    raise
+                # The part after the layer mixes rows or takes other B-row inputs: fall back.
+        leaf, outputs = self.runner.run(inputs, context, 1)
+        scores = check_scores(tgt(outputs), batch, k_known)
+        k = scores.shape[1]
+        if k == 1:
+            grad = _grad(scores.sum(), leaf)
+            return leaf.detach(), grad.unsqueeze(1), scores.detach(), "single"
+        if strategy == "expand" or (strategy == "auto" and isinstance(self.runner, _AdapterRunner)):
+            del outputs, scores
+            return self._expanded(inputs, tgt, context, batch, k)
+        if strategy in ("auto", "batched"):
+            try:
+                return self._batched(leaf, scores, k) + ("batched",)
+            except RuntimeError:
+                if strategy == "batched":
+                    raise
+        return self._loop(leaf, scores, k) + ("loop",)
+
+    def _expanded(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        expand = getattr(tgt, "expand", None)
+        tgt_rows = expand(k) if callable(expand) else tgt
+        leaf, outputs = self.runner.run(inputs, context, k)  # leaf (B*K, *A)
+        rows = check_scores(tgt_rows(outputs), batch * k, k)  # (B*K, K)
+        scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j scores target j
+        grad = _grad(scores.sum(), leaf)
+        shape = (batch, k) + tuple(leaf.shape[1:])
+        return leaf.detach().view(shape)[:, 0], grad.view(shape), scores.detach(), "expand"
+
+    @staticmethod
+    def _batched(leaf: torch.Tensor, scores: torch.Tensor, k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)  # (K, K)
+        grad_outputs = eye.unsqueeze(1).expand(k, scores.shape[0], k)  # (K, B, K)
+        grad = _grad(scores, leaf, grad_outputs=grad_outputs, is_grads_batched=True,
+                     retain_graph=True)
+        return leaf.detach(), grad.transpose(0, 1), scores.detach()  # grads (B, K, *A)
+
+    @staticmethod
+    def _loop(leaf: torch.Tensor, scores: torch.Tensor, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grads = [_grad(scores[:, j].sum(), leaf, retain_graph=j < k - 1) for j in range(k)]
+        return leaf.detach(), torch.stack(grads, dim=1), scores.detach()
+
+    # -- maps ------------------------------------------------------------------------
+
+    def _explain(self, acts: torch.Tensor, grads: torch.Tensor, scores: torch.Tensor,
+                 strategy: str) -> Explanation:
+        view = self.runner.grid_view(acts)
+        batch, k = grads.shape[:2]
+        acts = view(acts).float()  # (B, C, *grid)
+        grads = view(grads.flatten(0, 1)).float()  # (B*K, C, *grid)
+        if acts.dim() < 3:
+            raise bad_value(f"activations of layer {self.layer!r}",
+                            "a (B, C, *grid) tensor with at least one grid axis",
+                            describe(acts), raw=True)
+        acts_rows = acts.repeat_interleave(k, dim=0)  # (B*K, C, *grid)
+        weights = self.rule.weights(acts_rows, grads)  # (B*K, C)
+        maps = self.rule.combine(acts_rows, weights)  # (B*K, *grid)
+        maps = torch.nan_to_num(maps, nan=0.0)
+        return Explanation(
+            maps=maps.view(batch, k, *maps.shape[1:]),
+            scores=scores.float(),
+            weights=weights.view(batch, k, -1),
+            activations=acts,
+            method=self.method,
+            layer=self.layer,
+            strategy=strategy,
+        )
+
+
+class GradCAM(CAM):
+    """Grad-CAM (Selvaraju et al.): weights by global-average-pooled gradients, eq. 1-2."""
+
+    method = "gradcam"
+
+
+class GradCAMPlusPlus(CAM):
+    """Grad-CAM++ (Chattopadhyay et al.): pixel-wise weighted gradients, eq. 19-20."""
+
+    method = "gradcam++"

@@ -1,0 +1,112 @@
+"""Weight rules: how a method turns activations and gradients into channel weights.
+
+Every rule sees the same shapes and reduces over every axis after the channel
+axis, so 2-D (H, W) and 3-D (T, H, W) grids are one code path:
+
+    A: (N, C, *grid)  activations at the target layer
+    G: (N, C, *grid)  dS/dA for the N = B*K (input, target) pairs
+    -> weights (N, C)
+
+References: Grad-CAM paper (``shared/papers/gradcam.md``) eq. 1, 2, 12 and the
+ablations of appendix B; Grad-CAM++ paper (``gradcam_plusplus.md``) eq. 19, 20.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmexplain.errors import bad_value
+
+
+def _grid_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """Every axis after (N, C): (2, 3) for images, (2, 3, 4) for clips."""
+    return tuple(range(2, t.dim()))
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """A method's weight rule plus the options it shares with the others.
+
+    ``counterfactual`` negates the gradients (Grad-CAM eq. 12); ``gradients``
+    = "abs" uses |dS/dA| (appendix B.2 ablation); ``relu`` applies the ReLU of
+    eq. 2 / eq. 20 to the combined map (``False`` is the appendix B.2.1 ablation).
+    """
+
+    name: str = "gradcam"
+    pooling: str = "mean"
+    gradients: str = "raw"
+    counterfactual: bool = False
+    relu: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in ("gradcam", "gradcam++"):
+            raise bad_value("method", "'gradcam' or 'gradcam++'", self.name)
+        if self.pooling not in ("mean", "max"):
+            raise bad_value("pooling", "'mean' or 'max'", self.pooling)
+        if self.gradients not in ("raw", "abs"):
+            raise bad_value("gradients", "'raw' or 'abs'", self.gradients)
+
+    def prepare(self, grads: torch.Tensor) -> torch.Tensor:
+        """Apply the gradient options (counterfactual sign, absolute value)."""
+        if self.counterfactual:
+            grads = -grads  # Grad-CAM eq. 12: negative gradients
+        if self.gradients == "abs":
+            grads = grads.abs()  # appendix B.2: absolute gradients
+        return grads
+
+    def weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Channel weights (N, C) from activations and gradients (N, C, *grid)."""
+        grads = self.prepare(grads)
+        if self.name == "gradcam++":
+            return gradcam_pp_weights(acts, grads)
+        return gradcam_weights(grads, self.pooling)
+
+    def combine(self, acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Map (N, *grid) = [ReLU] sum_k w_k A^k (Grad-CAM eq. 2, Grad-CAM++ eq. 20)."""
+        shape = weights.shape + (1,) * (acts.dim() - 2)
+        cam = (weights.view(shape) * acts).sum(dim=1)
+        return torch.relu(cam) if self.relu else cam
+
+
+def gradcam_weights(grads: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """Grad-CAM eq. 1: alpha_k = 1/Z sum_ij dS/dA^k_ij (global average pooling).
+
+    ``pooling="max"`` is the global-max-pooling ablation of appendix B.2.2.
+    grads (N, C, *grid) -> (N, C)
+    """
+    flat = grads.flatten(2)  # (N, C, Z)
+    if pooling == "max":
+        return flat.amax(dim=2)
+    return flat.mean(dim=2)
+
+
+def gradcam_pp_alpha(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ eq. 19 (exponential closed form), zero where undefined.
+
+        alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab * g_ij^3)
+
+    computed as 1 / (2 + s * g_ij) with s = sum_ab A_ab (divide through by
+    g_ij^2), which is the same number wherever g_ij != 0 and never forms the
+    overflowing powers g^2, g^3 that make other implementations return inf/NaN
+    for large gradients. alpha = 0 where g_ij = 0 or the denominator is 0.
+    acts, grads (N, C, *grid) -> alpha (N, C, *grid)
+    """
+    dims = _grid_dims(acts)
+    s = acts.sum(dim=dims, keepdim=True)  # (N, C, 1...) sum over all positions
+    denom = 2.0 + s * grads
+    valid = (grads != 0) & (denom != 0)
+    safe = torch.where(valid, denom, torch.ones_like(denom))
+    return torch.where(valid, 1.0 / safe, torch.zeros_like(denom))
+
+
+def gradcam_pp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ weights w_k = sum_ij alpha^k_ij relu(dS/dA^k_ij) (eq. 19-20).
+
+    The exponential form Y = exp(S) scales every dY/dA by the same positive
+    exp(S) (eq. 13), which only rescales the map; as in the issue's definition
+    we use relu(dS/dA) so maps are comparable across targets.
+    """
+    alpha = gradcam_pp_alpha(acts, grads)
+    return (alpha * torch.relu(grads)).flatten(2).sum(dim=2)
