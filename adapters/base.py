@@ -1,0 +1,111 @@
+"""What every adapter is: a model split into ``encode`` and ``head`` at a target layer.
+
+    inputs --encode--> A (B, C, *grid) --head(A, **context)--> outputs
+
+``encode`` runs the shared CNN encoder up to and including the target layer;
+``head`` runs everything after it (the rest of the CNN, LSTMs, fusion, the
+classifier). The engine calls ``encode`` once (without autograd) and ``head``
+on A repeated for K targets, so ``head`` must treat rows independently.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmexplain.errors import InputError
+
+
+@dataclass
+class SequenceOutput:
+    """Teacher-forced token scores of a captioner's head.
+
+    logprobs (B, T, V)  log p(w | image, w_<t) at each step t
+    tokens   (B, T)     the token scored at each step (the caption's words, then <end>)
+    mask     (B, T)     True where tokens[:, t] is part of the caption (not padding)
+    """
+
+    logprobs: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def token_logprobs(self) -> torch.Tensor:
+        """log p(tokens[:, t]) per step, (B, T); 0 at padding."""
+        lp = self.logprobs.gather(2, self.tokens.unsqueeze(2)).squeeze(2)
+        return lp * self.mask.to(lp.dtype)
+
+
+class Adapter(nn.Module):
+    """Base class: a model family split at a named target layer.
+
+    Subclasses set ``layers`` (the target layers they offer, input to output),
+    ``default_layer`` and implement ``encode`` / ``head``. ``at_layer(name)``
+    returns a view of the same model split elsewhere (parameters are shared).
+    """
+
+    name: str = "adapter"
+    layers: tuple[str, ...] = ()
+    default_layer: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = self.default_layer
+        self.weights_source = "random initialisation"
+
+    def at_layer(self, layer: str) -> "Adapter":
+        check_layer(layer, self.layers, owner=self.name)
+        view = copy.copy(self)  # shallow: shares every submodule and parameter
+        view.__dict__ = dict(self.__dict__)
+        view.layer = layer
+        return view
+
+    def encode(self, inputs: Any, **context: Any) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def head(self, acts: torch.Tensor, **context: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, inputs: Any, **context: Any) -> Any:
+        return self.head(self.encode(inputs, **context), **context)
+
+
+def check_layer(layer: str, layers: Iterable[str], owner: str) -> None:
+    """Raise an InputError naming the closest layers when ``layer`` is not offered."""
+    layers = list(layers)
+    if layer in layers:
+        return
+    close = difflib.get_close_matches(str(layer), layers, n=5, cutoff=0.3) or layers[-5:]
+    raise InputError(f"layer: expected one of the target layers of {owner}, received "
+                     f"{layer!r}; closest available: {', '.join(repr(n) for n in close)}")
+
+
+class StagedTrunk(nn.Module):
+    """A CNN as named stages run in order, splittable after any stage.
+
+    ``run(x, stop=name)`` runs the stages up to and including ``name``;
+    ``run(a, start=name)`` runs the stages after ``name``.
+    """
+
+    def __init__(self, stages: "OrderedDict[str, nn.Module]") -> None:
+        super().__init__()
+        self.stages = nn.ModuleDict(stages)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.stages.keys())
+
+    def run(self, x: torch.Tensor, start: str | None = None, stop: str | None = None
+            ) -> torch.Tensor:
+        names = self.names
+        first = 0 if start is None else names.index(start) + 1
+        last = len(names) if stop is None else names.index(stop) + 1
+        for name in names[first:last]:
+            x = self.stages[name](x)
+        return x
