@@ -30,7 +30,7 @@ from torch import nn
 
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 from mmexplain.methods import WeightRule
-from mmexplain.targets import as_target, check_scores
+from mmexplain.targets import IndexTarget, TopPrediction, as_target, check_scores, logits_of
 
 STRATEGIES = ("auto", "expand", "batched", "loop")
 
@@ -318,9 +318,17 @@ class CAM:
         strategy: str = "auto",
         reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eval_mode: bool = True,
+        form: str = "exp",
+        class_chunk: int = 64,
     ) -> None:
         if strategy not in STRATEGIES:
             raise bad_value("strategy", f"one of {STRATEGIES}", strategy)
+        if form not in ("exp", "softmax") or (form == "softmax" and self.method != "gradcam++"):
+            raise bad_value("form", "'exp', or 'softmax' for Grad-CAM++", form)
+        if not isinstance(class_chunk, int) or class_chunk < 1:
+            raise bad_value("class_chunk", "a positive int", class_chunk)
+        self.form = form
+        self.class_chunk = class_chunk
         self.rule = WeightRule(self.method, pooling=pooling, gradients=gradients,
                                counterfactual=counterfactual, relu=relu)
         self.strategy = strategy
@@ -352,10 +360,12 @@ class CAM:
                 self.runner._cache = None
             try:
                 acts, grads, scores, used = self._gradients(inputs, tgt, context, batch)
+                moments = (self._softmax_moments(inputs, tgt, context, batch)
+                           if self.form == "softmax" else None)
             finally:
                 if isinstance(self.runner, _AdapterRunner):
                     self.runner._cache = None
-        return self._explain(acts, grads, scores, used)
+        return self._explain(acts, grads, scores, used, moments)
 
     # -- gradients -------------------------------------------------------------------
 
@@ -414,10 +424,45 @@ class CAM:
         grads = [_grad(scores[:, j].sum(), leaf, retain_graph=j < k - 1) for j in range(k)]
         return leaf.detach(), torch.stack(grads, dim=1), scores.detach()
 
+    def _softmax_moments(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """m_p = sum_k Y^k (dS^k/dA)^p, p = 1..3, over all classes (Grad-CAM++ eq. 22-24).
+
+        Needs every class's gradient: the classes go through the expanded head
+        ``class_chunk`` at a time (V / class_chunk extra passes).
+        """
+        if not isinstance(tgt, (IndexTarget, TopPrediction)):
+            raise bad_value("target", "class indices (int, list or tensor) or None for "
+                            "form='softmax', which needs the logits of every class",
+                            "a callable", raw=True)
+        with torch.no_grad():
+            _, outputs = self.runner.run(inputs, context, 1)
+            probs = torch.softmax(logits_of(outputs).double(), dim=1)  # (B, V) eq. 21
+        del outputs
+        classes = probs.shape[1]
+        m1: Any = 0.0
+        m2: Any = 0.0
+        m3: Any = 0.0
+        for start in range(0, classes, self.class_chunk):
+            chunk = torch.arange(start, min(start + self.class_chunk, classes),
+                                 device=probs.device)
+            c = chunk.numel()
+            leaf, outputs = self.runner.run(inputs, context, c)  # (B*c, *A)
+            logits = logits_of(outputs).view(batch, c, classes)
+            scores = logits[:, torch.arange(c), chunk]  # (B, c): row b*c+j scores class chunk[j]
+            grad = _grad(scores.sum(), leaf).double().view(batch, c, *leaf.shape[1:])
+            y = probs[:, chunk].view(batch, c, *([1] * (leaf.dim() - 1)))
+            m1 = m1 + (y * grad).sum(1)
+            m2 = m2 + (y * grad**2).sum(1)
+            m3 = m3 + (y * grad**3).sum(1)
+            del leaf, outputs, logits, scores, grad
+        return m1, m2, m3
+
     # -- maps ------------------------------------------------------------------------
 
     def _explain(self, acts: torch.Tensor, grads: torch.Tensor, scores: torch.Tensor,
-                 strategy: str) -> Explanation:
+                 strategy: str, moments: tuple[torch.Tensor, ...] | None = None
+                 ) -> Explanation:
         view = self.runner.grid_view(acts)
         batch, k = grads.shape[:2]
         acts = view(acts).float()  # (B, C, *grid)
@@ -427,7 +472,9 @@ class CAM:
                             "a (B, C, *grid) tensor with at least one grid axis",
                             describe(acts), raw=True)
         acts_rows = acts.repeat_interleave(k, dim=0)  # (B*K, C, *grid)
-        weights = self.rule.weights(acts_rows, grads)  # (B*K, C)
+        if moments is not None:
+            moments = tuple(view(m).repeat_interleave(k, dim=0) for m in moments)
+        weights = self.rule.weights(acts_rows, grads, moments)  # (B*K, C)
         maps = self.rule.combine(acts_rows, weights)  # (B*K, *grid)
         maps = torch.nan_to_num(maps, nan=0.0)
         return Explanation(

@@ -56,10 +56,18 @@ class WeightRule:
             grads = grads.abs()  # appendix B.2: absolute gradients
         return grads
 
-    def weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        """Channel weights (N, C) from activations and gradients (N, C, *grid)."""
+    def weights(self, acts: torch.Tensor, grads: torch.Tensor,
+                moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Channel weights (N, C) from activations and gradients (N, C, *grid).
+
+        ``moments`` (the softmax form of Grad-CAM++ only): sum_k Y^k g_k^p for
+        p = 1, 2, 3 over all classes k, each (N, C, *grid).
+        """
         grads = self.prepare(grads)
         if self.name == "gradcam++":
+            if moments is not None:
+                return gradcam_pp_softmax_weights(acts, grads, *moments)
             return gradcam_pp_weights(acts, grads)
         return gradcam_weights(grads, self.pooling)
 
@@ -110,3 +118,34 @@ def gradcam_pp_weights(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     """
     alpha = gradcam_pp_alpha(acts, grads)
     return (alpha * torch.relu(grads)).flatten(2).sum(dim=2)
+
+
+def gradcam_pp_softmax_weights(acts: torch.Tensor, grads: torch.Tensor, m1: torch.Tensor,
+                               m2: torch.Tensor, m3: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ weights for Y^c = softmax(S)^c (section 3.4, eq. 21-24).
+
+    With g_k = dS^k/dA_ij, second derivatives of S zero (eq. 16), and the
+    moments m_p = sum_k Y^k g_k^p over all classes:
+
+        d_c   = g_c - m1                       dY^c   = Y^c d_c                (eq. 22)
+        q     = m2 - m1^2                      d2Y^c  = Y^c (d_c^2 - q)        (eq. 23)
+        r     = m3 - 2 m1 m2 + m1^3            d3Y^c  = Y^c (d_c^3 - 3 q d_c - r + q m1)  (eq. 24)
+
+    alpha = d2Y / (2 d2Y + sum_ab A_ab d3Y) (eq. 10 with eq. 23-24; Y^c cancels),
+    zero where the denominator is zero, and w = sum_ij alpha relu(dY^c/dA) / Y^c
+    (the positive factor Y^c only scales the map, as exp(S) in the exponential form).
+    Computed in float64: the moments subtract nearly equal numbers.
+    """
+    dtype = grads.dtype
+    a, g, m1, m2, m3 = (t.double() for t in (acts, grads, m1, m2, m3))
+    d = g - m1
+    q = m2 - m1 * m1
+    r = m3 - 2 * m1 * m2 + m1**3
+    second = d * d - q
+    third = d**3 - 3 * q * d - r + q * m1
+    s = a.sum(dim=_grid_dims(a), keepdim=True)
+    denom = 2 * second + s * third
+    valid = denom != 0
+    alpha = torch.where(valid, second / torch.where(valid, denom, torch.ones_like(denom)),
+                        torch.zeros_like(denom))
+    return (alpha * torch.relu(d)).flatten(2).sum(dim=2).to(dtype)

@@ -394,3 +394,54 @@ def test_wrong_layer_name_lists_the_closest_names(tiny2d: TinyNet) -> None:
         mx.GradCAM(tiny2d, nn.Conv2d(1, 1, 1))
     with pytest.raises(InputError, match="layer: expected a layer name"):
         mx.GradCAM(tiny2d)
+
+
+# --------------------------------------------------------------------------- softmax Grad-CAM++
+
+
+def test_gradcam_pp_softmax_form_matches_autograd_derivatives() -> None:
+    """Eq. 22-24: the closed-form derivatives of Y^c = softmax(S)^c equal autograd's.
+
+    The head is linear in A (second derivatives of S vanish, eq. 16), so the
+    closed form is exact; the derivatives of Y^c with respect to each A_ij^k
+    alone come from nested autograd, and alpha / weights from eq. 10.
+    """
+    torch.manual_seed(5)
+    net = nn.Sequential(OrderedDict(features=nn.Conv2d(3, 2, 1), flat=nn.Flatten(),
+                                    fc=nn.Linear(2 * 4, 3)))
+    x = torch.randn(1, 3, 2, 2)
+    cls = 1
+    with torch.no_grad():
+        a0 = net.features(x).double()[0]  # (C, H, W)
+    w = net.fc.weight.double().view(3, 2, 2, 2)
+    b = net.fc.bias.double()
+
+    def y_of(a: torch.Tensor) -> torch.Tensor:
+        return torch.softmax((w * a).flatten(1).sum(1) + b, dim=0)[cls]
+
+    d1 = torch.zeros_like(a0)
+    d2 = torch.zeros_like(a0)
+    d3 = torch.zeros_like(a0)
+    for idx in np.ndindex(*a0.shape):
+        t = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+        bump = torch.zeros_like(a0)
+        bump[idx] = 1.0
+        y = y_of(a0 + t * bump)
+        (g1,) = torch.autograd.grad(y, t, create_graph=True)
+        (g2,) = torch.autograd.grad(g1, t, create_graph=True)
+        (g3,) = torch.autograd.grad(g2, t)
+        d1[idx], d2[idx], d3[idx] = g1, g2, g3
+    s = a0.sum(dim=(1, 2), keepdim=True)
+    alpha = d2 / (2 * d2 + s * d3)  # eq. 10
+    y_c = float(y_of(a0).detach())
+    weights = (alpha * torch.relu(d1)).sum(dim=(1, 2)) / y_c
+    ref = torch.relu((weights.view(2, 1, 1) * a0).sum(0))
+    expl = mx.GradCAMPlusPlus(net, "features", form="softmax", class_chunk=2)(x, target=cls)
+    torch.testing.assert_close(expl.weights[0, 0].double(), weights, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(expl.maps[0, 0].double(), ref, rtol=1e-4, atol=1e-8)
+    exp_form = mx.GradCAMPlusPlus(net, "features")(x, target=cls)
+    assert not torch.allclose(exp_form.weights, expl.weights)  # the two forms differ
+    with pytest.raises(InputError, match="form='softmax', which needs the logits"):
+        mx.GradCAMPlusPlus(net, "features", form="softmax")(x, target=lambda o: o[:, 1])
+    with pytest.raises(InputError, match="form: expected 'exp', or 'softmax' for Grad-CAM"):
+        mx.GradCAM(net, "features", form="softmax")
