@@ -1,0 +1,262 @@
+"""Captioning targets: what to explain about a caption, as scores (B, K) for the engine.
+
+- :class:`CaptionLogProb` — log p(caption | image) = sum_t log p(w_t | image, w_<t)
+  (Show and Tell eq. 2), K = 1: the Grad-CAM paper's Sec. 8.1 target, and the
+  Grad-CAM++ paper's Sec. 6.1 ``Y^c`` ("the log probability of the predicted caption").
+- :class:`WordLogProbs` — log p(w_t) of chosen words of the caption, K words
+  explained with one backward: the one-hot words of the Grad-CAM paper's Sec. 8.1.1.
+
+Both read the caption from the head's :class:`SequenceOutput` (its tokens and
+mask), so they work on the B*K rows the engine runs the head on. The caption
+itself is context: ``cam(images, target=CaptionLogProb(), tokens=tokens)``.
+
+    expl, words = explain_caption(adapter, image)                    # own caption, K = 1
+    expl, words = explain_caption(adapter, image, "a red circle and a blue square",
+                                  words="visual")                      # K = 4 words
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmexplain.adapters.base import SequenceOutput
+from mmexplain.engine import CAM, Explanation, GradCAM, GradCAMPlusPlus
+from mmexplain.errors import InputError, bad_type, bad_value
+from mmexplain.vocab import SPECIALS, Vocabulary
+
+#: Words that name nothing one could point at: articles, prepositions,
+#: conjunctions, pronouns, auxiliaries, number and position words. The other
+#: words of a caption are its "visual words".
+STOPWORDS = frozenset("""
+a an the this that these those some each every other another
+and or but with without of in on at to from by for into onto over under above below near
+next behind beside between through up down out off around along across while
+left right top bottom front back middle side
+is are was were be being been has have had do does
+it its it's they them their there here he she his her him we you i
+one two three four five six seven eight nine ten zero several many few lots lot
+very just also as than then while
+""".split())
+
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+
+
+def make_cam(model: Any, method: str = "gradcam", layer: str | None = None,
+             **options: Any) -> CAM:
+    """The explainer of a method name ("gradcam" or "gradcam++") for ``model``."""
+    if method not in METHODS:
+        raise bad_value("method", f"one of {sorted(METHODS)}", method)
+    return METHODS[method](model, layer=layer, **options)
+
+
+def one_image(image: Any) -> torch.Tensor:
+    """A single image (3, H, W) or (1, 3, H, W) -> (1, 3, H, W)."""
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
+        image = image.unsqueeze(0)
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != 1 or \
+            not image.is_floating_point():
+        raise bad_value("image", "one float image (3, H, W) or (1, 3, H, W)", image)
+    return image
+
+
+def sequence_of(outputs: Any) -> SequenceOutput:
+    """The SequenceOutput a captioner's head returned (or an error)."""
+    if isinstance(outputs, SequenceOutput):
+        return outputs
+    if all(hasattr(outputs, a) for a in ("logprobs", "tokens", "mask")):
+        return SequenceOutput(outputs.logprobs, outputs.tokens, outputs.mask)
+    raise bad_type("outputs", "a SequenceOutput (a captioner's teacher-forced head)", outputs)
+
+
+class CaptionLogProb:
+    """Scores (B, 1) = log p(caption | image) = sum_t log p(w_t | image, w_<t) (eq. 2),
+    <end> included: the caption given to the head as ``tokens``."""
+
+    num_targets = 1
+
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        return sequence_of(outputs).token_logprobs().sum(dim=1, keepdim=True)  # (B, 1)
+
+
+class WordLogProbs:
+    """Scores (B, K) = log p(w_t) at K chosen word positions t of the caption.
+
+    ``WordLogProbs(positions)``: positions into the caption's tokens (0 = first
+    word), a sequence (same for every input) or a (B, K) tensor (per input).
+    ``WordLogProbs(words=[...], vocab=vocab)``: the first occurrence of each
+    word in each input's caption; a word not in the vocabulary, or not in a
+    caption, is an error naming it.
+    """
+
+    def __init__(self, positions: Sequence[int] | torch.Tensor | None = None, *,
+                 words: Sequence[str] | None = None, vocab: Vocabulary | None = None) -> None:
+        if (positions is None) == (words is None):
+            raise bad_value("positions/words", "exactly one of positions or words",
+                            f"positions={positions!r}, words={words!r}", raw=True)
+        self.words: list[str] | None = None
+        self.word_ids: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        if words is not None:
+            if isinstance(words, str) or not words or not all(isinstance(w, str) for w in words):
+                raise bad_type("words", "a non-empty list of words", words)
+            if vocab is None:
+                raise bad_value("vocab", "the captioner's vocabulary to look the words up in",
+                                vocab)
+            vocab = Vocabulary.coerce(vocab)
+            vocab.check_words(words, "words")
+            self.words = list(words)
+            self.word_ids = torch.tensor([vocab.stoi[w] for w in words], dtype=torch.long)
+            self.num_targets = len(words)
+        else:
+            pos = torch.as_tensor(positions) if not isinstance(positions, torch.Tensor) \
+                else positions
+            if pos.is_floating_point() or pos.dtype == torch.bool or pos.dim() not in (1, 2) \
+                    or pos.numel() == 0 or int(pos.min()) < 0:
+                raise bad_value("positions", "non-negative word positions: a list of K ints or "
+                                "a (B, K) tensor", positions)
+            self.positions = pos.long().view(1, -1) if pos.dim() == 1 else pos.long()
+            self.num_targets = self.positions.shape[1]
+
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        seq = sequence_of(outputs)
+        logprobs = seq.token_logprobs()  # (R, T)
+        rows = logprobs.shape[0]
+        pos = self._find(seq) if self.word_ids is not None else self._rows(rows, seq)
+        return logprobs.gather(1, pos)  # (R, K)
+
+    def _rows(self, rows: int, seq: SequenceOutput) -> torch.Tensor:
+        pos = self.positions.to(seq.tokens.device)
+        if pos.shape[0] not in (1, rows):
+            raise bad_value("positions", f"one row of positions per input ({rows})", pos)
+        pos = pos.expand(rows, -1)  # (R, K)
+        length = seq.mask.sum(dim=1, keepdim=True)  # (R, 1) words + <end>
+        if bool((pos >= length).any()):
+            raise bad_value("positions", "positions inside the caption (0 .. its length - 1, "
+                            "the last one being <end>)",
+                            f"positions {pos[0].tolist()} for captions of "
+                            f"{length.flatten().tolist()} tokens", raw=True)
+        return pos
+
+    def _find(self, seq: SequenceOutput) -> torch.Tensor:
+        ids = self.word_ids.to(seq.tokens.device)
+        match = (seq.tokens.unsqueeze(1) == ids.view(1, -1, 1)) & seq.mask.unsqueeze(1)  # (R,K,T)
+        found = match.any(dim=2)  # (R, K)
+        if not bool(found.all()):
+            row, k = (~found).nonzero()[0].tolist()
+            absent = [w for w, f in zip(self.words, found[row].tolist()) if not f]
+            raise InputError(f"words: expected words of the caption, received "
+                             f"{', '.join(repr(w) for w in absent)}, not in the caption of "
+                             f"input row {row}")
+        return match.int().argmax(dim=2)  # (R, K) first occurrence
+
+    def expand(self, k: int) -> "WordLogProbs":
+        """The target for the head run on B*K rows (per-input positions repeated)."""
+        if self.positions is None or self.positions.shape[0] == 1:
+            return self
+        return WordLogProbs(self.positions.repeat_interleave(k, dim=0))
+
+
+@dataclass(frozen=True)
+class CaptionWords:
+    """A caption ready for the head, and the positions of the words to explain.
+
+    tokens    (1, L) long  words then <end> (the head's ``tokens``)
+    positions K positions into ``tokens`` (0 = first word)
+    words     the K words at those positions
+    """
+
+    tokens: torch.Tensor
+    positions: list[int]
+    words: list[str]
+
+
+def caption_words(vocab: Vocabulary, caption: str | Sequence[str],
+                  words: str | Sequence[str | int] | None = "visual",
+                  stopwords: frozenset[str] = STOPWORDS) -> CaptionWords:
+    """Tokens of ``caption`` and the positions of the words to explain.
+
+    ``words``: "visual" (every word that is not punctuation or in ``stopwords``),
+    None (no words), or a list of words (a word asked for twice takes its next
+    occurrence) and/or positions. Words of the caption or of ``words`` that are
+    not in the vocabulary, and asked-for words not in the caption, raise an
+    error naming them.
+    """
+    vocab = Vocabulary.coerce(vocab)
+    toks = vocab.words_of(caption, "caption")
+    if not toks:
+        raise bad_value("caption", "a caption with at least one word", caption)
+    vocab.check_words(toks, "caption")
+    tokens = torch.tensor([vocab.encode(toks, end=True)], dtype=torch.long)  # (1, L)
+    if words is None:
+        positions: list[int] = []
+    elif isinstance(words, str) and words == "visual":
+        positions = [i for i, w in enumerate(toks)
+                     if w not in stopwords and w not in SPECIALS and any(c.isalnum() for c in w)]
+    elif isinstance(words, str):
+        raise bad_value("words", "'visual', None or a list of words/positions", words)
+    else:
+        asked = list(words)
+        vocab.check_words([w for w in asked if isinstance(w, str)], "words")
+        positions, used, absent = [], set(), []
+        for w in asked:
+            if isinstance(w, int) and not isinstance(w, bool):
+                if not 0 <= w < len(toks):
+                    raise bad_value("words", f"positions in [0, {len(toks)}) of the caption "
+                                    f"{toks}", w)
+                positions.append(w)
+            elif isinstance(w, str):
+                free = [i for i, t in enumerate(toks) if t == w and i not in used]
+                if not free:
+                    absent.append(w)
+                    continue
+                positions.append(free[0])
+                used.add(free[0])
+            else:
+                raise bad_type("words", "words (str) or positions (int)", w)
+        if absent:
+            raise InputError(f"words: expected words of the caption {' '.join(toks)!r}, "
+                             f"received {', '.join(repr(w) for w in absent)}, not in it")
+    return CaptionWords(tokens, positions, [toks[i] for i in positions])
+
+
+def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[str] | None = None,
+                    words: str | Sequence[str | int] | None = None, method: str = "gradcam", *,
+                    layer: str | None = None, beam_size: int = 1, max_len: int = 16,
+                    **options: Any) -> tuple[Explanation, list[str]]:
+    """Explain a caption of one image: the whole caption or some of its words.
+
+    ``caption``: None explains the model's own caption (greedy, or beam search
+    with ``beam_size``); a string or word list explains that caption.
+    ``words``: None explains log p(caption) (K = 1); "visual" or a list of
+    words/positions explains log p(w_t) of each (K maps, one backward).
+    ``options`` go to the explainer (``counterfactual``, ``strategy``, ...).
+    Returns (Explanation with maps (1, K, h, w), the K labels: the caption
+    text for K = 1, else the words).
+    """
+    images = one_image(image)
+    if caption is None:
+        gen = adapter.generate(images, max_len=max_len, beam_size=beam_size)
+        tokens = gen.tokens[:1]  # the generation's own tokens (words then <end>)
+        chosen = caption_words(adapter.vocab, gen.words[0], words) if words is not None else None
+    else:
+        chosen = caption_words(adapter.vocab, caption, words)
+        tokens = chosen.tokens
+    tokens = tokens.to(images.device)
+    cam = make_cam(adapter, method, layer, **options)
+    if words is None:
+        expl = cam(images, target=CaptionLogProb(), tokens=tokens)
+        return expl, [adapter.vocab.decode(tokens[0])]
+    if not chosen.positions:
+        raise bad_value("words", "at least one word to explain", f"none in caption "
+                        f"{' '.join(adapter.vocab.words(tokens[0]))!r} for words={words!r}",
+                        raw=True)
+    expl = cam(images, target=WordLogProbs(chosen.positions), tokens=tokens)
+    return expl, chosen.words
+
+
+__all__ = ["CaptionLogProb", "CaptionWords", "METHODS", "STOPWORDS", "WordLogProbs",
+           "caption_words", "explain_caption", "make_cam", "one_image", "sequence_of"]

@@ -1,0 +1,91 @@
+"""VQA targets: the pre-softmax score of any answers, as scores (B, K) for the engine.
+
+The Grad-CAM paper (Sec. 8.2, Fig. 12) explains an answer by its score y^c
+before the softmax, and any answer can be explained, including ones the model
+did not give ("what color is the fire hydrant?" forced to say "yellow").
+
+    expl, answers = explain_vqa(adapter, image, "what color is the circle ?")  # own answer
+    expl, answers = explain_vqa(adapter, image, "what color is the circle ?",
+                                answers=["red", "yellow"])                     # K = 2 maps
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmexplain.engine import Explanation
+from mmexplain.errors import InputError, bad_type, bad_value
+from mmexplain.targets import IndexTarget
+from mmexplain.tasks.caption import make_cam, one_image
+from mmexplain.vocab import Vocabulary
+
+
+def answer_ids(answers: str | int | Sequence[str | int], vocab: Vocabulary | None = None
+               ) -> tuple[list[int], list[str | int]]:
+    """(ids, labels) of answers given by name (needs ``vocab``) or id.
+
+    Names not in the answer vocabulary, and ids out of its range, raise an
+    error naming them.
+    """
+    if isinstance(answers, (str, int)) and not isinstance(answers, bool):
+        answers = [answers]
+    if isinstance(answers, torch.Tensor):
+        answers = answers.flatten().tolist()
+    if not isinstance(answers, Sequence) or not answers:
+        raise bad_type("answers", "an answer or a non-empty list of answers (names or ids)",
+                       answers)
+    if not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in answers):
+        raise bad_type("answers", "answer names (str) or ids (int)", answers)
+    names = [a for a in answers if isinstance(a, str)]
+    if names and vocab is None:
+        raise bad_value("vocab", "the answer vocabulary to look answer names up in", vocab)
+    if vocab is not None:
+        vocab = Vocabulary.coerce(vocab, "answer_vocab")
+        unknown = vocab.missing(names)
+        if unknown:
+            raise InputError(f"answers: expected answers of the model's answer vocabulary "
+                             f"({len(vocab)} answers), received "
+                             f"{', '.join(repr(a) for a in unknown)}, not in it")
+        bad = [a for a in answers if isinstance(a, int) and not 0 <= a < len(vocab)]
+        if bad:
+            raise bad_value("answers", f"answer ids in [0, {len(vocab)})", bad)
+    ids = [vocab.stoi[a] if isinstance(a, str) else a for a in answers]
+    labels = [vocab.itos[i] for i in ids] if vocab is not None else list(answers)
+    return ids, labels
+
+
+class AnswerScore(IndexTarget):
+    """Scores (B, K) = the logits of K answers (names or ids), whatever the model answered."""
+
+    def __init__(self, answers: str | int | Sequence[str | int],
+                 vocab: Vocabulary | None = None) -> None:
+        ids, self.answers = answer_ids(answers, vocab)
+        super().__init__(torch.tensor([ids], dtype=torch.long))  # (1, K)
+
+
+def explain_vqa(adapter: Any, image: torch.Tensor, question: str,
+                answers: str | int | Sequence[str | int] | None = None,
+                method: str = "gradcam", *, top: int = 1, layer: str | None = None,
+                **options: Any) -> tuple[Explanation, list[str]]:
+    """Explain answers to a question about one image.
+
+    ``answers``: None explains the model's ``top`` answers; names or ids
+    explain those (K maps from one backward). ``options`` go to the explainer
+    (``counterfactual``, ``strategy``, ...). Returns (Explanation with maps
+    (1, K, h, w) and the answers' logits as scores, the K answer names).
+    """
+    images = one_image(image)
+    if not isinstance(question, str):
+        raise bad_type("question", "a question string", question)
+    if answers is None:
+        answers = [a for a, _ in adapter.answer(images, question, top=top)[0]]
+    target = AnswerScore(answers, adapter.answer_vocab)
+    context = adapter.question_context(question)
+    expl = make_cam(adapter, method, layer, **options)(images, target=target, **context)
+    return expl, [str(a) for a in target.answers]
+
+
+__all__ = ["AnswerScore", "answer_ids", "explain_vqa"]
