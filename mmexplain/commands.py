@@ -1,0 +1,403 @@
+"""The model commands of ``mmexplain``: caption, vqa, video, classify.
+
+    mmexplain classify cat_dog.png --classes "tabby,boxer"           # resnet18
+    mmexplain video armwrestling.mp4 --model r3d_18 --stride 32      # sliding 16-frame windows
+    mmexplain caption photo.jpg --words visual
+    mmexplain vqa photo.jpg --question "what color is the circle ?" --answers red,blue
+
+Default models: ``resnet18`` (classify), ``r3d_18`` (video), and for caption
+and vqa the shipped ``shapes-captioner`` / ``shapes-vqa``; while those cannot
+be built (not registered, weights not trained yet) a random-weight
+``show-tell`` / ``vqa-lstm`` with a tiny CNN and the shapes world's vocabulary
+stands in, and the command says so.
+
+Every command takes ``--model`` (a registry name), ``--weights`` (a local
+file; "random" for random weights; default: the model's own lookup, e.g. the
+torch cache), ``--layer``, ``--method gradcam|gradcam++``, ``--out DIR`` and
+``--device``, prints which weights were used and what it wrote, and writes the
+maps as ``.npz`` (the engine's raw maps (B, K, *grid), their scores and labels)
+beside the pictures:
+
+- classify, caption, vqa: one overlay PNG per explained target
+  ``<stem>_<model>_<method>_<k>_<label>.png`` and ``<stem>_<model>_<method>.npz``;
+- video: ``<stem>_<model>_<method>.mp4`` holding, for each explained window in
+  order, its ``window`` frames (resized and cropped as the model saw them) with
+  the window's map over them (one panel per target, side by side), so the MP4
+  has N x window frames for N windows; each window's map is normalised over
+  its own T x H x W volume. The ``.npz`` holds ``maps`` (N, K, T', H', W'),
+  ``scores``, ``classes``, ``labels`` and ``frame_indices`` (N, window): the
+  video frame of every MP4 frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmexplain.errors import InputError, MMExplainError, bad_value
+
+_METHODS = ("gradcam", "gradcam++")
+
+# The shipped shapes-world models, and the random-weight stand-ins used until they exist.
+SHIPPED = {"caption": "shapes-captioner", "vqa": "shapes-vqa"}
+FALLBACK = {"caption": "show-tell", "vqa": "vqa-lstm"}
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _add_common(parser: argparse.ArgumentParser, default_model: str | None) -> None:
+    shown = default_model or "the shipped model, else a random-weight stand-in"
+    parser.add_argument("--model", default=default_model,
+                        help=f"registered adapter name (default: {shown}); "
+                        "see mmexplain.adapters.list_adapters()")
+    parser.add_argument("--weights", default=None,
+                        help="local weight file; 'random' for random weights (default: the "
+                        "model's own lookup, e.g. the torch cache, else random)")
+    parser.add_argument("--layer", default=None, help="target layer (default: the model's)")
+    parser.add_argument("--method", choices=_METHODS, default="gradcam")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: mmexplain-out/<command>)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _split(text: str | None) -> list[str] | None:
+    """'a,b' -> ['a', 'b'] (None stays None)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    return items or None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "target"
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = Path(args.out or f"mmexplain-out/{args.command}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_adapter(name: str, weights: str | None, layer: str | None, device: str,
+                  **options: Any) -> Any:
+    """``get_adapter(name, ...)`` with the CLI's weights convention and clear option errors.
+
+    ``options`` left as None are not passed (each model keeps its defaults).
+    """
+    from mmexplain.adapters import get_adapter
+
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    if weights is not None:
+        kwargs["weights"] = False if weights == "random" else weights
+    if layer is not None:
+        kwargs["layer"] = layer
+    try:
+        adapter = get_adapter(name, **kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        bad = re.search(r"argument '(\w+)'", str(exc))
+        option = "--" + (bad.group(1).replace("_", "-") if bad else "?")
+        raise InputError(f"{option}: expected an option that model {name!r} takes, received "
+                         f"{option} for {name!r}, which has no such setting") from exc
+    try:
+        device_ = torch.device(device)
+    except RuntimeError as exc:
+        raise bad_value("--device", "a torch device such as cpu or cuda", device) from exc
+    return adapter.to(device_)
+
+
+def _weights_line(adapter: Any) -> str:
+    return f"weights: {getattr(adapter, 'weights_source', 'unknown')}"
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, or an error naming the file and the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"image: expected an image file, received {str(p)!r}: "
+                         "the file does not exist")
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"image: expected an image file PIL can read, received {str(p)!r}: "
+                         f"{exc}") from exc
+
+
+def _image_input(adapter: Any, image: np.ndarray, size: int | None, device: torch.device
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+    """(model input (1, 3, h, w), the picture the maps go over (h, w, 3) uint8).
+
+    With a ``preprocess`` the adapter's own pipeline is used; otherwise (the
+    captioner and VQA adapters normalise inside the model) the image is resized
+    to ``size`` x ``size`` (default: the adapter's ``image_size``, else 224) and
+    given in [0, 1].
+    """
+    preprocess = getattr(adapter, "preprocess", None)
+    if preprocess is not None:
+        x, shown = preprocess.image(image)
+        return x.unsqueeze(0).to(device), shown
+    import torch.nn.functional as F
+
+    side = size or getattr(adapter, "image_size", None) or 224
+    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = F.interpolate(u8, size=(side, side), mode="bilinear", antialias=True,
+                      align_corners=False).clamp(0, 255).round() / 255.0
+    shown = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    return x.to(device), shown
+
+
+def _device_of(adapter: Any) -> torch.device:
+    param = next(adapter.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labels: Sequence[str],
+                         shown: np.ndarray, extra: dict[str, Any]) -> int:
+    """One overlay PNG per target and the .npz of the maps; prints what it wrote."""
+    from mmexplain.render import overlay, save_png
+
+    out = _out_dir(args)
+    stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
+    maps = expl.maps.detach().float().cpu()  # (1, K, h, w)
+    scores = expl.scores.detach().float().cpu()
+    for k, label in enumerate(labels):
+        path = save_png(overlay(shown, maps[0, k]), out / f"{stem}_{k}_{_slug(label)}.png")
+        print(f"{label}: score {float(scores[0, k]):.4g} -> {path}")
+    npz = out / f"{stem}.npz"
+    np.savez(npz, maps=maps.numpy(), scores=scores.numpy(), labels=np.array(labels),
+             image=shown, layer=str(expl.layer), method=expl.method,
+             weights_source=str(getattr(adapter, "weights_source", "")), **extra)
+    print(f"maps {tuple(maps.shape)} at layer {expl.layer!r} -> {npz}")
+    return 0
+
+
+# --------------------------------------------------------------------------- classify
+
+
+class Classify:
+    HELP = "explain an image classifier's classes on an image (torchvision models)"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", metavar="IMAGE", help="image file")
+        _add_common(parser, "resnet18")
+        parser.add_argument("--classes", default=None,
+                            help="comma-separated class names or indices (default: the top ones)")
+        parser.add_argument("--top", type=int, default=1,
+                            help="explain the top K predictions when --classes is not given")
+        parser.add_argument("--size", type=int, default=None,
+                            help="crop size of the preprocessing (default: the weights')")
+        parser.add_argument("--num-classes", type=int, default=None)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from mmexplain.tasks.classify import class_indices, explain_image
+
+        image = read_image(args.input)
+        adapter = build_adapter(args.model, args.weights, args.layer, args.device,
+                                size=args.size, num_classes=args.num_classes)
+        print(_weights_line(adapter))
+        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
+        expl, labels = explain_image(adapter, x, _split(args.classes), args.method, top=args.top)
+        classes = class_indices(labels[0], getattr(adapter, "categories", None))
+        return _write_image_results(args, adapter, expl, labels[0], shown,
+                                    {"classes": np.array([classes])})
+
+
+# --------------------------------------------------------------------------- caption / vqa
+
+
+def _language_adapter(args: argparse.Namespace, task: str) -> Any:
+    """The --model for caption/vqa; by default the shipped shapes model, else (not
+    registered, or its weights not built) a random-weight stand-in with the shapes
+    world's tiny vocabulary, said so."""
+    from mmexplain.adapters import list_adapters
+
+    if args.model is None:
+        args.model, why = SHIPPED[task], "is not registered"
+        if args.model in list_adapters():
+            try:
+                return build_adapter(args.model, args.weights, args.layer, args.device)
+            except MMExplainError as exc:
+                why = f"cannot be built ({exc})"
+        print(f"note: {SHIPPED[task]!r} {why}")
+        args.model = FALLBACK[task]
+    options: dict[str, Any] = {}
+    if args.model == FALLBACK[task] and args.weights is None:
+        from mmexplain.data import shapes
+
+        if task == "caption":
+            options["vocab"] = shapes.CAPTION_VOCAB
+        else:
+            options.update(question_vocab=shapes.QUESTION_VOCAB, answer_vocab=shapes.ANSWER_VOCAB)
+        options["trunk"] = "tiny"
+        print(f"note: using {args.model!r} with random weights, a tiny CNN and the shapes "
+              "world's vocabulary: its maps show the mechanics, not a trained model's evidence")
+    return build_adapter(args.model, args.weights, args.layer, args.device, **options)
+
+
+class Caption:
+    HELP = "explain a captioner's caption (or some of its words) on an image"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", metavar="IMAGE", help="image file")
+        _add_common(parser, None)
+        parser.add_argument("--caption", default=None,
+                            help="caption to explain (default: the model's own caption)")
+        parser.add_argument("--words", default=None,
+                            help="'visual' or comma-separated words of the caption to explain "
+                            "one by one (default: the whole caption's log-probability)")
+        parser.add_argument("--size", type=int, default=None,
+                            help="image side in pixels (default: the model's, else 224)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from mmexplain.tasks.caption import explain_caption
+
+        image = read_image(args.input)
+        adapter = _language_adapter(args, "caption")
+        print(_weights_line(adapter))
+        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
+        words: Any = args.words if args.words in (None, "visual") else _split(args.words)
+        expl, labels = explain_caption(adapter, x, args.caption, words, args.method)
+        caption = labels[0] if args.words is None else " ".join(labels)
+        print(f"caption: {args.caption or caption}")
+        return _write_image_results(args, adapter, expl, labels, shown,
+                                    {"caption": str(args.caption or caption)})
+
+
+class VQA:
+    HELP = "explain a VQA model's answers to a question about an image"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", metavar="IMAGE", help="image file")
+        _add_common(parser, None)
+        parser.add_argument("--question", required=True, help="the question")
+        parser.add_argument("--answers", default=None,
+                            help="comma-separated answers to explain (default: the top ones)")
+        parser.add_argument("--top", type=int, default=1,
+                            help="explain the model's top K answers when --answers is not given")
+        parser.add_argument("--size", type=int, default=None,
+                            help="image side in pixels (default: the model's, else 224)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from mmexplain.tasks.vqa import explain_vqa
+
+        image = read_image(args.input)
+        adapter = _language_adapter(args, "vqa")
+        print(_weights_line(adapter))
+        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
+        expl, labels = explain_vqa(adapter, x, args.question, _split(args.answers), args.method,
+                                   top=args.top)
+        print(f"question: {args.question}")
+        return _write_image_results(args, adapter, expl, labels, shown,
+                                    {"question": args.question})
+
+
+# --------------------------------------------------------------------------- video
+
+
+class Video:
+    HELP = "explain a video model's actions over sliding windows of a video file"
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("input", metavar="FILE", help="video file (anything av decodes)")
+        _add_common(parser, "r3d_18")
+        parser.add_argument("--window", type=int, default=None,
+                            help="frames per window (default: the model's clip length, e.g. 16)")
+        parser.add_argument("--stride", type=int, default=None,
+                            help="frames between window starts (default: the window)")
+        parser.add_argument("--max-windows", type=int, default=None,
+                            help="explain only the first N windows")
+        parser.add_argument("--batch-size", type=int, default=4,
+                            help="windows per forward pass")
+        parser.add_argument("--actions", default=None,
+                            help="comma-separated action names or indices (default: each "
+                            "window's top ones)")
+        parser.add_argument("--top", type=int, default=1,
+                            help="explain each window's top K actions when --actions is not given")
+        parser.add_argument("--per-slice", action="store_true",
+                            help="channel weights per time slice instead of over T x H x W")
+        parser.add_argument("--size", type=int, default=None,
+                            help="crop size (default: the model's, 112; C3D is built for it)")
+        parser.add_argument("--width", type=float, default=None,
+                            help="C3D width multiplier (e.g. 0.25 for a fast random model)")
+        parser.add_argument("--num-classes", type=int, default=None)
+        parser.add_argument("--labels", default=None,
+                            help="text file of class names, one per line (C3D)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from mmexplain.data.video import read_video, sliding_clips
+        from mmexplain.render import overlay_clip, write_mp4
+        from mmexplain.tasks.classify import class_indices
+        from mmexplain.tasks.video import explain_clip
+
+        if args.batch_size < 1:
+            raise bad_value("--batch-size", "a positive number of windows", args.batch_size)
+        video = read_video(args.input)
+        adapter = build_adapter(args.model, args.weights, args.layer, args.device,
+                                size=args.size, width=args.width, num_classes=args.num_classes,
+                                labels=args.labels)
+        print(_weights_line(adapter))
+        window = args.window or getattr(adapter, "clip_length", None) or 16
+        fixed = getattr(adapter, "input_grid", None)
+        if fixed is not None and window != fixed[0]:
+            raise bad_value("--window", f"{fixed[0]} frames for {args.model} (its fully "
+                            "connected layers fix the clip length)", window)
+        clips = sliding_clips(video, window, args.stride, args.max_windows)
+        print(f"video: {len(video)} frames at {video.fps:g} fps ({video.duration:.2f} s); "
+              f"{len(clips)} windows of {window} frames, stride {args.stride or window}")
+        categories = getattr(adapter, "categories", None)
+        device = _device_of(adapter)
+        frames, maps, scores, classes, labels = [], [], [], [], []
+        for first in range(0, len(clips), args.batch_size):
+            batch = clips[first:first + args.batch_size]
+            x, shown = adapter.preprocess.clips(batch)  # (b, 3, T, h, w), (b, T, h, w, 3)
+            expl, names = explain_clip(adapter, x.to(device), _split(args.actions), args.method,
+                                       args.per_slice, top=args.top)
+            m = expl.maps.detach().float().cpu()  # (b, K, T', H', W')
+            for j, clip in enumerate(batch):
+                panels = [overlay_clip(shown[j].numpy(), m[j, k]) for k in range(m.shape[1])]
+                frames.extend(np.concatenate(panels, axis=2))  # (T, h, K*w, 3)
+                s = expl.scores[j].tolist()
+                print(f"window {first + j}: frames {clip.indices[0]}-{clip.indices[-1]} "
+                      f"({clip.times[0]:.2f}-{clip.times[-1]:.2f} s): "
+                      + ", ".join(f"{n} {v:.4g}" for n, v in zip(names[j], s)))
+            maps.append(m)
+            scores.append(expl.scores.detach().float().cpu())
+            classes.extend(class_indices(row, categories) for row in names)
+            labels.extend(names)
+        out = _out_dir(args)
+        stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
+        n = write_mp4(np.stack(frames), out / f"{stem}.mp4", fps=video.fps)
+        print(f"overlay video: {n} frames ({len(clips)} windows x {window}) -> "
+              f"{out / (stem + '.mp4')}")
+        npz = out / f"{stem}.npz"
+        np.savez(npz, maps=torch.cat(maps).numpy(), scores=torch.cat(scores).numpy(),
+                 classes=np.array(classes), labels=np.array(labels),
+                 frame_indices=np.array([c.indices for c in clips]), fps=video.fps,
+                 layer=str(expl.layer), method=expl.method, per_slice=args.per_slice,
+                 weights_source=str(getattr(adapter, "weights_source", "")))
+        print(f"maps {tuple(torch.cat(maps).shape)} at layer {expl.layer!r} -> {npz}")
+        return 0
+
+
+COMMANDS = {"caption": Caption, "vqa": VQA, "video": Video, "classify": Classify}
+
+__all__ = ["COMMANDS", "build_adapter", "read_image"]

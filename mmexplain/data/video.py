@@ -1,0 +1,316 @@
+"""Video clips through ``av``: decode once, sample clips, apply a model's preprocessing.
+
+    video = read_video("armwrestling.mp4")          # frames (T, H, W, 3) uint8, fps, duration
+    clips = sliding_clips(video, length=16, stride=16)   # windows at frames 0, 16, 32, ...
+    clip = uniform_clip(video, length=16)            # 16 evenly spaced frames over the video
+    x = adapter.preprocess.clips(clips)              # (B, 3, 16, h, w) model input
+
+A :class:`Clip` keeps the decoded frames it was cut from, their frame numbers in
+the video (``indices``) and the frame rate, so a map's time slice ``t`` (after
+upsampling to the clip's length) belongs to frame ``indices[t]`` at time
+``indices[t] / fps`` seconds.
+
+:class:`Preprocess` is a model's input pipeline (resize, centre crop, scale to
+[0, 1], normalise with mean/std), the same operations and order as
+torchvision's ``ImageClassification`` / ``VideoClassification`` presets, split
+in two so overlays can be drawn on exactly the pixels the model saw:
+``geometry`` (resize + crop, uint8) and ``normalize`` (float).
+
+A file that cannot be decoded (missing, not a video, corrupt) or that is
+shorter than the clip asked for raises :class:`~mmexplain.errors.InputError`
+naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mmexplain.errors import InputError, bad_type, bad_value
+
+__all__ = [
+    "Clip",
+    "Preprocess",
+    "Video",
+    "read_video",
+    "sliding_clips",
+    "uniform_clip",
+    "uniform_indices",
+    "window_starts",
+]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True, eq=False)
+class Video:
+    """A decoded video: every frame as ``uint8`` RGB.
+
+    frames    (N, H, W, 3) uint8
+    fps       frames per second (the stream's average rate)
+    duration  seconds (the stream's duration, else N / fps)
+    """
+
+    path: Path
+    frames: torch.Tensor
+    fps: float
+    duration: float
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the frames."""
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+
+def _video_error(path: Path, problem: str) -> InputError:
+    return InputError(f"video: expected a decodable video file, received {str(path)!r}: {problem}")
+
+
+def read_video(path: str | os.PathLike[str]) -> Video:
+    """Decode every frame of the first video stream of ``path`` (once).
+
+    Raises :class:`InputError` naming the file when it is missing, is not a
+    video (no video stream, not a container ``av`` can read) or is corrupt
+    (the decoder fails, or no frame decodes).
+    """
+    import av
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise bad_type("video", "a video file path (str or os.PathLike)", path)
+    p = Path(path)
+    if not p.exists():
+        raise _video_error(p, "the file does not exist")
+    if not p.is_file():
+        raise _video_error(p, "it is not a file")
+    try:
+        container = av.open(str(p))
+    except av.error.FFmpegError as exc:
+        raise _video_error(p, f"not a video container av can read ({exc.strerror or exc})") from exc
+    try:
+        if not container.streams.video:
+            raise _video_error(p, "the file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        except av.error.FFmpegError as exc:
+            raise _video_error(p, f"the video stream is corrupt ({exc.strerror or exc})") from exc
+        if not frames:
+            raise _video_error(p, "no frame could be decoded (empty or corrupt stream)")
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else 0.0
+        if not fps > 0:
+            raise _video_error(p, "the video stream has no frame rate")
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * Fraction(stream.time_base))
+        else:
+            duration = len(frames) / fps
+    finally:
+        container.close()
+    if any(f.shape != frames[0].shape for f in frames):
+        raise _video_error(p, "the frame size changes within the stream")
+    return Video(path=p, frames=torch.from_numpy(np.stack(frames)), fps=fps, duration=duration)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True, eq=False)
+class Clip:
+    """``length`` frames of a video, with where they came from.
+
+    frames   (L, H, W, 3) uint8 decoded frames (a view of the video's frames for windows)
+    indices  (L,) frame numbers in the video, increasing
+    fps      the video's frame rate: frame ``indices[t]`` is at ``indices[t] / fps`` s
+    """
+
+    frames: torch.Tensor
+    indices: tuple[int, ...]
+    fps: float
+    source: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def times(self) -> tuple[float, ...]:
+        """Seconds from the start of the video of each frame."""
+        return tuple(i / self.fps for i in self.indices)
+
+
+def _check_length(num_frames: int, length: int, source: str | None) -> None:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise bad_value("length", "a positive number of frames per clip", length)
+    if num_frames < length:
+        raise InputError(f"video: expected at least {length} frames for a {length}-frame clip, "
+                         f"received {source or 'a video'!s} with {num_frames} frames")
+
+
+def uniform_indices(num_frames: int, length: int = 16) -> list[int]:
+    """``length`` evenly spaced frame numbers from the first frame to the last.
+
+    Index i is round(i (N - 1) / (L - 1)) (halves rounded up), in integers.
+    """
+    _check_length(num_frames, length, None)
+    if length == 1:
+        return [(num_frames - 1) // 2]
+    span, steps = num_frames - 1, length - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(length)]
+
+
+def window_starts(num_frames: int, length: int = 16, stride: int | None = None) -> list[int]:
+    """First frames of the sliding windows 0, S, 2S, ... that fit in the video.
+
+    ``stride`` defaults to ``length`` (back-to-back windows). Frames after the
+    last full window are not covered (at most ``stride - 1`` of them).
+    """
+    _check_length(num_frames, length, None)
+    stride = length if stride is None else stride
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise bad_value("stride", "a positive number of frames", stride)
+    return list(range(0, num_frames - length + 1, stride))
+
+
+def uniform_clip(video: Video, length: int = 16) -> Clip:
+    """One clip of ``length`` evenly spaced frames covering the whole video."""
+    _check_length(len(video), length, repr(str(video.path)))
+    idx = uniform_indices(len(video), length)
+    frames = video.frames[torch.tensor(idx)]  # (L, H, W, 3)
+    return Clip(frames=frames, indices=tuple(idx), fps=video.fps, source=str(video.path))
+
+
+def sliding_clips(video: Video, length: int = 16, stride: int | None = None,
+                  max_clips: int | None = None) -> list[Clip]:
+    """Windows of ``length`` consecutive frames every ``stride`` frames (see :func:`window_starts`).
+
+    ``max_clips`` keeps the first windows only.
+    """
+    _check_length(len(video), length, repr(str(video.path)))
+    starts = window_starts(len(video), length, stride)
+    if max_clips is not None:
+        if isinstance(max_clips, bool) or not isinstance(max_clips, int) or max_clips < 1:
+            raise bad_value("max_clips", "a positive int or None", max_clips)
+        starts = starts[:max_clips]
+    return [Clip(frames=video.frames[s:s + length], indices=tuple(range(s, s + length)),
+                 fps=video.fps, source=str(video.path)) for s in starts]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _pair(value: Any, arg: str) -> tuple[int, ...]:
+    vals = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(vals) <= 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                          for v in vals):
+        raise bad_value(arg, "a positive int or a pair of positive ints", value)
+    return vals
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's input pipeline, in torchvision's preset order.
+
+    resize     (s,): the shorter side to s (aspect kept); (h, w): exactly h x w
+    crop       (h, w) centre crop after resizing
+    mean, std  per RGB channel, on values in [0, 1]: x = (u / 255 - mean) / std
+    antialias  antialiased resizing (torchvision: True for images, False for video)
+    interpolation  "bilinear" (default), "bicubic" or "nearest"
+
+    Images are ``(3, h, w)`` model inputs, clips ``(3, T, h, w)`` (the layout
+    of torchvision's video models and C3D).
+    """
+
+    resize: tuple[int, ...]
+    crop: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    antialias: bool = True
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise bad_value("interpolation", "'bilinear', 'bicubic' or 'nearest'",
+                            self.interpolation)
+        object.__setattr__(self, "resize", _pair(self.resize, "resize"))
+        crop = _pair(self.crop, "crop")
+        object.__setattr__(self, "crop", crop * 2 if len(crop) == 1 else crop)
+        for arg in ("mean", "std"):
+            vals = tuple(float(v) for v in getattr(self, arg))
+            if len(vals) != 3 or (arg == "std" and min(vals) <= 0):
+                raise bad_value(arg, "three numbers (one per RGB channel), std > 0",
+                                getattr(self, arg))
+            object.__setattr__(self, arg, vals)
+
+    def at_size(self, size: int) -> "Preprocess":
+        """The same pipeline for a ``size`` x ``size`` crop, resizes scaled to match."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise bad_value("size", "a positive crop size in pixels", size)
+        scale = size / max(self.crop)
+        resize = tuple(max(size, round(r * scale)) for r in self.resize)
+        return replace(self, resize=resize, crop=(size, size))
+
+    def geometry(self, frames: torch.Tensor) -> torch.Tensor:
+        """Resize and centre-crop ``uint8`` frames (N, H, W, 3) -> (N, h, w, 3), still uint8."""
+        # the functional API the torchvision presets use, for identical uint8 rounding
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        if not isinstance(frames, torch.Tensor):
+            raise bad_type("frames", "a (N, H, W, 3) uint8 tensor", frames)
+        if frames.dim() != 4 or frames.shape[3] != 3 or frames.dtype != torch.uint8:
+            raise bad_value("frames", "a (N, H, W, 3) uint8 tensor", frames)
+        x = frames.permute(0, 3, 1, 2)  # (N, 3, H, W)
+        x = TF.resize(x, list(self.resize), interpolation=InterpolationMode(self.interpolation),
+                      antialias=self.antialias)
+        x = TF.center_crop(x, list(self.crop))  # (N, 3, h, w)
+        return x.permute(0, 2, 3, 1).contiguous()  # (N, h, w, 3)
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """``uint8`` (N, h, w, 3) -> float (N, 3, h, w): (u / 255 - mean) / std."""
+        x = frames.permute(0, 3, 1, 2).float() / 255.0  # (N, 3, h, w)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def image(self, image: Any) -> tuple[torch.Tensor, np.ndarray]:
+        """An image -> (model input (3, h, w), the resized/cropped image (h, w, 3) uint8).
+
+        ``image``: anything :func:`mmexplain.render.to_uint8_image` accepts
+        (PIL image, (H, W, 3) uint8 array, (3, H, W) tensor in [0, 1] or uint8).
+        """
+        from mmexplain.render import to_uint8_image
+
+        u8 = torch.from_numpy(to_uint8_image(image)).unsqueeze(0)  # (1, H, W, 3)
+        shown = self.geometry(u8)  # (1, h, w, 3)
+        return self.normalize(shown)[0], shown[0].numpy()
+
+    def clip(self, clip: Clip | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A clip (or its (T, H, W, 3) uint8 frames) -> (model input (3, T, h, w),
+        the resized/cropped frames (T, h, w, 3) uint8)."""
+        frames = clip.frames if isinstance(clip, Clip) else clip
+        shown = self.geometry(frames)  # (T, h, w, 3)
+        return self.normalize(shown).transpose(0, 1), shown  # (3, T, h, w)
+
+    def clips(self, clips: Clip | torch.Tensor | Sequence[Clip | torch.Tensor]
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clips of one length (or their uint8 frames) -> (model input (B, 3, T, h, w),
+        shown frames (B, T, h, w, 3))."""
+        if isinstance(clips, (Clip, torch.Tensor)):
+            clips = [clips]
+        if not clips:
+            raise bad_value("clips", "at least one clip", clips)
+        lengths = {len(c) for c in clips}
+        if len(lengths) != 1:
+            raise bad_value("clips", "clips of one length", f"lengths {sorted(lengths)}", raw=True)
+        pairs = [self.clip(c) for c in clips]
+        return torch.stack([x for x, _ in pairs]), torch.stack([s for _, s in pairs])

@@ -1,0 +1,160 @@
+"""The model commands end to end, in process: files written, maps equal the library's."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from mmexplain.cli import main
+from mmexplain.render import overlay, write_mp4
+
+from conftest import shared_file
+
+
+@pytest.fixture(autouse=True)
+def empty_torch_cache(tmp_path, monkeypatch) -> None:
+    """Random weights whatever the machine's torch cache holds."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def mp4_frames(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_video_r3d_on_the_real_clip_writes_one_overlay_frame_per_window_frame(tmp_path, capsys
+                                                                              ) -> None:
+    from mmexplain.adapters import get_adapter
+    from mmexplain.data.video import read_video, sliding_clips
+    from mmexplain.tasks.video import explain_clip
+
+    path = shared_file("video", "armwrestling.mp4")
+    torch.manual_seed(0)
+    rc = main(["video", str(path), "--model", "r3d_18", "--size", "32", "--stride", "64",
+               "--max-windows", "3", "--batch-size", "2", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "weights: random weights: no weight file or cache found" in out
+    assert "3 windows of 16 frames, stride 64" in out
+    assert mp4_frames(tmp_path / "armwrestling_r3d-18_gradcam.mp4") == 3 * 16
+    saved = np.load(tmp_path / "armwrestling_r3d-18_gradcam.npz")
+    assert saved["frame_indices"].tolist() == [list(range(s, s + 16)) for s in (0, 64, 128)]
+    assert saved["maps"].shape == (3, 1, 2, 2, 2) and float(saved["fps"]) == 28.0
+    assert str(saved["layer"]) == "layer4"
+    # the same maps as the library call on the same (seeded) model and windows
+    torch.manual_seed(0)
+    adapter = get_adapter("r3d_18", size=32)
+    clips = sliding_clips(read_video(path), 16, 64, max_clips=3)
+    expl, labels = explain_clip(adapter, clips)
+    np.testing.assert_allclose(saved["maps"], expl.maps.numpy(), rtol=1e-4, atol=1e-7)
+    assert saved["labels"].tolist() == labels
+
+
+def test_video_with_a_small_c3d_per_slice_and_two_actions(tmp_path, capsys) -> None:
+    path = shared_file("video", "armwrestling.mp4")
+    rc = main(["video", str(path), "--model", "c3d", "--width", "0.125", "--size", "32",
+               "--stride", "128", "--top", "2", "--per-slice", "--method", "gradcam++",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "3 windows of 16 frames, stride 128" in out
+    mp4 = tmp_path / "armwrestling_c3d_gradcam.mp4"
+    assert mp4_frames(mp4) == 3 * 16
+    with av.open(str(mp4)) as container:  # two targets: two 32-pixel panels side by side
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (64, 32)
+    saved = np.load(tmp_path / "armwrestling_c3d_gradcam.npz")
+    assert saved["maps"].shape == (3, 2, 2, 2, 2) and bool(saved["per_slice"])
+    assert saved["frame_indices"][:, 0].tolist() == [0, 128, 256]
+
+
+def test_video_errors_name_the_file_and_the_problem(tmp_path, capsys) -> None:
+    short = tmp_path / "short.mp4"
+    write_mp4(np.zeros((10, 16, 16, 3), np.uint8), short, fps=5)
+    assert main(["video", str(short), "--out", str(tmp_path)]) == 2
+    assert (f"mmexplain video: error: video: expected at least 16 frames for a 16-frame clip, "
+            f"received '{short}' with 10 frames") in capsys.readouterr().err
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 64)
+    assert main(["video", str(junk)]) == 2
+    assert (f"video: expected a decodable video file, received '{junk}': not a video "
+            "container av can read") in capsys.readouterr().err
+    path = shared_file("video", "armwrestling.mp4")
+    assert main(["video", str(path), "--model", "c3d", "--width", "0.125", "--size", "32",
+                 "--window", "8"]) == 2
+    assert ("--window: expected 16 frames for c3d (its fully connected layers fix the clip "
+            "length), received int 8") in capsys.readouterr().err
+    assert main(["video", str(path), "--width", "0.5"]) == 2
+    assert "--width: expected an option that model 'r3d_18' takes" in capsys.readouterr().err
+
+
+def test_classify_writes_overlays_and_maps_equal_to_the_library_call(tmp_path, capsys) -> None:
+    from mmexplain.adapters import get_adapter
+    from mmexplain.commands import read_image
+    from mmexplain.tasks.classify import explain_image
+
+    path = shared_file("images", "cat_dog.png")
+    torch.manual_seed(1)
+    rc = main(["classify", str(path), "--classes", "tabby,boxer", "--size", "112",
+               "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "weights: random weights: no weight file or cache found" in out
+    saved = np.load(tmp_path / "cat_dog_resnet18_gradcam.npz")
+    assert saved["labels"].tolist() == ["tabby", "boxer"]
+    assert saved["classes"].tolist() == [[281, 242]]
+    torch.manual_seed(1)
+    adapter = get_adapter("resnet18", size=112)
+    expl, labels = explain_image(adapter, read_image(path), classes=["tabby", "boxer"])
+    assert labels == [["tabby", "boxer"]]
+    assert expl.maps.shape == (1, 2, 4, 4) and expl.maps.max() > 0
+    np.testing.assert_allclose(saved["maps"], expl.maps.numpy(), rtol=1e-5, atol=1e-7)
+    from PIL import Image
+
+    png = np.asarray(Image.open(tmp_path / "cat_dog_resnet18_gradcam_1_boxer.png"))
+    assert png.shape == (112, 112, 3)
+    np.testing.assert_array_equal(png, overlay(saved["image"], saved["maps"][0, 1]))
+
+
+def test_classify_top_k_and_a_bad_image(tmp_path, capsys) -> None:
+    path = shared_file("images", "cat_dog.png")
+    assert main(["classify", str(path), "--model", "squeezenet1_1", "--top", "3", "--size", "64",
+                 "--weights", "random", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "weights: random weights (asked for)" in out
+    assert len(list(tmp_path.glob("cat_dog_squeezenet1-1_gradcam_*.png"))) == 3
+    assert np.load(tmp_path / "cat_dog_squeezenet1-1_gradcam.npz")["maps"].shape[:2] == (1, 3)
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["classify", str(bad)]) == 2
+    assert f"image: expected an image file PIL can read, received '{bad}'" in \
+        capsys.readouterr().err
+    assert main(["classify", str(path), "--classes", "tabby cat"]) == 2
+    assert ("classes: expected class indices or names of the model's classes (closest names: "
+            "'tabby'") in capsys.readouterr().err
+
+
+def test_caption_and_vqa_commands_with_the_stand_in_models(tmp_path, capsys) -> None:
+    path = shared_file("images", "cat_dog.png")
+    rc = main(["caption", str(path), "--model", "show-tell", "--size", "64", "--caption",
+               "a red circle and a blue square", "--words", "visual", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "using 'show-tell' with random weights" in out
+    saved = np.load(tmp_path / "cat_dog_show-tell_gradcam.npz")
+    assert saved["labels"].tolist() == ["red", "circle", "blue", "square"]
+    assert saved["maps"].shape[:2] == (1, 4)
+    assert sorted(p.name for p in tmp_path.glob("cat_dog_show-tell_gradcam_*.png")) == [
+        "cat_dog_show-tell_gradcam_0_red.png", "cat_dog_show-tell_gradcam_1_circle.png",
+        "cat_dog_show-tell_gradcam_2_blue.png", "cat_dog_show-tell_gradcam_3_square.png"]
+    rc = main(["vqa", str(path), "--model", "vqa-lstm", "--size", "64", "--question",
+               "what color is the circle ?", "--answers", "red,blue", "--out", str(tmp_path)])
+    assert rc == 0
+    saved = np.load(tmp_path / "cat_dog_vqa-lstm_gradcam.npz")
+    assert saved["labels"].tolist() == ["red", "blue"] and saved["maps"].shape[:2] == (1, 2)
+    assert str(saved["question"]) == "what color is the circle ?"
+    # no --model: the shipped shapes captioner, or the stand-in when it cannot be built
+    assert main(["caption", str(path), "--size", "64", "--out", str(tmp_path / "default")]) == 0
+    out = capsys.readouterr().out
+    assert "weights: " in out and "caption: " in out
+    (npz,) = (tmp_path / "default").glob("cat_dog_*_gradcam.npz")
+    assert np.load(npz)["maps"].shape[:2] == (1, 1)
