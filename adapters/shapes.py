@@ -1,0 +1,160 @@
+"""The shapes-world models shipped inside the package (the embedded default).
+
+Three tiny models trained on :mod:`mmexplain.data.shapes` by
+``scripts/train_shapes.py`` and shipped as safetensors in ``mmexplain/weights``:
+
+- ``shapes-captioner``: Show-and-Tell (:mod:`mmexplain.adapters.captioner`) on a
+  small CNN trunk;
+- ``shapes-vqa``: deeper LSTM Q + norm I (:mod:`mmexplain.adapters.vqa`) on the same trunk;
+- ``shapes-c3d``: a narrow C3D (:mod:`mmexplain.adapters.c3d`) on 16-frame clips.
+
+The image trunk is the tiny CNN of the captioner module with two coordinate
+channels (x, y in [-1, 1]) appended to its input ("CoordConv"), so that the
+pooled image code keeps where things are: the world's captions and questions
+have relations ("left of", "above") that a position-blind pooled code cannot
+answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmexplain.adapters import register_adapter
+from mmexplain.adapters.base import Adapter, StagedTrunk
+from mmexplain.errors import bad_value
+
+TRUNK_CHANNELS = (16, 32, 64, 96)
+#: The layer explained by default: 16x16 (conv4 is 8x8).
+DEFAULT_LAYER = "conv3"
+#: Model sizes (the training script builds the models with these; weights=False
+#: builds the same architectures with random weights).
+CAPTIONER_SIZES = dict(embed_size=64, hidden_size=128, num_layers=1, dropout=0.0)
+VQA_SIZES = dict(embed_size=32, hidden_size=96, num_layers=2, common_size=128, mlp_size=128,
+                 dropout=0.0)
+C3D_SIZES = dict(width=0.0625, frames=16, size=64, fc_width=128, dropout=0.2)
+#: The shapes C3D sees clips in [0, 1] normalised as (x - mean) / std.
+CLIP_MEAN, CLIP_STD = 0.5, 0.25
+WEIGHT_FILES = {
+    "shapes-captioner": "shapes-captioner.safetensors",
+    "shapes-vqa": "shapes-vqa.safetensors",
+    "shapes-c3d": "shapes-c3d.safetensors",
+}
+
+
+class AddCoords(nn.Module):
+    """Append x and y coordinate channels in [-1, 1]: (B, C, H, W) -> (B, C+2, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        grid_y = ys.view(1, 1, h, 1).expand(b, 1, h, w)
+        grid_x = xs.view(1, 1, 1, w).expand(b, 1, h, w)
+        return torch.cat([x, grid_x, grid_y], dim=1)
+
+
+def shapes_trunk(channels: Sequence[int] = TRUNK_CHANNELS) -> StagedTrunk:
+    """Stages conv1..conv4, each conv 3x3 -> BN -> ReLU, for 64x64 inputs.
+
+    conv1 sees the image plus coordinates and has stride 2 (-> 32x32); conv2
+    max-pools first (-> 16x16); conv3 keeps 16x16 — the grid explained by
+    default; conv4 max-pools to 8x8 and widens the receptive field to whole
+    objects before the global pooling.
+    """
+    c1, c2, c3, c4 = (int(c) for c in channels)
+    stages: OrderedDict[str, nn.Module] = OrderedDict(
+        conv1=nn.Sequential(AddCoords(), nn.Conv2d(5, c1, 3, stride=2, padding=1),
+                            nn.BatchNorm2d(c1), nn.ReLU()),
+        conv2=nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c1, c2, 3, padding=1),
+                            nn.BatchNorm2d(c2), nn.ReLU()),
+        conv3=nn.Sequential(nn.Conv2d(c2, c3, 3, padding=1), nn.BatchNorm2d(c3), nn.ReLU()),
+        conv4=nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c3, c4, 3, padding=1),
+                            nn.BatchNorm2d(c4), nn.ReLU()),
+    )
+    return StagedTrunk(stages)
+
+
+def weights_dir() -> Path:
+    """The folder of the shipped weights inside the installed package."""
+    return Path(str(resources.files("mmexplain") / "weights"))
+
+
+def shipped_weights(name: str) -> Path:
+    path = weights_dir() / WEIGHT_FILES[name]
+    if not path.is_file():
+        raise bad_value("weights", f"the shipped {name} weights at {path} (run "
+                        "scripts/train_shapes.py to make them)", "a missing file", raw=True)
+    return path
+
+
+def stored_config(path: str | Path) -> dict[str, Any]:
+    """The model config stored in a safetensors file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta.get("mmexplain_config", "{}"))
+
+
+@register_adapter("shapes-captioner")
+def shapes_captioner(*, weights: str | Path | bool | None = None, layer: str | None = None,
+                     device: str | torch.device | None = None) -> Adapter:
+    """Show-and-Tell captioner trained on the shapes world (shipped weights)."""
+    from mmexplain.adapters.captioner import show_tell
+    from mmexplain.data.shapes import CAPTION_VOCAB
+
+    path = shipped_weights("shapes-captioner") if weights is None else weights
+    cfg = stored_config(path) if weights is not False else {}
+    channels = tuple(cfg.get("trunk_channels", TRUNK_CHANNELS))
+    extra = {} if weights is not False else dict(vocab=CAPTION_VOCAB, normalize=None,
+                                                 trunk_channels=channels, **CAPTIONER_SIZES)
+    adapter = show_tell(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
+                        device=device, **extra)
+    adapter.name = "shapes-captioner"
+    return adapter
+
+
+@register_adapter("shapes-vqa")
+def shapes_vqa(*, weights: str | Path | bool | None = None, layer: str | None = None,
+               device: str | torch.device | None = None) -> Adapter:
+    """CNN+LSTM VQA model trained on the shapes world (shipped weights)."""
+    from mmexplain.adapters.vqa import vqa_lstm
+    from mmexplain.data.shapes import ANSWER_VOCAB, QUESTION_VOCAB
+
+    path = shipped_weights("shapes-vqa") if weights is None else weights
+    cfg = stored_config(path) if weights is not False else {}
+    channels = tuple(cfg.get("trunk_channels", TRUNK_CHANNELS))
+    extra = {} if weights is not False else dict(
+        question_vocab=QUESTION_VOCAB, answer_vocab=ANSWER_VOCAB, normalize=None,
+        trunk_channels=channels, **VQA_SIZES)
+    adapter = vqa_lstm(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
+                       device=device, **extra)
+    adapter.name = "shapes-vqa"
+    return adapter
+
+
+@register_adapter("shapes-c3d")
+def shapes_c3d(*, weights: str | Path | bool | None = None, layer: str | None = None,
+               device: str | torch.device | None = None) -> Adapter:
+    """A narrow C3D trained on the shapes world's 16-frame action clips (shipped weights)."""
+    from mmexplain.adapters.c3d import C3D, c3d_adapter
+    from mmexplain.data.shapes import ACTIONS
+    from mmexplain.data.video import Preprocess
+
+    path = shipped_weights("shapes-c3d") if weights is None else weights
+    cfg = stored_config(path) if weights is not False else {}
+    model = C3D(**{"num_classes": len(ACTIONS), **C3D_SIZES, **cfg})
+    prep = Preprocess(resize=(model.size, model.size), crop=(model.size, model.size),
+                      mean=(CLIP_MEAN,) * 3, std=(CLIP_STD,) * 3, antialias=True)
+    adapter = c3d_adapter(weights=path if weights is not False else False, model=model,
+                          labels=list(ACTIONS), preprocess=prep, layer=layer)
+    adapter.name = "shapes-c3d"
+    return adapter.to(device) if device is not None else adapter

@@ -1,0 +1,758 @@
+"""``mmexplain eval PROTOCOL``: the papers' evaluation protocols as dataset runs.
+
+    mmexplain eval pointing --limit 200                        # shapes world, shipped captioner
+    mmexplain eval pointing --dataset coco --images val2017/ \\
+        --instances instances_val2017.json --captions captions_val2017.json --weights cap.pt
+    torchrun --nproc-per-node 4 -m mmexplain eval faithfulness --dataset shapes-clips
+    mmexplain eval occlusion --resume --out runs/occ           # goes on where it stopped
+
+Protocols (``shared/papers/``; the per-input code is :mod:`mmexplain.protocols`):
+
+==============  =========================================================  =====================
+protocol        measures                                                   datasets (default first)
+==============  =========================================================  =====================
+pointing        word pointing accuracy, Grad-CAM sec. 8.1.1                shapes, coco
+vqa-hat         rank correlation with human attention, sec. 8.2            shapes, vqa
+densecap        mean activation inside / outside region boxes, sec. 8.1    shapes, densecap
+occlusion       rank correlation with occlusion maps, sec. 5.3             shapes, folder
+localization    top-1/top-5 localization error (sec. 4.1), Loc_I^c(delta)  shapes, coco
+                (Grad-CAM++ eq. 26)
+faithfulness    Average Drop %, % Increase in Confidence, Win %            shapes, shapes-clips,
+                (Grad-CAM++ sec. 4.1, 6.2; E = L o I, eq. 25)              folder, videos
+==============  =========================================================  =====================
+
+An *item* is a shapes-world scene or clip, a COCO caption (pointing) or image
+(localization), a VQA question, a DenseCap image, an image or video file. Each
+item's record, ``{"id", "entries": [...]}`` with one entry per thing measured
+(a word, a question, a region, an image), is appended to
+``OUT/records.rank{R}.jsonl`` as soon as it is made; ``--resume`` skips the
+items already there (and refuses a folder made with other settings), and under
+``torchrun`` every process takes every N-th item (:mod:`mmexplain.runs`).
+The summary, a deterministic function of the records in item order, goes to
+``OUT/summary.json`` and is printed.
+
+The shapes world (``--seed``, default 2: the shipped models were trained on
+seed 0 and checked on seed 1) has exact ground truth: object masks for word
+pointing (tolerance 4 px on its 64-px images, Zhang et al.'s 15 px at 224 px
+scaled), the answer objects' masks blurred by 3 px standing in for human
+attention, the objects' boxes with captions "a red circle" for DenseCap, the
+captioner as a 30-way look classifier ("a <colour> <shape>") for localization.
+Models are built once per process, lazily (a run whose items are all done
+builds none); random weights (``--weights random``, or a shipped model whose
+file is absent) are drawn from ``--seed``, so every process of a sharded run
+holds the same model. A random-weight ``show-tell`` or ``vqa-lstm`` gets its
+vocabularies from the dataset's own words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmexplain import protocols as P
+from mmexplain.errors import InputError, bad_value
+
+HELP = "run a paper's evaluation protocol over a dataset (resumable; shards under torchrun)"
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SHAPES_LIMIT = 500  # scenes or clips of the shapes world when --limit is not given
+DEFAULT_SIZE = 224  # side of the square model input real images are resized to
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+@dataclass
+class Plan:
+    """What a protocol runs: items, ``evaluate(item) -> record`` and the summary of entries."""
+
+    items: list[dict[str, Any]]
+    evaluate: Callable[[dict[str, Any]], dict[str, Any]]
+    summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+class Lazy:
+    """A value built on first use and kept: the model of a run, once per process."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build: Callable[[], Any] | None = build
+        self._value: Any = None
+
+    def __call__(self) -> Any:
+        if self._build is not None:
+            self._value = self._build()
+            self._build = None
+        return self._value
+
+
+def _say(text: str) -> None:
+    """Print on the main process only (every process of a torchrun run builds its model)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
+def shipped_missing(name: str) -> bool:
+    """Is ``name`` a shipped shapes-world model whose weight file is not there (yet)?"""
+    from mmexplain.adapters.shapes import WEIGHT_FILES, weights_dir
+
+    return name in WEIGHT_FILES and not (weights_dir() / WEIGHT_FILES[name]).is_file()
+
+
+def load_model(name: str, weights: str | None = None, layer: str | None = None,
+               device: str = "cpu", seed: int = 0, **options: Any) -> Any:
+    """The adapter ``name`` as the eval command builds it.
+
+    ``weights``: a local file, "random", or None (the model's own lookup; a
+    shipped shapes model whose file is absent gets random weights, said so).
+    Random weights are drawn from ``seed`` without touching the global RNG, so
+    every process of a sharded run, and a test, builds the same model.
+    """
+    from mmexplain.commands import build_adapter
+
+    if weights is None and shipped_missing(name):
+        _say(f"note: the shipped {name!r} weights are not there yet; using random weights "
+             f"(seed {seed}): the numbers show the mechanics, not a trained model")
+        weights = "random"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adapter = build_adapter(name, weights, layer, device, **options)
+    _say(f"model: {name}; weights: {getattr(adapter, 'weights_source', 'unknown')}")
+    return adapter
+
+
+def _needs_vocab(args: argparse.Namespace) -> bool:
+    """A show-tell / vqa-lstm without a checkpoint: its vocabularies come from the data."""
+    if args.weights not in (None, "random"):
+        return False
+    _say(f"note: {args.model!r} without a checkpoint: random weights and the dataset's own "
+         "words as vocabulary")
+    return True
+
+
+def _file(value: str | None, option: str, what: str) -> Path:
+    """An existing file given as ``option``, or an error naming the option."""
+    if value is None:
+        raise bad_value(option, f"{what} (required for this dataset)", "nothing", raw=True)
+    path = Path(value)
+    if not path.is_file():
+        raise bad_value(option, f"an existing file: {what}", f"{str(path)!r}, which does not "
+                        "exist", raw=True)
+    return path
+
+
+def _folder(value: str | None, option: str, what: str) -> Path:
+    if value is None:
+        raise bad_value(option, f"{what} (required for this dataset)", "nothing", raw=True)
+    path = Path(value)
+    if not path.is_dir():
+        raise bad_value(option, f"an existing folder: {what}", f"{str(path)!r}, which is not "
+                        "a folder", raw=True)
+    return path
+
+
+def _limited(items: list[dict[str, Any]], args: argparse.Namespace, what: str
+             ) -> list[dict[str, Any]]:
+    if not items:
+        raise InputError(f"--dataset {args.dataset}: expected at least one {what} to evaluate, "
+                         "received none")
+    return items[: args.limit] if args.limit else items
+
+
+@lru_cache(maxsize=2)
+def _world(seed: int) -> Any:
+    from mmexplain.data.shapes import ShapesWorld
+
+    return ShapesWorld(seed=seed)
+
+
+@lru_cache(maxsize=4)
+def _picture(path: str) -> Any:
+    """An image file as uint8 (H, W, 3) (the last few kept: items share images)."""
+    from mmexplain.commands import read_image
+
+    return read_image(path)
+
+
+def image_pixels(image: Any, size: int) -> torch.Tensor:
+    """A uint8 (H, W, 3) image resized (whole, aspect not kept) to (1, 3, size, size) in [0, 1].
+
+    Maps over this input, upsampled to (H, W), lie over the original image.
+    """
+    import torch.nn.functional as F
+
+    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = F.interpolate(u8, size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return x.clamp(0, 255).round() / 255.0
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _caption_vocab(texts: Sequence[Sequence[str]]) -> Any:
+    from mmexplain.vocab import Vocabulary
+
+    return Vocabulary.with_specials(sorted({w for t in texts for w in t}))
+
+
+#: what a protocol needs of its model: one of these methods
+CAPTIONER, VQA = ("caption_context",), ("question_context",)
+_KINDS = {"caption_context": "a captioner", "question_context": "a VQA model"}
+
+
+def _model(args: argparse.Namespace, needs: tuple[str, ...] = (), **options: Any) -> Lazy:
+    """The run's model, built on first use (see :func:`load_model`); ``needs``: it must
+    have one of these methods (a captioner's ``caption_context``, a VQA model's ...)."""
+
+    def build() -> Any:
+        adapter = load_model(args.model, args.weights, args.layer, args.device, args.seed,
+                             **options)
+        if needs and not any(callable(getattr(adapter, n, None)) for n in needs):
+            kinds = " or ".join(_KINDS[n] for n in needs)
+            raise bad_value("--model", f"{kinds} for eval {args.protocol}", f"{args.model!r}",
+                            raw=True)
+        return adapter
+
+    return Lazy(build)
+
+
+def _shapes_plan(args: argparse.Namespace, model: Lazy, protocol: Callable[..., list],
+                 summarize: Callable[[list[dict[str, Any]]], dict[str, Any]], *,
+                 clips: bool = False, **options: Any) -> Plan:
+    """Items: the first --limit scenes (or clips) of the world of --seed; a record holds the
+    entries ``protocol(model, scene, **options)`` (a ``shapes_*`` protocol)."""
+    kind = "clip" if clips else "scene"
+
+    def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+        world = _world(args.seed)
+        sample = world.clip(item["index"]) if clips else world.image(item["index"])
+        return {"entries": protocol(model(), sample, **options)}
+
+    items = [{"id": f"{kind}{i}", "index": i} for i in range(args.limit or SHAPES_LIMIT)]
+    return Plan(items, evaluate, summarize)
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+class Protocol:
+    """A protocol's command line: its datasets, default models and options."""
+
+    HELP = ""
+    MODELS: dict[str, str] = {}  # dataset -> default model
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Options of this protocol only."""
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        raise NotImplementedError
+
+
+class Pointing(Protocol):
+    HELP = "word pointing accuracy of caption-word maps (Grad-CAM sec. 8.1.1)"
+    MODELS = {"shapes": "shapes-captioner", "coco": "show-tell"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="coco: folder of the images")
+        parser.add_argument("--instances", help="coco: instances_*.json (the segmentations)")
+        parser.add_argument("--captions", help="coco: captions_*.json")
+        parser.add_argument("--tolerance", type=float, default=None,
+                            help="pixels between the map's maximum and the mask (default: 4 on "
+                            "the 64-px shapes world, 15 on COCO images at their own size)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_pointing, methods=methods)
+        if args.dataset == "shapes":
+            tolerance = P.SHAPES_TOLERANCE if args.tolerance is None else args.tolerance
+            return _shapes_plan(args, _model(args, CAPTIONER), P.shapes_pointing, summarize,
+                                methods=methods, tolerance=tolerance)
+        from mmexplain.data.coco import CocoAnnotations, tokenize, visual_words
+
+        images = _folder(args.images, "--images", "the folder of the COCO images")
+        coco = CocoAnnotations(_file(args.instances, "--instances", "a COCO instances JSON"),
+                               _file(args.captions, "--captions", "a COCO captions JSON"),
+                               image_dir=images)
+        tolerance = 15.0 if args.tolerance is None else args.tolerance
+        captions = {i: coco.captions(i) for i in coco.image_ids()}
+        # caption k of every image before caption k + 1 of any: --limit spans the images
+        items = _limited([{"id": f"{i}/{k}", "image_id": i, "caption": k}
+                          for k in range(max(map(len, captions.values()), default=0))
+                          for i, caps in captions.items() if k < len(caps)], args, "caption")
+        options: dict[str, Any] = {}
+        if args.model == "show-tell" and _needs_vocab(args):
+            options["vocab"] = _caption_vocab([tokenize(c) for caps in captions.values()
+                                               for c in caps])
+        model = _model(args, CAPTIONER, **options)
+        masks_of = lru_cache(maxsize=2)(coco.category_masks)
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            caption = captions[item["image_id"]][item["caption"]]
+            tokens = tokenize(caption)
+            masks = masks_of(item["image_id"])  # {category present: (H, W) bool}
+            found = visual_words(tokens)
+            present = [w for w in found if w.category in masks]
+            captioner = model()
+            x = image_pixels(_picture(str(coco.image_path(item["image_id"]))),
+                             args.size or DEFAULT_SIZE).to(P.device_of(captioner))
+            hits = P.word_pointing(  # a phrase ("teddy bear") is explained at its last word
+                captioner, x, tokens, [w.end - 1 for w in present],
+                torch.stack([masks[w.category] for w in present]), methods=methods,
+                tolerance=tolerance) if present else {}
+            entries, k = [], 0
+            for w in found:  # words of absent categories are recorded, not pointing trials
+                hit = None
+                if w.category in masks:
+                    hit, k = {m: hits[m][k] for m in methods}, k + 1
+                entries.append({"word": w.text, "position": w.end - 1, "category": w.category,
+                                "present": w.category in masks, "hit": hit})
+            return {"image_id": item["image_id"], "caption": caption, "entries": entries}
+
+        return Plan(items, evaluate, summarize)
+
+
+class VqaHat(Protocol):
+    HELP = "rank correlation of answer maps with human attention (Grad-CAM sec. 8.2)"
+    MODELS = {"shapes": "shapes-vqa", "vqa": "vqa-lstm"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--questions", help="vqa: VQA v2 questions JSON")
+        parser.add_argument("--annotations", help="vqa: VQA v2 annotations JSON (needed for "
+                            "--answer truth and for a model without a checkpoint)")
+        parser.add_argument("--hat", help="vqa: folder of VQA-HAT maps {question_id}_{k}.png")
+        parser.add_argument("--images", help="vqa: folder of the COCO images")
+        parser.add_argument("--split", default="val2014",
+                            help="vqa: image file names COCO_<split>_<id>.jpg (default val2014)")
+        parser.add_argument("--answer", choices=("predicted", "truth"), default="predicted",
+                            help="explain the model's answer (default) or the right one")
+        parser.add_argument("--blur", type=float, default=P.SHAPES_BLUR,
+                            help="shapes: Gaussian blur (px) of the answer objects' masks, the "
+                            "stand-in for human attention (default %(default)s)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_correlation, methods=methods)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, VQA), P.shapes_attention, summarize,
+                                methods=methods, answer=args.answer, sigma=args.blur)
+        from mmexplain.data.vqa import load_vqa, vqa_image_name
+        from mmexplain.data.vqahat import VqaHatMaps
+        from mmexplain.vocab import Vocabulary, tokenize
+
+        questions = _file(args.questions, "--questions", "a VQA v2 questions JSON")
+        images = _folder(args.images, "--images", "the folder of the COCO images")
+        hat = VqaHatMaps(_folder(args.hat, "--hat", "the folder of VQA-HAT maps"))
+        annotations = (_file(args.annotations, "--annotations", "a VQA v2 annotations JSON")
+                       if args.annotations is not None else None)
+        random_model = args.model == "vqa-lstm" and _needs_vocab(args)
+        if annotations is None and (args.answer == "truth" or random_model):
+            _file(None, "--annotations", "a VQA v2 annotations JSON, for --answer truth and "
+                  "for a model without a checkpoint")
+        every = load_vqa(questions, annotations)
+        options: dict[str, Any] = {}
+        if random_model:
+            options["question_vocab"] = _caption_vocab([tokenize(q.question) for q in every])
+            options["answer_vocab"] = Vocabulary(sorted({q.multiple_choice_answer
+                                                         for q in every}))
+        by_id = {q.question_id: q for q in every if q.question_id in hat}
+        if not by_id:
+            raise InputError(f"--hat: expected VQA-HAT maps for questions of {questions}, "
+                             f"received {hat.folder}, which has none of their question ids")
+        items = _limited([{"id": f"q{qid}", "question_id": qid} for qid in by_id], args,
+                         "question")
+        model = _model(args, VQA, **options)
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            q = by_id[item["question_id"]]
+            vqa = model()
+            x = image_pixels(_picture(str(images / vqa_image_name(q.image_id, args.split))),
+                             args.size or DEFAULT_SIZE).to(P.device_of(vqa))
+            task = P.ClassTask(vqa, vqa.question_context(q.question))
+            if args.answer == "predicted":
+                cls = int(task.scores(x).argmax())
+            elif q.multiple_choice_answer in vqa.answer_vocab:
+                cls = vqa.answer_vocab.index(q.multiple_choice_answer)
+            else:
+                return {"entries": [], "skipped": f"answer {q.multiple_choice_answer!r} is "
+                        "not one of the model's answers"}
+            reference = hat.maps(q.question_id).mean(0)  # (H, W): the humans' maps averaged
+            rho = P.map_correlation(task, x, cls, reference, methods=methods)
+            return {"entries": [{"question": q.question, "answer": vqa.answer_vocab.itos[cls],
+                                 "truth": q.multiple_choice_answer, "rho": rho}]}
+
+        return Plan(items, evaluate, summarize)
+
+
+class DenseCap(Protocol):
+    HELP = "mean activation inside / outside region boxes of region-caption maps " \
+           "(Grad-CAM sec. 8.1)"
+    MODELS = {"shapes": "shapes-captioner", "densecap": "show-tell"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--results", help="densecap: DenseCap results.json")
+        parser.add_argument("--images", help="densecap: folder of the images (by img_name)")
+        parser.add_argument("--image", help="densecap: the image of a one-image results.json")
+        parser.add_argument("--top", type=int, default=5,
+                            help="densecap: best-scoring regions per image (default 5)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_regions, methods=methods)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, CAPTIONER), P.shapes_regions, summarize,
+                                methods=methods)
+        from mmexplain.data.densecap import load_densecap
+        from mmexplain.vocab import tokenize
+
+        results = load_densecap(_file(args.results, "--results", "a DenseCap results.json"))
+        if args.top < 1:
+            raise bad_value("--top", "a positive number of regions", args.top)
+        if args.image is not None:
+            if len(results) != 1:
+                raise bad_value("--image", "a results.json of one image (else use --images)",
+                                f"{len(results)} images in {args.results}", raw=True)
+            paths = [_file(args.image, "--image", "the image DenseCap ran on")]
+        else:
+            folder = _folder(args.images, "--images", "the folder of the images (or --image)")
+            paths = [folder / entry.img_name for entry in results]
+        items = _limited([{"id": entry.img_name, "index": i}
+                          for i, entry in enumerate(results)], args, "image")
+        options: dict[str, Any] = {}
+        if args.model == "show-tell" and _needs_vocab(args):
+            options["vocab"] = _caption_vocab([tokenize(c) for entry in results
+                                               for c in entry.captions])
+        model = _model(args, CAPTIONER, **options)
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            region = results[item["index"]].top(args.top)
+            picture = _picture(str(paths[item["index"]]))
+            size = picture.shape[:2]  # (H, W) of the image DenseCap was given
+            boxes = region.boxes(original_size=[int(s) for s in size])  # (R, 4) x1 y1 x2 y2
+            captioner = model()
+            x = image_pixels(picture, args.size or DEFAULT_SIZE).to(P.device_of(captioner))
+            task = P.CaptionTask(captioner, list(region.captions))
+            ratios = P.region_ratios(task, x, boxes, size, methods=methods)
+            return {"entries": [{"caption": c, "box": boxes[i].tolist(),
+                                 "score": float(region.scores[i]),
+                                 "ratio": {m: ratios[m][i] for m in methods}}
+                                for i, c in enumerate(region.captions)]}
+
+        return Plan(items, evaluate, summarize)
+
+
+class OcclusionAgreement(Protocol):
+    HELP = "rank correlation of maps with occlusion maps (Grad-CAM sec. 5.3)"
+    MODELS = {"shapes": "shapes-vqa", "folder": "resnet18"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
+        parser.add_argument("--patch", type=int, default=None,
+                            help="occluding patch side in pixels (default: 1/8 of the input)")
+        parser.add_argument("--stride", type=int, default=None,
+                            help="pixels between patches (default: half the patch)")
+        parser.add_argument("--fill", type=float, default=0.0,
+                            help="the patch's value in model-input units (default 0: black for "
+                            "the shapes models, the mean colour for ImageNet-normalised ones)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_correlation, methods=methods)
+        side = _world(args.seed).size if args.dataset == "shapes" else args.size or DEFAULT_SIZE
+        patch = args.patch or max(1, side // 8)
+        stride = args.stride or max(1, patch // 2)
+        for option, value in (("--patch", patch), ("--stride", stride)):
+            if not 0 < value <= side:
+                raise bad_value(option, f"a size in pixels in [1, {side}]", value)
+        occlusion = dict(methods=methods, patch=patch, stride=stride, fill=args.fill)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, VQA), P.shapes_occlusion, summarize,
+                                **occlusion)
+        folder = _folder(args.images, "--images", "a folder of images")
+        items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
+                         args, "image")
+        model = _model(args)
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            task = P.ClassTask(model())
+            x = task.model_input(image_pixels(_picture(str(folder / item["id"])), side))
+            cls = int(task.scores(x).argmax())  # the top prediction, as sec. 5.3
+            return {"entries": [{"class": cls,
+                                 "rho": P.occlusion_correlation(task, x, cls, **occlusion)}]}
+
+        return Plan(items, evaluate, summarize)
+
+
+def _deltas(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise bad_value("--deltas", "comma-separated thresholds in [0, 1]", text) from exc
+    if not values or not all(0 <= v <= 1 for v in values):
+        raise bad_value("--deltas", "comma-separated thresholds in [0, 1]", text)
+    return values
+
+
+class Localization(Protocol):
+    HELP = "weakly-supervised localization error (Grad-CAM sec. 4.1) and Loc_I^c(delta) " \
+           "(Grad-CAM++ eq. 26)"
+    MODELS = {"shapes": "shapes-captioner", "coco": "resnet18"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="coco: folder of the images")
+        parser.add_argument("--instances", help="coco: instances_*.json; the classifier's "
+                            "outputs are its categories in id order")
+        parser.add_argument("--top", type=int, default=5,
+                            help="predicted classes explained per image (default 5)")
+        parser.add_argument("--threshold", type=float, default=0.15,
+                            help="binarise maps at this fraction of their maximum (default 0.15)")
+        parser.add_argument("--deltas", default="0,0.25,0.5",
+                            help="thresholds delta of Loc_I^c (default 0,0.25,0.5)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        deltas = _deltas(args.deltas)
+        if args.top < 1:
+            raise bad_value("--top", "a positive number of classes", args.top)
+        if not 0 <= args.threshold <= 1:
+            raise bad_value("--threshold", "a fraction of the maximum in [0, 1]", args.threshold)
+        options = dict(methods=methods, top=args.top, threshold=args.threshold, deltas=deltas)
+        summarize = partial(P.summarize_localization, methods=methods, deltas=deltas)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, CAPTIONER), P.shapes_localization,
+                                summarize, **options)
+        from mmexplain.data.coco import CocoAnnotations
+
+        images = _folder(args.images, "--images", "the folder of the COCO images")
+        coco = CocoAnnotations(_file(args.instances, "--instances", "a COCO instances JSON"),
+                               image_dir=images)
+        category_ids = sorted(coco.category_names())  # output index = position in id order
+        boxed = [i for i in coco.image_ids() if coco.annotations(i, include_crowd=False)]
+        items = _limited([{"id": str(i), "image_id": i} for i in boxed], args, "image with boxes")
+        model = _model(args, num_classes=len(category_ids))
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            anns = coco.annotations(item["image_id"], include_crowd=False)
+            gt_boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                         a["bbox"][1] + a["bbox"][3]] for a in anns]  # x y w h -> x1 y1 x2 y2
+            gt_labels = [category_ids.index(a["category_id"]) for a in anns]
+            picture = _picture(str(coco.image_path(item["image_id"])))
+            task = P.ClassTask(model())
+            x = task.model_input(image_pixels(picture, args.size or DEFAULT_SIZE))
+            entry = P.localize(task, x, picture.shape[:2],
+                               torch.tensor(gt_boxes, dtype=torch.float64), gt_labels, **options)
+            return {"entries": [{**entry, "gt_boxes": gt_boxes, "gt_labels": gt_labels}]}
+
+        return Plan(items, evaluate, summarize)
+
+
+class Faithfulness(Protocol):
+    HELP = "Average Drop %, % Increase in Confidence and Win % of E = L o I " \
+           "(Grad-CAM++ sec. 4.1, 6.2)"
+    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18",
+              "videos": "r3d_18"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
+        parser.add_argument("--videos", help="videos: a folder <label>/<video> or a CSV/JSON "
+                            "list of path,label")
+        parser.add_argument("--width", type=float, default=0.25,
+                            help="shapes-clips with --model c3d: the C3D's width multiplier "
+                            "(default %(default)s)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_faithfulness, methods=methods)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_faithfulness,
+                                summarize, methods=methods)
+        if args.dataset == "shapes-clips":
+            options: dict[str, Any] = {}
+            if args.model == "c3d":  # a C3D for the world's clips (random unless --weights)
+                from mmexplain.data.shapes import ACTIONS
+
+                world = _world(args.seed)
+                options = dict(width=args.width, size=world.size, frames=world.frames,
+                               num_classes=len(ACTIONS))
+            return _shapes_plan(args, _model(args, **options), P.clip_faithfulness, summarize,
+                                clips=True, methods=methods)
+        if args.dataset == "folder":
+            folder = _folder(args.images, "--images", "a folder of images")
+            items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
+                             args, "image")
+            model = _model(args)
+
+            def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+                pixels = image_pixels(_picture(str(folder / item["id"])),
+                                      args.size or DEFAULT_SIZE)
+                return {"entries": [P.faithfulness(P.ClassTask(model()), pixels,
+                                                   methods=methods)]}
+
+            return Plan(items, evaluate, summarize)
+        return cls._videos(args, methods, summarize)
+
+    @staticmethod
+    def _videos(args: argparse.Namespace, methods: tuple[str, ...],
+                summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Plan:
+        from mmexplain.data.video import read_video, uniform_clip
+        from mmexplain.data.video_folder import list_videos
+
+        if args.videos is None:
+            _file(None, "--videos", "a folder <label>/<video> or a CSV/JSON list")
+        videos = list_videos(args.videos)
+        items = _limited([{"id": str(v.path), "index": i} for i, v in enumerate(videos)],
+                         args, "video")
+        model = _model(args, **({"size": args.size} if args.size else {}))
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            video = videos[item["index"]]
+            adapter = model()
+            clip = uniform_clip(read_video(video.path), getattr(adapter, "clip_length", 16))
+            frames = adapter.preprocess.geometry(clip.frames)  # (T, h, w, 3) uint8
+            pixels = frames.permute(3, 0, 1, 2)[None].float() / 255.0  # (1, 3, T, h, w)
+            result = P.faithfulness(P.ClassTask(adapter), pixels, methods=methods)
+            return {"entries": [{"label": video.label, **result}]}
+
+        return Plan(items, evaluate, summarize)
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {
+    "pointing": Pointing,
+    "vqa-hat": VqaHat,
+    "densecap": DenseCap,
+    "occlusion": OcclusionAgreement,
+    "localization": Localization,
+    "faithfulness": Faithfulness,
+}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    for name, spec in PROTOCOLS.items():
+        p = sub.add_parser(name, help=spec.HELP.replace("%", "%%"), description=spec.HELP)
+        datasets = list(spec.MODELS)
+        p.add_argument("--dataset", choices=datasets, default=datasets[0],
+                       help=f"default {datasets[0]}")
+        p.add_argument("--limit", type=_positive, default=None,
+                       help=f"evaluate the first N items (default: all; {SHAPES_LIMIT} scenes "
+                       "or clips of the shapes world)")
+        p.add_argument("--seed", type=int, default=2,
+                       help="shapes world seed, and seed of random weights (default 2)")
+        p.add_argument("--method", choices=("gradcam", "gradcam++", "both"), default="both")
+        p.add_argument("--model", default=None, help="registered adapter name (default: "
+                       + ", ".join(f"{m} for {d}" for d, m in spec.MODELS.items()) + ")")
+        p.add_argument("--weights", default=None, help="local weight file; 'random' for "
+                       "random weights (default: the model's own, e.g. the shipped ones)")
+        p.add_argument("--layer", default=None, help="target layer (default: the model's)")
+        p.add_argument("--size", type=_positive, default=None,
+                       help=f"side of the model input real images are resized to (default "
+                       f"{DEFAULT_SIZE}); videos: the model's crop size")
+        p.add_argument("--device", default="cpu", help="torch device (under torchrun, cuda "
+                       "means each process's own GPU)")
+        p.add_argument("--out", default=None,
+                       help="output folder (default mmexplain-out/eval/<protocol>-<dataset>)")
+        p.add_argument("--resume", action="store_true",
+                       help="keep the records in --out and evaluate only the missing items")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        spec.add_arguments(p)
+
+
+#: settings that do not change the records (a resumed run may change them)
+_FREE = ("out", "resume", "device", "no_progress", "limit", "command", "protocol")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _FREE
+            and not k.startswith("_") and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def _check_settings(args: argparse.Namespace, out: Path, main_process: bool) -> None:
+    """Write OUT/settings.json; on --resume refuse records made with other settings."""
+    path = out / "settings.json"
+    settings = {"protocol": args.protocol, **_settings(args)}
+    if args.resume and path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise InputError(f"--resume: expected the settings of the run in {out}, received "
+                             "other values for " + ", ".join(
+                                 f"{k} ({before.get(k)!r} there, {settings.get(k)!r} now)"
+                                 for k in changed))
+        return
+    if main_process:  # written whole, then renamed: another process never reads half a file
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmexplain.runs import join_world, leave_world, run_items
+
+    spec = PROTOCOLS[args.protocol]
+    if args.model is None:
+        args.model = spec.MODELS[args.dataset]
+        if args.model == "shapes-c3d":
+            from mmexplain.adapters import list_adapters
+
+            if "shapes-c3d" not in list_adapters():
+                args.model = "c3d"
+    methods = P.method_names(args.method)
+    out = Path(args.out or f"mmexplain-out/eval/{args.protocol}-{args.dataset}")
+    world = join_world()
+    try:
+        if world.size > 1 and args.device == "cuda":
+            args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        plan = spec.plan(args, methods)
+        _check_settings(args, out, world.is_main)
+
+        def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+            entries = [e for r in records for e in r["entries"]]
+            return {"protocol": args.protocol, "dataset": args.dataset, "model": args.model,
+                    "methods": list(methods), "entries": len(entries), **plan.summarize(entries)}
+
+        summary = run_items(plan.items, plan.evaluate, summarize, out, resume=args.resume,
+                            progress=world.is_main and not args.no_progress,
+                            desc=f"eval {args.protocol}", world=world)
+    finally:
+        leave_world(world)
+    if summary is not None:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(f"summary -> {out / 'summary.json'}; records -> {out}/records.rank*.jsonl",
+              file=sys.stderr)
+    return 0
+
+
+__all__ = ["HELP", "PROTOCOLS", "Lazy", "Plan", "add_arguments", "image_pixels", "load_model",
+           "run"]
