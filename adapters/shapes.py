@@ -62,23 +62,19 @@ class AddCoords(nn.Module):
 
 
 def shapes_trunk(channels: Sequence[int] = TRUNK_CHANNELS) -> StagedTrunk:
-    """Stages conv1..conv4, each conv 3x3 -> BN -> ReLU, for 64x64 inputs.
+    """Stages conv1..conv4, each [max-pool 2x2] conv 3x3 -> BN -> ReLU, for 64x64 inputs.
 
-    conv1 sees the image plus coordinates and has stride 2 (-> 32x32); conv2
-    max-pools first (-> 16x16); conv3 keeps 16x16 — the grid explained by
-    default; conv4 max-pools to 8x8 and widens the receptive field to whole
-    objects before the global pooling.
+    conv1 sees the image plus coordinates at full resolution; conv2 (32x32),
+    conv3 (16x16, the grid explained by default) and conv4 (8x8, whose
+    receptive field covers whole objects) each max-pool first.
     """
-    c1, c2, c3, c4 = (int(c) for c in channels)
-    stages: OrderedDict[str, nn.Module] = OrderedDict(
-        conv1=nn.Sequential(AddCoords(), nn.Conv2d(5, c1, 3, stride=2, padding=1),
-                            nn.BatchNorm2d(c1), nn.ReLU()),
-        conv2=nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c1, c2, 3, padding=1),
-                            nn.BatchNorm2d(c2), nn.ReLU()),
-        conv3=nn.Sequential(nn.Conv2d(c2, c3, 3, padding=1), nn.BatchNorm2d(c3), nn.ReLU()),
-        conv4=nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(c3, c4, 3, padding=1),
-                            nn.BatchNorm2d(c4), nn.ReLU()),
-    )
+    stages: OrderedDict[str, nn.Module] = OrderedDict()
+    c_in = 3 + 2
+    for i, c in enumerate(int(c) for c in channels):
+        layers: list[nn.Module] = [AddCoords()] if i == 0 else [nn.MaxPool2d(2)]
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+        stages[f"conv{i + 1}"] = nn.Sequential(*layers)
+        c_in = c
     return StagedTrunk(stages)
 
 

@@ -10,6 +10,10 @@ from torch import nn
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# The models here are tiny: one thread avoids OpenMP's start-up and spinning costs,
+# which dominate them (and thrash when another process shares the two cores).
+torch.set_num_threads(1)
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
