@@ -32,6 +32,10 @@ CAPTIONER = CAPTIONER_SIZES
 VQA = VQA_SIZES
 
 
+#: The trunk map the auxiliary look probe reads, and its grid (64 px / 8).
+PROBE_LAYER, PROBE_GRID = "conv4", 8
+
+
 def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -63,30 +67,36 @@ def fit(model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: in
     model.eval()
 
 
-def looks(data: world_mod.SceneBatch) -> torch.Tensor:
-    """(N, colours*shapes) multi-hot: which colour-shape looks each scene holds."""
+def look_maps(data: world_mod.SceneBatch, size: int) -> torch.Tensor:
+    """(N, size, size) long: the colour-shape look (1 + colour*shapes + shape) of the object
+    covering each cell of a size x size grid, 0 for background (nearest-cell downsampling)."""
     n_shapes = len(world_mod.SHAPES)
-    present = data.object_colors >= 0  # (N, M)
-    index = (data.object_colors.clamp(min=0) * n_shapes + data.object_shapes.clamp(min=0))
-    out = torch.zeros(len(data.images), len(world_mod.COLORS) * n_shapes)
-    return out.scatter_add_(1, index, present.float()).clamp(max=1.0)
+    look = 1 + data.object_colors.clamp(min=0) * n_shapes + data.object_shapes.clamp(min=0)
+    step = data.masks.shape[-1] // size
+    cells = data.masks[..., step // 2::step, step // 2::step]  # (N, M, size, size)
+    labels = (cells.long() * look[:, :, None, None]).amax(dim=1)  # objects never overlap
+    return labels
 
 
 class LooksProbe(nn.Module):
-    """Auxiliary training signal (not shipped): the looks in a scene from the pooled trunk.
+    """Auxiliary training signal (not shipped): the look of each cell of the explained layer.
 
-    It teaches the small trunk colour-shape features early; the captioner and
-    VQA losses then only have to learn to use them.
+    A 1x1 convolution on the trunk's last map (8x8, the one the models pool)
+    predicts, per cell, which colour-shape look covers it (or background). This
+    dense signal teaches the small trunk colour-shape detectors, so the pooled
+    image code holds a linear histogram of the looks in the scene; the captioner
+    and VQA losses then only have to learn to read it.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, layer: str = PROBE_LAYER) -> None:
         super().__init__()
-        self.model = model
-        self.linear = nn.Linear(model.feature_dim, len(world_mod.COLORS) * len(world_mod.SHAPES))
+        self.model, self.layer = model, layer
+        channels = model.trunk.stages[layer][-3].out_channels  # conv -> BN -> ReLU
+        self.head = nn.Conv2d(channels, 1 + len(world_mod.COLORS) * len(world_mod.SHAPES), 1)
 
     def loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.pool(self.model.feature_map(images))
-        return nn.functional.binary_cross_entropy_with_logits(self.linear(pooled), target)
+        fmap = self.model.feature_map(images, stop=self.layer)  # (B, C, 8, 8)
+        return nn.functional.cross_entropy(self.head(fmap), target)
 
 
 def train_captioner(out: Path, images: int, epochs: int, seed: int) -> None:
@@ -95,7 +105,8 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int) -> None:
     tokens = data.captions[:, 1:]  # words then <end>, padded (the captioner's format)
     model = ShowTell(world_mod.CAPTION_VOCAB, trunk=shapes_trunk(TRUNK_CHANNELS),
                      trunk_channels=TRUNK_CHANNELS, normalize=None, **CAPTIONER)
-    probe, target = LooksProbe(model), looks(data)
+    probe = LooksProbe(model)
+    target = look_maps(data, PROBE_GRID)
     fit(probe, lambda idx: model.loss(data.images[idx], tokens[idx])
         + probe.loss(data.images[idx], target[idx]), images, epochs=epochs,
         batch=64, lr=2e-3, seed=seed, name="captioner")
@@ -111,7 +122,8 @@ def train_vqa(out: Path, images: int, epochs: int, seed: int) -> None:
                        trunk=shapes_trunk(TRUNK_CHANNELS), trunk_channels=TRUNK_CHANNELS,
                        normalize=None, **VQA)
     loss_fn = nn.CrossEntropyLoss()
-    probe, target = LooksProbe(model), looks(data)
+    probe = LooksProbe(model)
+    target = look_maps(data, PROBE_GRID)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         rows = data.question_image[idx]
@@ -155,8 +167,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["captioner", "vqa", "c3d"], action="append")
     parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--clips", type=int, default=2400)
-    parser.add_argument("--epochs", type=int, default=18, help="captioner epochs; VQA: a "
-                        "quarter (it has several questions per image), C3D: half")
+    parser.add_argument("--epochs", type=int, default=14, help="captioner epochs; VQA: a "
+                        "quarter (it has several questions per image)")
+    parser.add_argument("--c3d-epochs", type=int, default=9)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -170,7 +183,7 @@ def main() -> None:
     if "vqa" in todo:
         train_vqa(args.out, args.images, max(1, args.epochs // 4), args.seed)
     if "c3d" in todo:
-        train_c3d(args.out, args.clips, max(1, args.epochs // 2), args.seed)
+        train_c3d(args.out, args.clips, args.c3d_epochs, args.seed)
     print(f"done in {time.time() - start:.0f} s")
 
 
