@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.captioner import load_state, read_checkpoint
-from mmexplain.adapters.tv import RANDOM_ASKED, RANDOM_NO_FILE, Recipe, StagedAdapter, build_steps
+from mmexplain.adapters.captioner import load_state
+from mmexplain.adapters.tv import Recipe, StagedAdapter, build_steps, resolve_weights
 from mmexplain.data.video import Preprocess
 from mmexplain.errors import bad_type, bad_value
 
@@ -168,20 +168,10 @@ def c3d_adapter(*, weights: str | os.PathLike[str] | bool | None = None, num_cla
                     fc_width=fc_width)
     elif not isinstance(model, C3D):
         raise bad_type("model", "a C3D module", model)
-    source = RANDOM_NO_FILE
-    if weights is False or weights == "random":
-        source = RANDOM_ASKED
-    elif weights is not None:
-        if not isinstance(weights, (str, os.PathLike)):
-            raise bad_type("weights", "a weight file path, None (torch cache) or False (random)",
-                           weights)
-        source = f"file {weights}"
-        load_c3d_state(model, read_checkpoint(weights)[0], source)
-    else:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / "c3d.pickle"
-        if cached.is_file():
-            source = f"torch cache {cached}"
-            load_c3d_state(model, read_checkpoint(cached)[0], source)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / "c3d.pickle"
+    state, source, _ = resolve_weights(weights, cached)
+    if state is not None:
+        load_c3d_state(model, state, source)
     categories = None
     if labels is not None:
         if isinstance(labels, (str, os.PathLike)):

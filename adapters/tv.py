@@ -36,6 +36,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +50,23 @@ from mmexplain.errors import bad_type, bad_value
 
 RANDOM_NO_FILE = "random weights: no weight file or cache found"
 RANDOM_ASKED = "random weights (asked for)"
+
+
+def resolve_weights(weights: str | os.PathLike[str] | bool | None, cached: Path | None
+                    ) -> tuple[dict[str, torch.Tensor] | None, str, Path | None]:
+    """(state dict or None, weights_source, the file read or None) for ``weights``:
+    a file path; None: the cache file ``cached`` when it exists, else random; False
+    or "random": random weights."""
+    if weights is False or weights == "random":
+        return None, RANDOM_ASKED, None
+    if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise bad_type("weights", "a weight file path, None (torch cache) or False (random)",
+                           weights)
+        return read_checkpoint(weights)[0], f"file {weights}", Path(weights)
+    if cached is not None and cached.is_file():
+        return read_checkpoint(cached)[0], f"torch cache {cached}", cached
+    return None, RANDOM_NO_FILE, None
 
 VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
 
@@ -293,23 +311,14 @@ def tv_adapter(arch: str, *, weights: str | os.PathLike[str] | bool | None = Non
     video = arch in VIDEO_MODELS
     enum = get_model_weights(arch)
     entry = enum.DEFAULT
-    state, source = None, RANDOM_NO_FILE
-    if weights is False or weights == "random":
-        source = RANDOM_ASKED
-    elif weights is not None:
-        if not isinstance(weights, (str, os.PathLike)):
-            raise bad_type("weights", "a weight file path, None (torch cache) or False (random)",
-                           weights)
-        state, source = read_checkpoint(weights)[0], f"file {weights}"
+    found = find_torchvision_weights(arch) if weights is None else None
+    state, source, path = resolve_weights(weights, found[0] if found else None)
+    if found is not None and path == found[0]:
+        entry = enum[found[1].rpartition(".")[2]]  # its own transforms and categories
+    elif path is not None:
         for candidate in enum:  # a torchvision file under its own name: use its preprocessing
-            if candidate.url.rsplit("/", 1)[-1] == os.path.basename(weights):
+            if candidate.url.rsplit("/", 1)[-1] == path.name:
                 entry = candidate
-    else:
-        found = find_torchvision_weights(arch)
-        if found is not None:
-            path, tag = found
-            entry = enum[tag.rpartition(".")[2]]  # its own transforms and categories
-            state, source = read_checkpoint(path)[0], f"torch cache {path}"
     known = list(entry.meta["categories"])
     if num_classes is None:
         num_classes = len(known)
@@ -341,6 +350,6 @@ def _register_all() -> None:
 
 _register_all()
 
-__all__ = ["RANDOM_ASKED", "RANDOM_NO_FILE", "RECIPES", "Recipe", "StagedAdapter",
+__all__ = ["RANDOM_ASKED", "RANDOM_NO_FILE", "RECIPES", "Recipe", "StagedAdapter", "resolve_weights",
            "VIDEO_MODELS", "build_steps", "clip_length_of", "family_of", "preprocess_of",
            "supported_architectures", "tv_adapter"]
