@@ -13,8 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections import OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -23,23 +22,54 @@ from torch import nn
 from mmexplain.errors import InputError
 
 
-@dataclass
 class SequenceOutput:
     """Teacher-forced token scores of a captioner's head.
 
     logprobs (B, T, V)  log p(w | image, w_<t) at each step t
     tokens   (B, T)     the token scored at each step (the caption's words, then <end>)
     mask     (B, T)     True where tokens[:, t] is part of the caption (not padding)
+
+    A head may give ``hidden`` (B, T, H), the decoder's output at each step, and
+    ``project`` (hidden (..., H) -> log p (..., V)) instead of ``logprobs``: the
+    (B, T, V) log-probabilities are then computed on first use only, and
+    :meth:`token_logprobs_at` projects just the steps it is asked for (a target
+    explaining K words of K expanded rows needs one step per row, not T).
     """
 
-    logprobs: torch.Tensor
-    tokens: torch.Tensor
-    mask: torch.Tensor
+    def __init__(self, logprobs: torch.Tensor | None, tokens: torch.Tensor,
+                 mask: torch.Tensor, *, hidden: torch.Tensor | None = None,
+                 project: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if logprobs is None and (hidden is None or project is None):
+            raise InputError("logprobs: expected the log-probabilities (B, T, V), or hidden "
+                             "states with a projection, received neither")
+        self._logprobs = logprobs
+        self.tokens = tokens
+        self.mask = mask
+        self.hidden = hidden
+        self.project = project
+
+    @property
+    def logprobs(self) -> torch.Tensor:
+        if self._logprobs is None:
+            self._logprobs = self.project(self.hidden)  # (B, T, V)
+        return self._logprobs
 
     def token_logprobs(self) -> torch.Tensor:
         """log p(tokens[:, t]) per step, (B, T); 0 at padding."""
         lp = self.logprobs.gather(2, self.tokens.unsqueeze(2)).squeeze(2)
         return lp * self.mask.to(lp.dtype)
+
+    def token_logprobs_at(self, steps: torch.Tensor) -> torch.Tensor:
+        """log p(tokens[b, t]) at steps (B, K) -> (B, K); 0 at padding.
+
+        With ``hidden``/``project`` only those B*K steps are projected onto the vocabulary.
+        """
+        if self._logprobs is not None or self.hidden is None:
+            return self.token_logprobs().gather(1, steps)
+        h = self.hidden.gather(1, steps.unsqueeze(2).expand(-1, -1, self.hidden.shape[2]))
+        lp = self.project(h)  # (B, K, V)
+        tokens = self.tokens.gather(1, steps)  # (B, K)
+        return lp.gather(2, tokens.unsqueeze(2)).squeeze(2) * self.mask.gather(1, steps).to(lp.dtype)
 
 
 class Adapter(nn.Module):

@@ -2,7 +2,7 @@
 shares with the VQA model.
 
     images (B, 3, H, W) --trunk stages--> A (B, C, h, w) at the target layer
-        --rest of the trunk--> (B, C', h', w') --global average pool--> (B, C')
+        --rest of the trunk--> (B, C', h', w') --global average (or max) pool--> (B, C')
         --linear W_I--> x_{-1} (B, E) --LSTM, then the words--> log p(w_t) (B, T, V)
 
 Show and Tell (Vinyals et al., CVPR 2015) feeds the image once, before the words:
@@ -247,6 +247,10 @@ def build_trunk(trunk: str | StagedTrunk = "resnet18", *, trunk_channels: Sequen
     return TrunkSpec(built, spec_name, int(dim), default_layer or default, normalize, source)
 
 
+#: Global pooling of the final feature map (B, C, h*w) -> (B, C), by config name.
+POOLINGS = {"avg": lambda x: x.mean(dim=2), "max": lambda x: x.amax(dim=2)}
+
+
 class ImageModel(nn.Module):
     """Base of the CNN+LSTM models: a staged trunk, input normalisation, pooling.
 
@@ -259,8 +263,12 @@ class ImageModel(nn.Module):
 
     def __init__(self, trunk: str | StagedTrunk, *, trunk_channels: Sequence[int],
                  trunk_weights: str | Path | bool | None, normalize: Any,
-                 feature_dim: int | None, default_layer: str | None) -> None:
+                 feature_dim: int | None, default_layer: str | None,
+                 pooling: str = "avg") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise bad_value("pooling", f"one of {sorted(POOLINGS)}", pooling)
+        self.pooling = pooling
         spec = build_trunk(trunk, trunk_channels=trunk_channels, trunk_weights=trunk_weights,
                            normalize=normalize, feature_dim=feature_dim,
                            default_layer=default_layer)
@@ -281,17 +289,18 @@ class ImageModel(nn.Module):
         """The trunk stages after ``start`` -> (B, C, h, w) final feature map."""
         return self.trunk.run(acts, start=start)
 
-    @staticmethod
-    def pool(fmap: torch.Tensor) -> torch.Tensor:
-        """Global average pooling (B, C, h, w) -> (B, C)."""
-        return fmap.flatten(2).mean(dim=2)
+    def pool(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Global pooling (B, C, h, w) -> (B, C): the average (Show and Tell's ResNet/VGG
+        code), or the maximum ("max"; the shapes-world models: an object covering a few
+        cells of an 8x8 map keeps its full activation instead of 1/64 of it)."""
+        return POOLINGS[self.pooling](fmap.flatten(2))
 
     def trunk_config(self) -> dict[str, Any]:
         norm = self.normalize_config
         return {"kind": self.kind, "trunk": self.trunk_name,
                 "trunk_channels": list(self.trunk_channels),
                 "normalize": None if norm is None else [list(norm[0]), list(norm[1])],
-                "default_layer": self.default_layer}
+                "default_layer": self.default_layer, "pooling": self.pooling}
 
 
 def check_images(images: Any, arg: str = "images") -> torch.Tensor:
@@ -466,13 +475,14 @@ class ShowTell(ImageModel):
                  embed_size: int = 512, hidden_size: int = 512, num_layers: int = 1,
                  dropout: float = 0.0, trunk_channels: Sequence[int] = (16, 32, 64),
                  trunk_weights: str | Path | bool | None = None, normalize: Any = "auto",
-                 feature_dim: int | None = None, default_layer: str | None = None) -> None:
+                 feature_dim: int | None = None, default_layer: str | None = None,
+                 pooling: str = "avg") -> None:
         if vocab is None:
             raise bad_value("vocab", "the caption vocabulary (a Vocabulary, a JSON file or a "
                             "list of words), or a checkpoint that stores it", vocab)
         super().__init__(trunk, trunk_channels=trunk_channels, trunk_weights=trunk_weights,
                          normalize=normalize, feature_dim=feature_dim,
-                         default_layer=default_layer)
+                         default_layer=default_layer, pooling=pooling)
         self.vocab = Vocabulary.coerce(vocab)
         self.pad_id, self.start_id, self.end_id = (self.vocab.pad_id, self.vocab.start_id,
                                                    self.vocab.end_id)
@@ -528,8 +538,10 @@ class ShowTell(ImageModel):
         words = torch.cat([start, tokens[:, :-1]], dim=1)  # S_0 .. S_{L-1} (B, L)
         x = torch.cat([x_img.unsqueeze(1), self.embed(words)], dim=1)  # (B, L+1, E), eq. 10-11
         out, _ = self.lstm(x)  # (B, L+1, H)
-        logprobs = self.log_probs(out[:, 1:])  # (B, L, V): p_{t+1} = LSTM(x_t), eq. 12
-        return SequenceOutput(logprobs, tokens, caption_mask(tokens, self.end_id, self.pad_id))
+        # log p (B, L, V) = log_probs(out[:, 1:]): p_{t+1} = LSTM(x_t), eq. 12, computed when
+        # a target asks (all steps, or only some: SequenceOutput.token_logprobs_at)
+        return SequenceOutput(None, tokens, caption_mask(tokens, self.end_id, self.pad_id),
+                              hidden=out[:, 1:], project=self.log_probs)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> SequenceOutput:
         """The full model: images (B, 3, H, W), tokens (B, L) -> SequenceOutput."""
@@ -724,6 +736,7 @@ def show_tell(*, vocab: Any = None, trunk: str | StagedTrunk | None = None,
               embed_size: int | None = None, hidden_size: int | None = None,
               num_layers: int | None = None, dropout: float | None = None,
               trunk_channels: Sequence[int] | None = None, normalize: Any = None,
+              pooling: str | None = None,
               device: str | torch.device | None = None) -> CaptionerAdapter:
     """Show-and-Tell CNN+LSTM captioner (trunk: resnet18, resnet50, vgg16, tiny).
 
@@ -736,9 +749,9 @@ def show_tell(*, vocab: Any = None, trunk: str | StagedTrunk | None = None,
     """
     explicit = dict(vocab=vocab, trunk=trunk, embed_size=embed_size, hidden_size=hidden_size,
                     num_layers=num_layers, dropout=dropout, trunk_channels=trunk_channels,
-                    normalize=normalize)
+                    normalize=normalize, pooling=pooling)
     defaults = dict(vocab=None, trunk="resnet18", embed_size=512, hidden_size=512, num_layers=1,
-                    dropout=0.0, trunk_channels=(16, 32, 64), normalize="auto")
+                    dropout=0.0, trunk_channels=(16, 32, 64), normalize="auto", pooling="avg")
     model = build_model(ShowTell, explicit, defaults, weights, trunk_weights)
     if device is not None:
         model = model.to(device)
@@ -746,7 +759,7 @@ def show_tell(*, vocab: Any = None, trunk: str | StagedTrunk | None = None,
     return adapter.at_layer(layer) if layer is not None else adapter
 
 
-__all__ = ["Captions", "CaptionerAdapter", "ImageModel", "Normalize", "ShowTell", "TRUNKS",
+__all__ = ["Captions", "CaptionerAdapter", "ImageModel", "Normalize", "POOLINGS", "ShowTell", "TRUNKS",
            "TrunkAdapter", "TrunkSpec", "build_model", "build_trunk", "caption_mask",
            "check_images", "find_torchvision_weights", "load_state", "read_checkpoint",
            "save_checkpoint", "show_tell", "tiny_trunk", "torchvision_trunk"]

@@ -32,13 +32,18 @@ from mmexplain.adapters.base import Adapter, StagedTrunk
 from mmexplain.errors import bad_value
 
 TRUNK_CHANNELS = (16, 32, 64, 96)
-#: The layer explained by default: 16x16 (conv4 is 8x8).
+#: The layers explained by default. The Grad-CAM paper explains VGG-16's conv5_3, a 14x14
+#: grid of 16 px cells at 224 px; on 64 px images the same relative cell is a 16x16 grid:
+#: conv3 of the image trunk (conv4 is 8x8) and conv3b of the C3D (8x16x16; conv5b is
+#: 2x4x4, cells of 16 px at 64 px, as coarse as 56 px cells at 224 px).
 DEFAULT_LAYER = "conv3"
+C3D_DEFAULT_LAYER = "conv3b"
 #: Model sizes (the training script builds the models with these; weights=False
 #: builds the same architectures with random weights).
-CAPTIONER_SIZES = dict(embed_size=64, hidden_size=128, num_layers=1, dropout=0.0)
+CAPTIONER_SIZES = dict(embed_size=64, hidden_size=128, num_layers=1, dropout=0.0,
+                       pooling="max")
 VQA_SIZES = dict(embed_size=32, hidden_size=96, num_layers=2, common_size=128, mlp_size=128,
-                 dropout=0.0)
+                 dropout=0.0, pooling="max")
 C3D_SIZES = dict(width=0.0625, frames=16, size=64, fc_width=128, dropout=0.2)
 #: The shapes C3D sees clips in [0, 1] normalised as (x - mean) / std.
 CLIP_MEAN, CLIP_STD = 0.5, 0.25
@@ -151,6 +156,7 @@ def shapes_c3d(*, weights: str | Path | bool | None = None, layer: str | None = 
     prep = Preprocess(resize=(model.size, model.size), crop=(model.size, model.size),
                       mean=(CLIP_MEAN,) * 3, std=(CLIP_STD,) * 3, antialias=True)
     adapter = c3d_adapter(weights=path if weights is not False else False, model=model,
-                          labels=list(ACTIONS), preprocess=prep, layer=layer)
+                          labels=list(ACTIONS), preprocess=prep,
+                          layer=layer or C3D_DEFAULT_LAYER)
     adapter.name = "shapes-c3d"
     return adapter.to(device) if device is not None else adapter

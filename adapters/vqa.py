@@ -46,14 +46,15 @@ class LSTMQNormI(ImageModel):
                  mlp_size: int = 1000, dropout: float = 0.5,
                  trunk_channels: Sequence[int] = (16, 32, 64),
                  trunk_weights: str | Path | bool | None = None, normalize: Any = "auto",
-                 feature_dim: int | None = None, default_layer: str | None = None) -> None:
+                 feature_dim: int | None = None, default_layer: str | None = None,
+                 pooling: str = "avg") -> None:
         for arg, vocab in (("question_vocab", question_vocab), ("answer_vocab", answer_vocab)):
             if vocab is None:
                 raise bad_value(arg, "a Vocabulary, a JSON file or a list of words, or a "
                                 "checkpoint that stores it", vocab)
         super().__init__(trunk, trunk_channels=trunk_channels, trunk_weights=trunk_weights,
                          normalize=normalize, feature_dim=feature_dim,
-                         default_layer=default_layer)
+                         default_layer=default_layer, pooling=pooling)
         self.question_vocab = Vocabulary.coerce(question_vocab, "question_vocab")
         self.answer_vocab = Vocabulary.coerce(answer_vocab, "answer_vocab")
         self.pad_id = self.question_vocab.pad_id
@@ -150,15 +151,46 @@ class VQAAdapter(TrunkAdapter):
         return self.model.answer_vocab
 
     def head(self, acts: torch.Tensor, question: torch.Tensor | None = None,
-             question_lengths: torch.Tensor | None = None, **context: Any) -> torch.Tensor:
-        """A (B, C, h, w), question (B, L), question_lengths (B,) -> logits (B, A)."""
-        self._check_context(context, ["question", "question_lengths"])
+             question_lengths: torch.Tensor | None = None,
+             question_code: torch.Tensor | None = None, **context: Any) -> torch.Tensor:
+        """A (B, C, h, w), question (B, L), question_lengths (B,) -> logits (B, A).
+
+        ``question_code`` (B, D), the encoded question, replaces question and lengths
+        (:meth:`expand_context` passes it: the question does not depend on A).
+        """
+        self._check_context(context, ["question", "question_lengths", "question_code"])
+        image = self.model.image_code(self.model.finish(acts, start=self.layer))  # (B, D)
+        if question_code is None:
+            question_code = self.encode_question(question, question_lengths, acts.shape[0])
+        return self.model.fuse(image, question_code.to(acts.device))
+
+    def encode_question(self, question: Any, lengths: Any, rows: int) -> torch.Tensor:
+        """q = tanh(W_q [h; c]) (rows, D) of the question context."""
         if question is None:
             raise bad_value("question", "the question as context: question=(B, L) ids "
                             "(adapter.question_context(questions))", question)
-        q, n = self.model.check_question(question, question_lengths, acts.shape[0])
-        image = self.model.image_code(self.model.finish(acts, start=self.layer))  # (B, D)
-        return self.model.fuse(image, self.model.question_code(q.to(acts.device), n))
+        q, n = self.model.check_question(question, lengths, rows)
+        return self.model.question_code(q.to(self._device()), n)
+
+    def expand_context(self, context: dict[str, Any], k: int) -> dict[str, Any]:
+        """The context for K rows per input (row b*K+j = input b): the question is encoded
+        once per input (it does not depend on A, so without autograd) and repeated, instead
+        of the head encoding it K times."""
+        ctx = dict(context)
+        question = ctx.pop("question", None)
+        lengths = ctx.pop("question_lengths", None)
+        code = ctx.get("question_code")
+        if code is None:
+            rows = question.shape[0] if isinstance(question, torch.Tensor) and \
+                question.dim() == 2 else 1
+            with torch.no_grad():
+                code = self.encode_question(question, lengths, rows)  # (B or 1, D)
+        # one question for every input stays one row (it broadcasts in the fusion)
+        ctx["question_code"] = code.repeat_interleave(k, dim=0) if code.shape[0] > 1 else code
+        return ctx
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def question_context(self, questions: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """``{"question": (B, L), "question_lengths": (B,)}`` for question strings;
@@ -166,8 +198,7 @@ class VQAAdapter(TrunkAdapter):
         if isinstance(questions, str):
             questions = [questions]
         ids, lengths = self.question_vocab.encode_batch(questions, arg="questions")
-        device = next(self.model.parameters()).device
-        return {"question": ids.to(device), "question_lengths": lengths.to(device)}
+        return {"question": ids.to(self._device()), "question_lengths": lengths.to(self._device())}
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, questions: str | Sequence[str]) -> torch.Tensor:
@@ -201,6 +232,7 @@ def vqa_lstm(*, question_vocab: Any = None, answer_vocab: Any = None,
              num_layers: int | None = None, common_size: int | None = None,
              mlp_size: int | None = None, dropout: float | None = None,
              trunk_channels: Sequence[int] | None = None, normalize: Any = None,
+             pooling: str | None = None,
              device: str | torch.device | None = None) -> VQAAdapter:
     """CNN+LSTM VQA model, deeper LSTM Q + norm I (trunk: resnet18, resnet50, vgg16, tiny).
 
@@ -214,10 +246,10 @@ def vqa_lstm(*, question_vocab: Any = None, answer_vocab: Any = None,
     explicit = dict(question_vocab=question_vocab, answer_vocab=answer_vocab, trunk=trunk,
                     embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
                     common_size=common_size, mlp_size=mlp_size, dropout=dropout,
-                    trunk_channels=trunk_channels, normalize=normalize)
+                    trunk_channels=trunk_channels, normalize=normalize, pooling=pooling)
     defaults = dict(question_vocab=None, answer_vocab=None, trunk="resnet18", embed_size=200,
                     hidden_size=512, num_layers=2, common_size=1024, mlp_size=1000, dropout=0.5,
-                    trunk_channels=(16, 32, 64), normalize="auto")
+                    trunk_channels=(16, 32, 64), normalize="auto", pooling="avg")
     model = build_model(LSTMQNormI, explicit, defaults, weights, trunk_weights)
     if device is not None:
         model = model.to(device)

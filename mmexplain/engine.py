@@ -9,7 +9,10 @@ autograd; the graph starts at A. K targets per input are explained with one
 backward by one of three strategies (DESIGN.md, "The engine's contract"):
 
 1. ``"expand"``: the part after A runs on A repeated to B*K rows, row b*K+k
-   is scored only on target k, and one ``autograd.grad`` gives all maps;
+   is scored only on target k, and one ``autograd.grad`` gives all maps (a
+   target with ``own_rows(k)`` returns the target for those rows that may
+   compute only each row's own score, the others left 0: the engine reads
+   column k of row b*K+k and nothing else);
 2. ``"batched"``: one ``autograd.grad`` with ``is_grads_batched=True``;
 3. ``"loop"``: K calls of ``autograd.grad`` with ``retain_graph=True``.
 
@@ -117,12 +120,13 @@ def borrowed(module: nn.Module | None, eval_mode: bool = True) -> Iterator[None]
     flags = [(m, m.training) for m in module.modules()]
     needs = [(p, p.requires_grad) for p in module.parameters()]
     try:
-        if eval_mode:
+        if eval_mode and any(flag for _, flag in flags):  # a model in eval mode stays as is
             module.eval()
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:  # nn.Module.__setattr__ is slow: touch what changed only
+                m.training = flag
         for p, flag in needs:
             if p.requires_grad != flag:
                 p.requires_grad_(flag)
@@ -186,6 +190,17 @@ def expand_context(context: Mapping[str, Any], batch: int, k: int) -> dict[str, 
         else:
             out[key] = value
     return out
+
+
+def rows_target(target: Any, k: int) -> Any:
+    """The target for the B*K expanded rows (row b*K+j = input b, read on target j only):
+    ``target.own_rows(k)`` if it has one (it may skip the other K-1 scores of each
+    row), else ``target.expand(k)`` (per-input data repeated), else the target itself."""
+    for name in ("own_rows", "expand"):
+        method = getattr(target, name, None)
+        if callable(method):
+            return method(k)
+    return target
 
 
 def is_adapter(obj: Any) -> bool:
@@ -400,8 +415,7 @@ class CAM:
 
     def _expanded(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int, k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
-        expand = getattr(tgt, "expand", None)
-        tgt_rows = expand(k) if callable(expand) else tgt
+        tgt_rows = rows_target(tgt, k)
         leaf, outputs = self.runner.run(inputs, context, k)  # leaf (B*K, *A)
         rows = check_scores(tgt_rows(outputs), batch * k, k)  # (B*K, K)
         scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j scores target j

@@ -64,7 +64,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mmexplain.engine import (CAM, Explanation, _grad, batch_size_of, borrowed, call_model,
-                              expand_context)
+                              expand_context, rows_target)
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 from mmexplain.targets import as_target, check_scores
 
@@ -281,8 +281,7 @@ class GuidedBackprop:
 
     def _expanded(self, x: torch.Tensor, tgt: Any, context: Mapping[str, Any], batch: int,
                   k: int) -> torch.Tensor:
-        expand = getattr(tgt, "expand", None)
-        tgt_rows = expand(k) if callable(expand) else tgt
+        tgt_rows = rows_target(tgt, k)
         leaf, outputs = self._run(x, context, k)  # leaf (B*K, C, *grid)
         rows = check_scores(tgt_rows(outputs), batch * k, k)  # (B*K, K)
         scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j, target j

@@ -123,10 +123,13 @@ class WordLogProbs:
 
     def __call__(self, outputs: Any) -> torch.Tensor:
         seq = sequence_of(outputs)
-        logprobs = seq.token_logprobs()  # (R, T)
-        rows = logprobs.shape[0]
-        pos = self._find(seq) if self.word_ids is not None else self._rows(rows, seq)
-        return logprobs.gather(1, pos)  # (R, K)
+        return seq.token_logprobs_at(self.steps(seq))  # (R, K)
+
+    def steps(self, seq: SequenceOutput) -> torch.Tensor:
+        """The K positions (R, K) of the words in each row's caption."""
+        if self.word_ids is not None:
+            return self._find(seq)
+        return self._rows(seq.tokens.shape[0], seq)
 
     def _rows(self, rows: int, seq: SequenceOutput) -> torch.Tensor:
         pos = self.positions.to(seq.tokens.device)
@@ -158,6 +161,28 @@ class WordLogProbs:
         if self.positions is None or self.positions.shape[0] == 1:
             return self
         return WordLogProbs(self.positions.repeat_interleave(k, dim=0))
+
+    def own_rows(self, k: int) -> "OwnWord":
+        """The target for the engine's K expanded rows per input, each scoring its own word."""
+        return OwnWord(self.expand(k), k)
+
+
+class OwnWord:
+    """:class:`WordLogProbs` on the engine's expanded rows: row b*K+j needs log p of word j
+    only (the engine differentiates nothing else), so only that step is projected onto the
+    vocabulary (R steps instead of R*T); scores (R, K) hold it in column j, 0 elsewhere."""
+
+    def __init__(self, words: WordLogProbs, k: int) -> None:
+        self.words = words
+        self.num_targets = k
+
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        seq = sequence_of(outputs)
+        steps = self.words.steps(seq)  # (R, K)
+        own = torch.arange(steps.shape[0], device=steps.device).remainder(self.num_targets)
+        own = own.unsqueeze(1)  # (R, 1): row b*K+j scores word j
+        score = seq.token_logprobs_at(steps.gather(1, own))  # (R, 1)
+        return torch.zeros_like(steps, dtype=score.dtype).scatter(1, own, score)  # (R, K)
 
 
 @dataclass(frozen=True)

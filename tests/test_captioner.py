@@ -158,6 +158,54 @@ def test_word_maps_come_from_one_backward_and_equal_single_word_runs(
     torch.testing.assert_close(with_end.sum(dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_own_rows_target_projects_only_each_rows_own_step(adapter: CaptionerAdapter) -> None:
+    """The engine's expanded rows (row b*K+j = input b, word j) need log p of word j only:
+    OwnWord projects those R steps onto the vocabulary instead of all R*T, and the numbers
+    it gives equal the full log-softmax's."""
+    x = images()
+    tokens = adapter.caption_context(["a red circle left of a blue square",
+                                      "a green triangle and a square"])["tokens"]  # (2, 9)
+    k, positions = 3, [1, 2, 5]
+    rows = tokens.repeat_interleave(k, dim=0)  # (6, 9)
+    with torch.no_grad():
+        seq = adapter.model.eval()(x.repeat_interleave(k, dim=0), rows)
+    assert seq._logprobs is None  # nothing projected yet
+    projected = []
+    project = seq.project
+    seq.project = lambda h: projected.append(h.shape[:-1]) or project(h)
+    own = WordLogProbs(positions).own_rows(k)(seq).detach()  # (6, 3)
+    assert projected == [torch.Size([6, 1])]  # one step per row, not 6 x 9
+    with torch.no_grad():
+        full = torch.log_softmax(adapter.model.logit(seq.hidden), dim=-1)  # (6, 9, V)
+    ref = full.gather(2, rows.unsqueeze(2)).squeeze(2) * seq.mask  # (6, 9); 0 at padding
+    for r in range(6):
+        for j in range(k):
+            expected = ref[r, positions[j]] if j == r % k else 0.0
+            assert float(own[r, j]) == pytest.approx(float(expected), abs=1e-6)
+    at = seq.token_logprobs_at(torch.tensor([[1, 7]] * 6)).detach()  # the lazy path
+    torch.testing.assert_close(at, ref[:, [1, 7]])
+    assert float(at[5, 1]) == 0.0 and float(at[0, 1]) < 0  # padding scores 0
+    torch.testing.assert_close(seq.token_logprobs(), ref)  # and the eager one
+
+
+def test_max_pooling_is_kept_in_the_checkpoint_and_named_when_wrong(
+        vocab: Vocabulary, tmp_path: Path) -> None:
+    model = tiny_captioner(vocab, pooling="max").model.eval()
+    x = images()
+    fmap = model.feature_map(x)  # (2, 8, 4, 4)
+    torch.testing.assert_close(model.embed_image(fmap),
+                               model.image_proj(fmap.amax(dim=(2, 3))))
+    assert not torch.allclose(model.embed_image(fmap), model.image_proj(fmap.mean(dim=(2, 3))))
+    path = save_checkpoint(model, tmp_path / "max.safetensors")
+    loaded = get_adapter("show-tell", weights=path)
+    assert loaded.model.pooling == "max"
+    tokens = loaded.caption_context(["a red circle"] * 2)["tokens"]
+    torch.testing.assert_close(loaded.score(x, tokens), CaptionerAdapter(model).score(x, tokens))
+    with pytest.raises(InputError, match=r"pooling: expected one of \['avg', 'max'\], "
+                                         r"received str 'mean'"):
+        tiny_captioner(vocab, pooling="mean")
+
+
 def test_word_targets_by_word_and_per_input_positions_agree_with_positions(
         adapter: CaptionerAdapter, vocab: Vocabulary) -> None:
     x = images()

@@ -158,8 +158,9 @@ def test_head_context_errors_name_the_argument(adapter: VQAAdapter) -> None:
     with pytest.raises(InputError, match=r"question: expected the question as context"):
         mx.GradCAM(adapter)(x, target=0)
     ctx = adapter.question_context("what color is the circle ?")
-    with pytest.raises(InputError, match=r"context: expected only question, question_lengths "
-                                         r"for the vqa-lstm adapter, received unknown keys "
+    with pytest.raises(InputError, match=r"context: expected only question, question_lengths, "
+                                         r"question_code for the vqa-lstm adapter, received "
+                                         r"unknown keys "
                                          r"\['questions'\]"):
         mx.GradCAM(adapter)(x, target=0, questions=ctx["question"])
     with pytest.raises(InputError, match=r"question_lengths: expected one length in \[1, 6\]"):
