@@ -247,8 +247,9 @@ def build_trunk(trunk: str | StagedTrunk = "resnet18", *, trunk_channels: Sequen
     return TrunkSpec(built, spec_name, int(dim), default_layer or default, normalize, source)
 
 
-#: Global pooling of the final feature map (B, C, h*w) -> (B, C), by config name.
-POOLINGS = {"avg": lambda x: x.mean(dim=2), "max": lambda x: x.amax(dim=2)}
+#: Global pooling of the final feature map (B, C, h*w) -> (B, C) (or (B, 2C): both), by name.
+POOLINGS = {"avg": lambda x: x.mean(dim=2), "max": lambda x: x.amax(dim=2),
+            "avg+max": lambda x: torch.cat([x.mean(dim=2), x.amax(dim=2)], dim=1)}
 
 
 class ImageModel(nn.Module):
@@ -289,10 +290,16 @@ class ImageModel(nn.Module):
         """The trunk stages after ``start`` -> (B, C, h, w) final feature map."""
         return self.trunk.run(acts, start=start)
 
+    @property
+    def code_dim(self) -> int:
+        """Width of the pooled image code: C, or 2C for "avg+max"."""
+        return self.feature_dim * (2 if self.pooling == "avg+max" else 1)
+
     def pool(self, fmap: torch.Tensor) -> torch.Tensor:
-        """Global pooling (B, C, h, w) -> (B, C): the average (Show and Tell's ResNet/VGG
-        code), or the maximum ("max"; the shapes-world models: an object covering a few
-        cells of an 8x8 map keeps its full activation instead of 1/64 of it)."""
+        """Global pooling (B, C, h, w) -> (B, code_dim): the average (Show and Tell's
+        ResNet/VGG code), the maximum ("max": an object covering a few cells of an 8x8
+        map keeps its full activation instead of 1/64 of it), or both side by side
+        ("avg+max": what is there, and how much of it)."""
         return POOLINGS[self.pooling](fmap.flatten(2))
 
     def trunk_config(self) -> dict[str, Any]:
@@ -492,7 +499,7 @@ class ShowTell(ImageModel):
                 raise bad_value(key, "a positive int", value)
         self.sizes = {**sizes, "dropout": float(dropout)}
         v = len(self.vocab)
-        self.image_proj = nn.Linear(self.feature_dim, embed_size)  # W_I of eq. 10
+        self.image_proj = nn.Linear(self.code_dim, embed_size)  # W_I of eq. 10
         self.embed = nn.Embedding(v, embed_size, padding_idx=self.pad_id)  # W_e of eq. 11
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
@@ -510,7 +517,11 @@ class ShowTell(ImageModel):
 
     def embed_image(self, fmap: torch.Tensor) -> torch.Tensor:
         """Final feature map (B, C, h, w) -> x_{-1} = W_I pool(CNN(I)) (B, E), eq. 10."""
-        return self.image_proj(self.pool(fmap))
+        return self.embed_pooled(self.pool(fmap))
+
+    def embed_pooled(self, code: torch.Tensor) -> torch.Tensor:
+        """Pooled image code (B, code_dim) -> x_{-1} = W_I code (B, E), eq. 10."""
+        return self.image_proj(code)
 
     def check_tokens(self, tokens: Any, rows: int) -> torch.Tensor:
         """Validate caption tokens (B, L) (or (1, L), broadcast to ``rows``)."""

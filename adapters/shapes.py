@@ -43,8 +43,8 @@ C3D_DEFAULT_LAYER = "conv3b"
 CAPTIONER_SIZES = dict(embed_size=64, hidden_size=128, num_layers=1, dropout=0.0,
                        pooling="max")
 VQA_SIZES = dict(embed_size=32, hidden_size=96, num_layers=2, common_size=128, mlp_size=128,
-                 dropout=0.0, pooling="max")
-C3D_SIZES = dict(width=0.0625, frames=16, size=64, fc_width=128, dropout=0.2)
+                 dropout=0.0, pooling="avg+max")
+C3D_SIZES = dict(width=0.125, frames=16, size=64, fc_width=128, dropout=0.2)
 #: The shapes C3D sees clips in [0, 1] normalised as (x - mean) / std.
 CLIP_MEAN, CLIP_STD = 0.5, 0.25
 WEIGHT_FILES = {

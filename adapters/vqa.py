@@ -64,7 +64,7 @@ class LSTMQNormI(ImageModel):
             if not isinstance(value, int) or value <= 0:
                 raise bad_value(key, "a positive int", value)
         self.sizes = {**sizes, "dropout": float(dropout)}
-        self.image_proj = nn.Linear(self.feature_dim, common_size)  # W_i
+        self.image_proj = nn.Linear(self.code_dim, common_size)  # W_i
         self.embed = nn.Embedding(len(self.question_vocab), embed_size, padding_idx=self.pad_id)
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
@@ -85,7 +85,11 @@ class LSTMQNormI(ImageModel):
 
     def image_code(self, fmap: torch.Tensor) -> torch.Tensor:
         """Final feature map (B, C, h, w) -> i = tanh(W_i v / ||v||_2) (B, D)."""
-        v = F.normalize(self.pool(fmap), p=2.0, dim=1)  # norm I (B, C); eps keeps 0 finite
+        return self.pooled_code(self.pool(fmap))
+
+    def pooled_code(self, v: torch.Tensor) -> torch.Tensor:
+        """Pooled image code v (B, code_dim) -> i = tanh(W_i v / ||v||_2) (B, D)."""
+        v = F.normalize(v, p=2.0, dim=1)  # norm I; eps keeps 0 finite
         return torch.tanh(self.image_proj(v))
 
     def check_question(self, question: Any, lengths: Any, rows: int

@@ -201,7 +201,12 @@ def test_max_pooling_is_kept_in_the_checkpoint_and_named_when_wrong(
     assert loaded.model.pooling == "max"
     tokens = loaded.caption_context(["a red circle"] * 2)["tokens"]
     torch.testing.assert_close(loaded.score(x, tokens), CaptionerAdapter(model).score(x, tokens))
-    with pytest.raises(InputError, match=r"pooling: expected one of \['avg', 'max'\], "
+    both = tiny_captioner(vocab, pooling="avg+max").model.eval()
+    assert both.image_proj.in_features == 16
+    fmap = both.feature_map(x)
+    torch.testing.assert_close(both.embed_image(fmap), both.image_proj(
+        torch.cat([fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))], dim=1)))
+    with pytest.raises(InputError, match=r"pooling: expected one of \['avg', 'avg\+max', 'max'\], "
                                          r"received str 'mean'"):
         tiny_captioner(vocab, pooling="mean")
 

@@ -17,7 +17,7 @@ from mmexplain.data import shapes as W
 from mmexplain.engine import GradCAM
 from mmexplain import metrics
 from mmexplain.tasks.caption import WordLogProbs
-from mmexplain.tasks.shapes import action_accuracy
+from mmexplain.tasks.shapes import action_accuracy, caption_accuracy, vqa_accuracy
 
 EVAL_SEED = 777  # training used world seed 0 (and 1 for its own check)
 
@@ -35,6 +35,21 @@ def test_c3d_recognises_actions() -> None:
     clips = W.ShapesWorld(seed=EVAL_SEED).clip_batch(120)
     acc = action_accuracy(get_adapter("shapes-c3d").model, clips)
     assert acc >= 0.90, f"action accuracy {acc:.1%}"
+
+
+@pytest.fixture(scope="module")
+def fresh_scenes() -> W.SceneBatch:
+    return W.ShapesWorld(seed=EVAL_SEED).image_batch(300)
+
+
+def test_captioner_names_what_is_there(fresh_scenes: W.SceneBatch) -> None:
+    acc = caption_accuracy(get_adapter("shapes-captioner").model, fresh_scenes)
+    assert acc >= 0.90, f"visual words of generated captions {acc:.1%} correct"
+
+
+def test_vqa_model_answers(fresh_scenes: W.SceneBatch) -> None:
+    acc = vqa_accuracy(get_adapter("shapes-vqa").model, fresh_scenes)
+    assert acc >= 0.85, f"VQA accuracy {acc:.1%} on {len(fresh_scenes.questions)} questions"
 
 
 @pytest.fixture(scope="module")
