@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from mmexplain.adapters.captioner import ShowTell, save_checkpoint
-from mmexplain.adapters.shapes import (C3D_SIZES, CAPTIONER_SIZES, TRUNK_CHANNELS, VQA_SIZES,
-                                      shapes_trunk, weights_dir)
+from mmexplain.adapters.shapes import (C3D_DEFAULT_LAYER, C3D_SIZES, CAPTIONER_SIZES,
+                                      TRUNK_CHANNELS, VQA_SIZES, shapes_trunk, weights_dir)
 from mmexplain.adapters.vqa import LSTMQNormI
 from mmexplain.data import shapes as world_mod
 from mmexplain.tasks.shapes import caption_accuracy, vqa_accuracy
@@ -39,6 +39,10 @@ VQA = VQA_SIZES
 CAPTIONER_HEAD_LR, VQA_HEAD_LR = 3e-3, 1e-3
 #: The grid of the trunk's final map (conv4: 64 px / 8), which the auxiliary probes read.
 PROBE_GRID = 8
+#: Concept supervision of the C3D's explained layer (:func:`concept_loss`): the first
+#: channels of conv3b learn the actor's mask, one channel per action; the other channels
+#: pay CONCEPT_QUIET times their mean activation.
+CONCEPT_QUIET = 1.0
 
 
 def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
@@ -132,6 +136,22 @@ class PresenceProbe(nn.Module):
     def loss(self, fmap: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.model.pool(fmap))
         return nn.functional.binary_cross_entropy_with_logits(logits, present)
+
+
+def concept_loss(acts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Concept supervision of an explained layer: acts (B, C, *grid) rectified activations,
+    target (B, K, *grid) in [0, 1], K <= C. The first K channels learn to be the target maps:
+    squared error, averaged separately over where the target is on (weighted by it) and
+    where it is off, so that the few cells an object covers weigh as much as the many it
+    does not; the other C - K channels pay CONCEPT_QUIET times their mean (L1: they stay
+    silent unless the task needs them). The model's evidence then lies where the ground
+    truth says it does, so the demo can measure whether an explanation method finds it
+    (models whose evidence is known, as in attribution benchmarks)."""
+    k = target.shape[1]
+    err = (acts[:, :k] - target) ** 2
+    on = (err * target).sum() / target.sum().clamp(min=1)
+    off = (err * (1 - target)).sum() / (1 - target).sum().clamp(min=1)
+    return on + off + CONCEPT_QUIET * acts[:, k:].mean()
 
 
 class Probes(nn.Module):
@@ -277,13 +297,24 @@ def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     gen = torch.Generator().manual_seed(seed + 2)
+    acts: dict[str, torch.Tensor] = {}
+    hook = getattr(model, C3D_DEFAULT_LAYER).register_forward_hook(
+        lambda module, args, out: acts.__setitem__("a", out))
+    n_actions = len(world_mod.ACTIONS)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        videos, actions = augment_clips(data.videos[idx], data.actions[idx], gen)
-        x = (videos.float() / 255 - CLIP_MEAN) / CLIP_STD
-        return loss_fn(model(x), actions)
+        # the actor's masks ride along as a fourth channel, so they are mirrored with the clip
+        both = torch.cat([data.videos[idx], data.actor_masks[idx, None].to(torch.uint8)], 1)
+        both, actions = augment_clips(both, data.actions[idx], gen)
+        x = (both[:, :3].float() / 255 - CLIP_MEAN) / CLIP_STD
+        loss = loss_fn(model(x), actions)
+        grid = acts["a"].shape[-3:]  # conv3b: (T/2, H/4, W/4)
+        actor = nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), grid)  # cell coverage
+        target = actor * nn.functional.one_hot(actions, n_actions).float()[:, :, None, None, None]
+        return loss + concept_loss(acts["a"], target)
 
     fit(model, loss_of, clips, epochs=epochs, batch=32, lr=2e-3, seed=seed, name="c3d")
+    hook.remove()
     path = out / "shapes-c3d.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"mmexplain_config": json.dumps(C3D_CONFIG)})

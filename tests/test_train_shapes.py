@@ -1,4 +1,4 @@
-"""The training script's clip augmentation keeps every label true.
+"""The training script's clip augmentation keeps every label true; its concept loss.
 
 Mirrored or reversed clips are relabelled (left <-> right, up <-> down,
 growing <-> shrinking); the check reads the actor's own mask, augmented with
@@ -64,3 +64,30 @@ def test_augmented_clips_keep_their_labels_true() -> None:
         outside = videos[i, :, 0][:, ~mask[0]].float().mean(dim=1)
         assert (colour - outside).abs().max() > 20
     assert checked == set(W.ACTIONS)
+
+
+def test_concept_loss_balances_on_and_off_cells_and_quiets_the_free_channels() -> None:
+    """The C3D's concept supervision (conv3b's first channels = the actor's mask per action)."""
+    script = load_script()
+    target = torch.zeros(1, 2, 4, 4)
+    target[0, 0, 1, 1], target[0, 1, 2, 3] = 1.0, 0.5
+    acts = torch.zeros(1, 5, 4, 4)
+    acts[0, 2:] = 0.25  # free channels
+    # all concept channels off: on-error = (1*1 + 0.5*0.25) / 1.5, off-error = 0.5*0.25 / 30.5
+    want = (1.0 + 0.125) / 1.5 + 0.125 / 30.5 + script.CONCEPT_QUIET * 0.25
+    assert abs(float(script.concept_loss(acts, target)) - want) < 1e-6
+    acts[0, :2] = target[0]
+    assert abs(float(script.concept_loss(acts, target)) - script.CONCEPT_QUIET * 0.25) < 1e-6
+
+
+def test_masks_riding_as_a_fourth_channel_are_mirrored_with_their_clip() -> None:
+    """train_c3d augments clip and actor mask as one (N, 4, T, H, W) tensor: the same as
+    augmenting each with the same draws, so the concept target stays on the actor."""
+    script = load_script()
+    clips = W.ShapesWorld(seed=4).clip_batch(16, dtype=torch.uint8)
+    both = torch.cat([clips.videos, clips.actor_masks[:, None].to(torch.uint8)], 1)
+    joint, actions = script.augment_clips(both, clips.actions, torch.Generator().manual_seed(3))
+    masks, same = script.augment_clips(clips.actor_masks[:, None], clips.actions,
+                                       torch.Generator().manual_seed(3))
+    assert torch.equal(actions, same) and (actions != clips.actions).any()
+    assert torch.equal(joint[:, 3:].bool(), masks)
