@@ -8,6 +8,11 @@ Three tiny models trained on :mod:`mmexplain.data.shapes` by
 - ``shapes-vqa``: deeper LSTM Q + norm I (:mod:`mmexplain.adapters.vqa`) on the same trunk;
 - ``shapes-c3d``: a narrow C3D (:mod:`mmexplain.adapters.c3d`) on 16-frame clips.
 
+The VQA model and the C3D are trained with explanation supervision (GAIN, Li et
+al. 2018: their Grad-CAM maps at the default layers are pulled towards the
+ground-truth masks), so their evidence is known to lie on the objects; see the
+README and ``scripts/train_shapes.py``.
+
 The image trunk is the tiny CNN of the captioner module with two coordinate
 channels (x, y in [-1, 1]) appended to its input ("CoordConv"), so that the
 pooled image code keeps where things are: the world's captions and questions

@@ -19,13 +19,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmexplain.adapters.captioner import ShowTell, save_checkpoint
 from mmexplain.adapters.shapes import (C3D_DEFAULT_LAYER, C3D_SIZES, CAPTIONER_SIZES,
-                                      TRUNK_CHANNELS, VQA_SIZES, shapes_trunk, weights_dir)
+                                      DEFAULT_LAYER, TRUNK_CHANNELS, VQA_SIZES, shapes_trunk,
+                                      weights_dir)
 from mmexplain.adapters.vqa import LSTMQNormI
 from mmexplain.data import shapes as world_mod
 from mmexplain.tasks.shapes import caption_accuracy, vqa_accuracy
@@ -43,6 +45,12 @@ PROBE_GRID = 8
 #: channels of conv3b learn the actor's mask, one channel per action; the other channels
 #: pay CONCEPT_QUIET times their mean activation.
 CONCEPT_QUIET = 1.0
+#: Explanation supervision (GAIN's external supervision, Li et al., CVPR 2018: the
+#: model's own Grad-CAM map is trained towards the ground-truth mask): the weight of
+#: :func:`pointing_loss` in the C3D's loss and in the image models' last phase, that
+#: phase's steps and learning rate.
+EXPLAIN_WEIGHT = 1.0
+CAPTIONER_EXPLAIN_LR, VQA_EXPLAIN_LR = 3e-4, 3e-4
 
 
 def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor]:
@@ -55,15 +63,21 @@ def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor
 
 def fit(model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, *,
         epochs: int, batch: int, lr: float, seed: int, name: str,
-        params: list[nn.Parameter] | None = None, clip: float | None = 5.0) -> None:
+        params: list[nn.Parameter] | None = None, clip: float | None = 5.0,
+        train_mode: bool = True, steps: int | None = None) -> None:
+    """Adam with cosine decay over ``epochs`` of ``n`` samples in batches; ``loss_of(idx)``
+    gives the loss of a batch. ``train_mode=False`` keeps batch norm on its running
+    statistics (fine-tuning a model whose later layers were fitted to them)."""
     params = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(params, lr=lr)
-    steps = epochs * (n // batch)
+    steps = epochs * (n // batch) if steps is None else min(steps, epochs * (n // batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
-    model.train()
+    model.train(train_mode)
     start = time.time()
     running = None
     for step, idx in enumerate(batches(n, batch, epochs, seed)):
+        if step == steps:
+            break
         loss = loss_of(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,6 +168,40 @@ def concept_loss(acts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return on + off + CONCEPT_QUIET * acts[:, k:].mean()
 
 
+def gradcam_map(acts: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of ``score`` (B,) at ``acts`` (B, C, *grid), differentiable (for training):
+    alpha_k = the mean over the grid of d score / d A^k (Grad-CAM eq. 1), the map
+    sum_k alpha_k A^k (eq. 2) *before* its ReLU -> (B, *grid). The engine's Grad-CAM
+    map is its ReLU (tests/test_train_shapes.py checks the two agree)."""
+    grads = torch.autograd.grad(score.sum(), acts, create_graph=True)[0]
+    alpha = grads.mean(dim=tuple(range(2, acts.dim())), keepdim=True)
+    return (alpha * acts).sum(1)
+
+
+def pointing_loss(pre: torch.Tensor, cover: torch.Tensor, space_dims: int = 2,
+                  eps: float = 1e-6) -> torch.Tensor:
+    """How far a Grad-CAM map is from pointing at its object, for training.
+
+    pre   (B, *grid) maps before the ReLU (:func:`gradcam_map`)
+    cover (B, *grid) in [0, 1]: the share of each cell the object covers
+
+    Each map (each frame of a clip: the last ``space_dims`` axes are one map) is
+    rectified and divided by its maximum; cells the object covers should be at
+    that maximum ((1 - m)^2 weighted by the cover) and cells it does not touch at
+    0 (m^2), each term averaged over its own cells so a small object weighs as
+    much as the background. It is 0 exactly when the map is 1 on the object's
+    cells and 0 off it, and a map whose maximum lies off the object pays at least
+    1 / (cells off the object) -- the pointing game made smooth.
+    """
+    m = torch.relu(pre).flatten(-space_dims)
+    m = m / (m.amax(-1, keepdim=True) + eps)
+    c = cover.flatten(-space_dims).to(m.dtype)
+    off = (c == 0).to(m.dtype)
+    on_term = ((1 - m) ** 2 * c).sum() / c.sum().clamp(min=eps)
+    off_term = (m ** 2 * off).sum() / off.sum().clamp(min=1)
+    return on_term + off_term
+
+
 class Probes(nn.Module):
     """The model and both auxiliary probes, trained together (only the model is saved)."""
 
@@ -183,8 +231,83 @@ def head_epochs(steps: int, n: int, batch: int) -> int:
     return max(1, -(-steps * batch // n))
 
 
+def object_cover(masks: torch.Tensor, objects: torch.Tensor, grid: tuple[int, ...]
+                 ) -> torch.Tensor:
+    """masks (B, M, H, W) bool, objects (B, M) bool -> (B, *grid): the share of each cell of
+    the explained layer's grid that the chosen objects cover together."""
+    union = (masks & objects[:, :, None, None]).any(1).float()
+    return nn.functional.adaptive_avg_pool2d(union[:, None], grid)[:, 0]
+
+
+def explained_acts(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """A forward hook keeping the output of the layer the demo explains (``DEFAULT_LAYER``)."""
+    acts: dict[str, torch.Tensor] = {}
+    hook = model.trunk.stages[DEFAULT_LAYER].register_forward_hook(
+        lambda module, args, out: acts.__setitem__("a", out))
+    return acts, hook
+
+
+def explain_captioner(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: float,
+                      seed: int) -> None:
+    """Phase 3: the whole captioner fine-tuned on its caption loss plus EXPLAIN_WEIGHT times
+    the :func:`pointing_loss` of the Grad-CAM map of one visual word per caption (drawn at
+    random) against the objects the word names; batch norm on its running statistics."""
+    if steps <= 0:
+        return
+    acts, hook = explained_acts(model)
+    tokens, refs = head.captions[:, 1:], head.caption_refs[:, 1:]
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        out = model.teacher_forced(model.embed_image(model.feature_map(head.images[idx])),
+                                   tokens[idx])
+        nll = -out.token_logprobs().sum() / out.mask.sum().clamp(min=1)
+        visual = refs[idx].any(2)  # (B, T) the positions that name objects
+        keep = visual.any(1)
+        pos = torch.multinomial(visual.float() + ~keep[:, None], 1, generator=gen)  # (B, 1)
+        named = refs[idx].gather(1, pos[:, :, None].expand(-1, -1, refs.shape[2]))[:, 0]
+        explained = gradcam_map(acts["a"], out.token_logprobs_at(pos)[:, 0])
+        cover = object_cover(head.masks[idx], named, tuple(explained.shape[-2:]))
+        return nll + EXPLAIN_WEIGHT * pointing_loss(explained[keep], cover[keep])
+
+    fit(model, loss_of, len(head.images), epochs=head_epochs(steps, len(head.images), 64),
+        batch=64, lr=lr, seed=seed, name="captioner explained", train_mode=False, steps=steps,
+        clip=None)
+    hook.remove()
+
+
+def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: float,
+                seed: int) -> None:
+    """Phase 3 of the VQA model: answer loss plus EXPLAIN_WEIGHT times the
+    :func:`pointing_loss` of the true answer's Grad-CAM map against the objects the answer
+    is about (questions about no object, such as "is there ...?" answered no, pay none)."""
+    if steps <= 0:
+        return
+    acts, hook = explained_acts(model)
+    loss_fn = nn.CrossEntropyLoss()
+    about = head.answer_objects.any(1)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        rows = head.question_image[idx]
+        fmap = model.feature_map(head.images[rows])
+        logits = model.fuse(model.image_code(fmap),
+                            model.question_code(head.questions[idx], head.question_lengths[idx]))
+        answers = head.answers[idx]
+        explained = gradcam_map(acts["a"], logits.gather(1, answers[:, None])[:, 0])
+        objects = head.answer_objects[idx][:, : head.masks.shape[1]]
+        cover = object_cover(head.masks[rows], objects, tuple(explained.shape[-2:]))
+        keep = about[idx]
+        return loss_fn(logits, answers) + EXPLAIN_WEIGHT * pointing_loss(explained[keep],
+                                                                          cover[keep])
+
+    n = len(head.questions)
+    fit(model, loss_of, n, epochs=head_epochs(steps, n, 64), batch=64, lr=lr, seed=seed,
+        name="vqa explained", train_mode=False, steps=steps, clip=None)
+    hook.remove()
+
+
 def train_captioner(out: Path, images: int, epochs: int, seed: int,
-                    head: world_mod.SceneBatch, head_steps: int) -> None:
+                    head: world_mod.SceneBatch, head_steps: int, explain_steps: int) -> None:
     """Phase 1: trunk, probes and LSTM together on ``images`` scenes. Phase 2 (as Show and
     Tell trains its LSTM on a fixed CNN): the trunk frozen, image_proj + LSTM on the pooled
     codes of the many more scenes in ``head`` (a trunk pass each, then cheap steps)."""
@@ -212,13 +335,14 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int,
     fit(model, head_loss, len(codes), epochs=head_epochs(head_steps, len(codes), 64), batch=64,
         lr=CAPTIONER_HEAD_LR, seed=seed + 3, name="captioner LSTM", params=head_params(model),
         clip=None)
+    explain_captioner(model, head, explain_steps, CAPTIONER_EXPLAIN_LR, seed + 4)
     path = save_checkpoint(model, out / "shapes-captioner.safetensors")
     acc = caption_accuracy(model, world_mod.ShapesWorld(seed=seed + 1).image_batch(500))
     print(f"captioner: visual words correct {acc:.1%} on 500 fresh scenes -> {path}")
 
 
 def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.SceneBatch,
-              head_steps: int) -> None:
+              head_steps: int, explain_steps: int) -> None:
     """The two phases of :func:`train_captioner`, with the question LSTM and fusion."""
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).image_batch(images)
@@ -248,6 +372,7 @@ def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.Sc
     n = len(head.questions)
     fit(model, head_loss, n, epochs=head_epochs(head_steps, n, 64), batch=64, lr=VQA_HEAD_LR,
         seed=seed + 3, name="vqa LSTM", params=head_params(model), clip=None)
+    explain_vqa(model, head, explain_steps, VQA_EXPLAIN_LR, seed + 4)
     path = save_checkpoint(model, out / "shapes-vqa.safetensors")
     acc = vqa_accuracy(model, world_mod.ShapesWorld(seed=seed + 1).image_batch(500))
     print(f"vqa: accuracy {acc:.1%} on the questions of 500 fresh scenes -> {path}")
@@ -307,11 +432,14 @@ def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
         both = torch.cat([data.videos[idx], data.actor_masks[idx, None].to(torch.uint8)], 1)
         both, actions = augment_clips(both, data.actions[idx], gen)
         x = (both[:, :3].float() / 255 - CLIP_MEAN) / CLIP_STD
-        loss = loss_fn(model(x), actions)
+        logits = model(x)
+        loss = loss_fn(logits, actions)
         grid = acts["a"].shape[-3:]  # conv3b: (T/2, H/4, W/4)
         actor = nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), grid)  # cell coverage
         target = actor * nn.functional.one_hot(actions, n_actions).float()[:, :, None, None, None]
-        return loss + concept_loss(acts["a"], target)
+        explained = gradcam_map(acts["a"], logits.gather(1, actions[:, None])[:, 0])
+        return (loss + concept_loss(acts["a"], target)
+                + EXPLAIN_WEIGHT * pointing_loss(explained, actor[:, 0]))  # per frame
 
     fit(model, loss_of, clips, epochs=epochs, batch=32, lr=2e-3, seed=seed, name="c3d")
     hook.remove()
@@ -337,6 +465,10 @@ def main() -> None:
     parser.add_argument("--head-steps", type=int, default=12000, help="steps of that phase "
                         "for the captioner")
     parser.add_argument("--vqa-head-steps", type=int, default=12000)
+    parser.add_argument("--explain-steps", type=int, default=0, help="steps of the "
+                        "captioner's third phase (explanation supervision; off: it costs the "
+                        "captioner more accuracy than the 90 %% bar allows, see the README)")
+    parser.add_argument("--vqa-explain-steps", type=int, default=400)
     parser.add_argument("--c3d-epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
@@ -363,10 +495,12 @@ def main() -> None:
     world = world_mod.ShapesWorld(seed=args.seed)
     if "captioner" in todo:
         train_captioner(args.out, args.images, args.epochs, args.seed,
-                        world.image_batch(args.head_images), args.head_steps)
+                        world.image_batch(args.head_images), args.head_steps,
+                        args.explain_steps)
     if "vqa" in todo:
         train_vqa(args.out, args.images, args.vqa_epochs, args.seed,
-                  world.image_batch(args.vqa_head_images), args.vqa_head_steps)
+                  world.image_batch(args.vqa_head_images), args.vqa_head_steps,
+                  args.vqa_explain_steps)
     if "c3d" in todo:
         train_c3d(args.out, args.clips, args.c3d_epochs, args.seed)
     print(f"done in {time.time() - start:.0f} s")

@@ -91,3 +91,45 @@ def test_masks_riding_as_a_fourth_channel_are_mirrored_with_their_clip() -> None
                                        torch.Generator().manual_seed(3))
     assert torch.equal(actions, same) and (actions != clips.actions).any()
     assert torch.equal(joint[:, 3:].bool(), masks)
+
+
+def test_training_gradcam_is_the_engines_gradcam_before_its_relu() -> None:
+    """The explanation supervision trains the map the engine computes: ReLU(gradcam_map)
+    equals mx.GradCAM on the same model, layer and target (the shapes C3D at conv3b)."""
+    import mmexplain as mx
+    from mmexplain.adapters.c3d import C3D
+
+    script = load_script()
+    torch.manual_seed(0)
+    model = C3D(**script.C3D_CONFIG).eval()
+    clips = torch.randn(2, 3, 16, 64, 64)
+    target = torch.tensor([3, 5])
+    acts = {}
+    hook = model.conv3b.register_forward_hook(lambda m, a, o: acts.__setitem__("a", o))
+    logits = model(clips)
+    pre = script.gradcam_map(acts["a"], logits.gather(1, target[:, None])[:, 0])
+    hook.remove()
+    want = mx.GradCAM(model, layer="conv3b")(clips, target=target[:, None]).maps[:, 0]
+    assert pre.shape == want.shape == (2, 8, 16, 16)
+    assert (pre < 0).any() and (pre > 0).any()  # the ReLU matters here
+    torch.testing.assert_close(torch.relu(pre), want, rtol=1e-4, atol=1e-6 * float(want.max()))
+
+
+def test_pointing_loss_is_zero_on_the_object_and_pays_for_a_peak_off_it() -> None:
+    script = load_script()
+    cover = torch.zeros(1, 4, 4)
+    cover[0, 1, 1], cover[0, 1, 2] = 1.0, 0.5  # the object: a full and a half cell
+    on_object = torch.zeros(1, 4, 4)
+    on_object[0, 1, 1] = on_object[0, 1, 2] = 3.0  # any scale: the map is divided by its max
+    on_object[0, 3, 3] = -2.0  # negative evidence is clipped (the map's ReLU)
+    assert float(script.pointing_loss(on_object, cover)) < 1e-6
+    # the peak off the object: on-cells at 1/2 and 1/4 of it, one off-cell at the max
+    off_peak = torch.zeros(1, 4, 4)
+    off_peak[0, 1, 1], off_peak[0, 1, 2], off_peak[0, 0, 0] = 2.0, 1.0, 4.0
+    on_term = (1.0 * 0.5 ** 2 + 0.5 * 0.75 ** 2) / 1.5
+    off_term = 1.0 / 14  # 14 cells the object does not touch, one of them at 1
+    assert abs(float(script.pointing_loss(off_peak, cover)) - (on_term + off_term)) < 1e-5
+    # clips: every frame is its own map (space_dims=2 over (T, H, W))
+    frames = torch.stack([on_object, off_peak], 1)  # (1, 2, 4, 4)
+    covers = torch.stack([cover, cover], 1)
+    assert abs(float(script.pointing_loss(frames, covers)) - (on_term + off_term) / 2) < 1e-5
