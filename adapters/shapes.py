@@ -8,10 +8,10 @@ Three tiny models trained on :mod:`mmexplain.data.shapes` by
 - ``shapes-vqa``: deeper LSTM Q + norm I (:mod:`mmexplain.adapters.vqa`) on the same trunk;
 - ``shapes-c3d``: a narrow C3D (:mod:`mmexplain.adapters.c3d`) on 16-frame clips.
 
-The VQA model and the C3D are trained with explanation supervision (GAIN, Li et
-al. 2018: their Grad-CAM maps at the default layers are pulled towards the
-ground-truth masks), so their evidence is known to lie on the objects; see the
-README and ``scripts/train_shapes.py``.
+All three are trained with explanation supervision (GAIN, Li et al. 2018: their
+Grad-CAM maps at the default layers are pulled towards the ground-truth masks),
+so their evidence is known to lie on the objects; see the README and
+``scripts/train_shapes.py``.
 
 The image trunk is the tiny CNN of the captioner module with two coordinate
 channels (x, y in [-1, 1]) appended to its input ("CoordConv"), so that the
@@ -45,7 +45,7 @@ DEFAULT_LAYER = "conv3"
 C3D_DEFAULT_LAYER = "conv3b"
 #: Model sizes (the training script builds the models with these; weights=False
 #: builds the same architectures with random weights).
-CAPTIONER_SIZES = dict(embed_size=64, hidden_size=128, num_layers=1, dropout=0.0,
+CAPTIONER_SIZES = dict(embed_size=64, hidden_size=192, num_layers=1, dropout=0.0,
                        pooling="max")
 VQA_SIZES = dict(embed_size=32, hidden_size=96, num_layers=2, common_size=128, mlp_size=128,
                  dropout=0.0, pooling="avg+max")

@@ -127,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
     report.text(f"{len(scenes)} generated scenes and {len(clips)} clips (world seed "
                 f"{args.seed}, never seen in training). Maps are measured against the exact "
                 f"object masks; pointing tolerance {TOLERANCE} px (the paper's 15 px at 224 px, "
-                "scaled to 64 px). The VQA model and the C3D were trained with explanation "
+                "scaled to 64 px). The three models were trained with explanation "
                 "supervision (GAIN, Li et al. 2018: their Grad-CAM maps pulled towards the "
-                "objects' masks), so their evidence is known to lie on the objects; the "
-                "captioner was not. Grad-CAM++ was never trained for.")
+                "objects' masks), so their evidence is known to lie on the objects; "
+                "Grad-CAM++ was never trained for.")
     cams = {m: {"cap": METHODS[m](cap), "vqa": METHODS[m](vqa), "c3d": METHODS[m](c3d)}
             for m in methods}
 

@@ -133,3 +133,17 @@ def test_pointing_loss_is_zero_on_the_object_and_pays_for_a_peak_off_it() -> Non
     frames = torch.stack([on_object, off_peak], 1)  # (1, 2, 4, 4)
     covers = torch.stack([cover, cover], 1)
     assert abs(float(script.pointing_loss(frames, covers)) - (on_term + off_term) / 2) < 1e-5
+
+
+def test_object_cover_is_the_share_of_each_cell_the_chosen_objects_cover() -> None:
+    script = load_script()
+    masks = torch.zeros(1, 3, 64, 64, dtype=torch.bool)
+    masks[0, 0, 0:8, 0:6] = True  # chosen: 2 cells full in y, 1.5 cells in x
+    masks[0, 1, 40:48, 40:48] = True  # not chosen
+    masks[0, 2, 60:64, 62:64] = True  # chosen: half of one cell's width, all its height
+    cover = script.object_cover(masks, torch.tensor([[True, False, True]]), (16, 16))
+    want = torch.zeros(1, 16, 16)
+    want[0, 0:2, 0] = 1.0
+    want[0, 0:2, 1] = 0.5
+    want[0, 15, 15] = 0.5
+    torch.testing.assert_close(cover, want)
