@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -474,10 +473,6 @@ def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
     print(f"c3d: actions recognised {acc:.1%} on 300 fresh clips -> {path}")
 
 
-def _yield_cpu() -> None:
-    os.nice(10)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=weights_dir())
@@ -513,11 +508,7 @@ def main() -> None:
         base = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
                 "--jobs", "1"] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                                   if k not in ("out", "only", "jobs")]
-        # the captioner's process is the longest: the others yield to it (same work, same
-        # weights; only the order in which the cores serve them changes)
-        children = [subprocess.Popen(base + ["--only", name],
-                                     preexec_fn=None if name == "captioner" else _yield_cpu)
-                    for name in todo]
+        children = [subprocess.Popen(base + ["--only", name]) for name in todo]
         failed = [name for name, child in zip(todo, children) if child.wait() != 0]
         if failed:
             raise SystemExit(f"training failed for: {', '.join(failed)}")
