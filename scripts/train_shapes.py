@@ -106,10 +106,11 @@ def look_maps(data: world_mod.SceneBatch, size: int) -> torch.Tensor:
 
 
 class LooksProbe(nn.Module):
-    """Auxiliary training signal (not shipped): the look of each cell of the trunk's last map.
+    """Auxiliary training signal (not shipped): the look of each cell of a trunk map.
 
-    A 1x1 convolution on the trunk's final map (conv4, 8x8, the one the models
-    pool) predicts, per cell, which colour-shape look covers it (or background).
+    A 1x1 convolution on a trunk map of ``channels`` channels (the final conv4,
+    8x8, the one the models pool; for the captioner also the explained conv3)
+    predicts, per cell, which colour-shape look covers it (or background).
     This dense signal teaches the small trunk colour-shape detectors; the
     captioner and VQA losses then only have to learn to read them.
     """
@@ -240,11 +241,11 @@ def object_cover(masks: torch.Tensor, objects: torch.Tensor, grid: tuple[int, ..
     return nn.functional.adaptive_avg_pool2d(union[:, None], grid)[:, 0]
 
 
-def explained_acts(model: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
-    """A forward hook keeping the output of the layer the demo explains (``DEFAULT_LAYER``)."""
+def keep_output(module: nn.Module) -> tuple[dict[str, torch.Tensor], Any]:
+    """A forward hook keeping ``module``'s latest output (in the graph) as ``acts["a"]``:
+    the explained layer's map, for the explanation and concept losses."""
     acts: dict[str, torch.Tensor] = {}
-    hook = model.trunk.stages[DEFAULT_LAYER].register_forward_hook(
-        lambda module, args, out: acts.__setitem__("a", out))
+    hook = module.register_forward_hook(lambda mod, args, out: acts.__setitem__("a", out))
     return acts, hook
 
 
@@ -299,7 +300,7 @@ def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: fl
     is about (questions about no object, such as "is there ...?" answered no, pay none)."""
     if steps <= 0:
         return
-    acts, hook = explained_acts(model)
+    acts, hook = keep_output(model.trunk.stages[DEFAULT_LAYER])
     loss_fn = nn.CrossEntropyLoss()
     about = head.answer_objects.any(1)
 
@@ -326,7 +327,8 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int,
                     head: world_mod.SceneBatch, head_steps: int, explain_steps: int) -> None:
     """Phase 1: trunk, probes and LSTM together on ``images`` scenes. Phase 2 (as Show and
     Tell trains its LSTM on a fixed CNN): the trunk frozen, image_proj + LSTM on the pooled
-    codes of the many more scenes in ``head`` (a trunk pass each, then cheap steps)."""
+    codes of the many more scenes in ``head`` (a trunk pass each, then cheap steps).
+    Phase 3: explanation supervision (:func:`explain_captioner`)."""
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).image_batch(images)
     tokens = data.captions[:, 1:]  # words then <end>, padded (the captioner's format)
@@ -366,7 +368,8 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int,
 
 def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.SceneBatch,
               head_steps: int, explain_steps: int) -> None:
-    """The two phases of :func:`train_captioner`, with the question LSTM and fusion."""
+    """The phases of :func:`train_captioner`, with the question LSTM and fusion; phase 3 is
+    :func:`explain_vqa`."""
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).image_batch(images)
     model = LSTMQNormI(world_mod.QUESTION_VOCAB, world_mod.ANSWER_VOCAB,
@@ -445,9 +448,7 @@ def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
     loss_fn = nn.CrossEntropyLoss()
 
     gen = torch.Generator().manual_seed(seed + 2)
-    acts: dict[str, torch.Tensor] = {}
-    hook = getattr(model, C3D_DEFAULT_LAYER).register_forward_hook(
-        lambda module, args, out: acts.__setitem__("a", out))
+    acts, hook = keep_output(getattr(model, C3D_DEFAULT_LAYER))
     n_actions = len(world_mod.ACTIONS)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
