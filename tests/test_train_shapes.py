@@ -8,8 +8,12 @@ the same draws, and asserts that its motion still says the (new) action.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from mmexplain.data import shapes as W
@@ -147,3 +151,47 @@ def test_object_cover_is_the_share_of_each_cell_the_chosen_objects_cover() -> No
     want[0, 0:2, 1] = 0.5
     want[0, 15, 15] = 0.5
     torch.testing.assert_close(cover, want)
+
+
+def test_one_trunk_pass_gives_the_pooled_codes_and_the_stored_maps() -> None:
+    """pooled_codes with ``store`` returns what two separate passes gave: the pooled codes
+    of every image and the float16 conv2 maps of the first ``stored`` (a partial chunk
+    included), bit for bit."""
+    from mmexplain.adapters.captioner import ShowTell
+    from mmexplain.adapters.shapes import shapes_trunk
+
+    script = load_script()
+    torch.manual_seed(0)
+    channels = (4, 6, 8, 8)
+    model = ShowTell(W.CAPTION_VOCAB, trunk=shapes_trunk(channels), trunk_channels=channels,
+                     normalize=None, hidden_size=8, embed_size=8).eval()
+    images = torch.rand(7, 3, 64, 64)
+    codes, stored = script.pooled_codes(model, images, chunk=3, store="conv2", stored=5)
+    with torch.no_grad():
+        want_codes = torch.cat([model.pool(model.feature_map(images[i:i + 3]))
+                                for i in range(0, 7, 3)])
+        want_maps = torch.cat([model.feature_map(images[i:i + 3], stop="conv2")
+                               for i in range(0, 7, 3)])[:5].half()
+    assert stored.dtype == torch.float16 and stored.shape == (5, 6, 32, 32)
+    assert torch.equal(stored, want_maps) and torch.equal(codes, want_codes)
+    plain, none = script.pooled_codes(model, images, chunk=3)
+    assert none is None and torch.equal(plain, want_codes)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_the_script_reruns_itself_with_malloc_keeping_its_memory(tmp_path: Path) -> None:
+    """reuse_memory re-executes the script once under MALLOC_ENV (glibc reads it only at
+    start-up); the second run finds it set and goes on."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import importlib.util, os, sys\n"
+        f"spec = importlib.util.spec_from_file_location('t', {str(SCRIPT)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print('start', flush=True)\n"
+        "m.reuse_memory()\n"
+        "print(*(os.environ[k] for k in m.MALLOC_ENV))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    script = load_script()
+    assert out[:3] == ["start", "start", " ".join(script.MALLOC_ENV.values())]
