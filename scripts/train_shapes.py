@@ -84,15 +84,21 @@ def batches(n: int, batch: int, epochs: int, seed: int) -> Iterator[torch.Tensor
 
 
 def fit(model: nn.Module, loss_of: Callable[[torch.Tensor], torch.Tensor], n: int, *,
-        epochs: int, batch: int, lr: float, seed: int, name: str,
-        params: list[nn.Parameter] | None = None, clip: float | None = 5.0,
-        train_mode: bool = True, steps: int | None = None) -> None:
-    """Adam with cosine decay over ``epochs`` of ``n`` samples in batches; ``loss_of(idx)``
-    gives the loss of a batch. ``train_mode=False`` keeps batch norm on its running
-    statistics (fine-tuning a model whose later layers were fitted to them)."""
+        batch: int, lr: float, seed: int, name: str, epochs: int | None = None,
+        steps: int | None = None, params: list[nn.Parameter] | None = None,
+        clip: float | None = 5.0, train_mode: bool = True) -> None:
+    """Adam with cosine decay over ``epochs`` of ``n`` samples in batches, or over
+    ``steps`` batches (epoch after epoch, the last one cut short); ``loss_of(idx)`` gives
+    the loss of a batch. ``train_mode=False`` keeps batch norm on its running statistics
+    (fine-tuning a model whose later layers were fitted to them)."""
+    if (epochs is None) == (steps is None):
+        raise TypeError("fit: give epochs or steps, not both")
     params = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(params, lr=lr)
-    steps = epochs * (n // batch) if steps is None else min(steps, epochs * (n // batch))
+    if steps is None:
+        steps = epochs * (n // batch)
+    else:  # enough epochs for the steps; batches() draws an epoch's order only when used
+        epochs = -(-steps // (n // batch))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
     model.train(train_mode)
     start = time.time()
@@ -263,6 +269,8 @@ def head_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def head_epochs(steps: int, n: int, batch: int) -> int:
+    """The whole epochs of ``n`` samples in batches that give at least ``steps`` steps (the
+    second phase's length: its order of samples is a whole number of permutations)."""
     return max(1, -(-steps * batch // n))
 
 
@@ -316,9 +324,8 @@ def explain_captioner(model: nn.Module, head: world_mod.SceneBatch,
         cover = object_cover(head.masks[idx], named, tuple(explained.shape[-2:]))
         return nll + EXPLAIN_WEIGHT * pointing_loss(explained[keep], cover[keep])
 
-    fit(model, loss_of, images, epochs=head_epochs(steps, images, 64), batch=64, lr=lr,
-        seed=seed, name="captioner explained", params=params, train_mode=False, steps=steps,
-        clip=None)
+    fit(model, loss_of, images, steps=steps, batch=64, lr=lr, seed=seed,
+        name="captioner explained", params=params, train_mode=False, clip=None)
 
 
 def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: float,
@@ -346,8 +353,8 @@ def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: fl
                                                                           cover[keep])
 
     n = len(head.questions)
-    fit(model, loss_of, n, epochs=head_epochs(steps, n, 64), batch=64, lr=lr, seed=seed,
-        name="vqa explained", train_mode=False, steps=steps, clip=None)
+    fit(model, loss_of, n, steps=steps, batch=64, lr=lr, seed=seed, name="vqa explained",
+        train_mode=False, clip=None)
     hook.remove()
 
 
@@ -523,8 +530,10 @@ def main() -> None:
                         "codes the second phase trains the captioner's LSTM on")
     parser.add_argument("--vqa-head-images", type=int, default=24000)
     parser.add_argument("--head-steps", type=int, default=6000, help="steps of that phase "
-                        "for the captioner")
-    parser.add_argument("--vqa-head-steps", type=int, default=12000)
+                        "for the captioner, rounded up to whole epochs (6,000 steps of 64 of "
+                        "40,000 scenes: 10 epochs, 6,250 steps)")
+    parser.add_argument("--vqa-head-steps", type=int, default=12000, help="the same for the "
+                        "VQA model (12,000 of 64 of the head scenes' questions: 13,713)")
     parser.add_argument("--explain-steps", type=int, default=1500, help="steps of the "
                         "captioner's third phase (explanation supervision)")
     parser.add_argument("--vqa-explain-steps", type=int, default=400)

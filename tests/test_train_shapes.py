@@ -195,3 +195,21 @@ def test_the_script_reruns_itself_with_malloc_keeping_its_memory(tmp_path: Path)
                          text=True, check=True).stdout.split("\n")
     script = load_script()
     assert out[:3] == ["start", "start", " ".join(script.MALLOC_ENV.values())]
+
+
+def test_fit_runs_the_steps_asked_across_epochs_in_the_epochs_order() -> None:
+    """fit(steps=5) on 10 samples in batches of 4 (2 per epoch) takes 5 batches: the first
+    5 of batches() over 3 epochs, in order; epochs and steps together are refused."""
+    script = load_script()
+    model = torch.nn.Linear(2, 1)
+    seen: list[torch.Tensor] = []
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        seen.append(idx)
+        return model(torch.ones(len(idx), 2)).sum()
+
+    script.fit(model, loss_of, 10, steps=5, batch=4, lr=1e-3, seed=3, name="t")
+    want = list(script.batches(10, 4, 3, 3))[:5]
+    assert len(seen) == 5 and all(torch.equal(a, b) for a, b in zip(seen, want))
+    with pytest.raises(TypeError, match="epochs or steps, not both"):
+        script.fit(model, loss_of, 10, epochs=1, steps=5, batch=4, lr=1e-3, seed=3, name="t")
