@@ -8,7 +8,8 @@ machine gives the same weights. Trains on world seed 0 and reports accuracy on
 a fresh evaluation set drawn with seed 1 (the tests use yet another seed).
 Budget: 20 minutes on 2 CPU cores for all three (each model trains in its own
 single-threaded process, side by side: ``--jobs 3``, the default); measured: 18 min
-13 s and 19 min 27 s wall clock in two runs, about 12 GB of memory at peak (see the README).
+13 s and 19 min 27 s wall clock in two runs, about 12 GB of memory at peak (see the
+README).
 """
 
 from __future__ import annotations
