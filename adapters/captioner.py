@@ -473,6 +473,58 @@ def caption_mask(tokens: torch.Tensor, end_id: int, pad_id: int) -> torch.Tensor
     return (ends_before == 0) & (tokens != pad_id)
 
 
+class _SharedRowsLSTM(torch.autograd.Function):
+    """A one-layer ``nn.LSTM`` (batch first, zero initial state) on N = U*K rows whose
+    groups of K consecutive rows are equal in the forward (the engine's expanded rows: row
+    u*K+j is input u, read on target j) and differ only in their output gradients.
+
+    The forward runs once per group, on U rows; the backward takes the N rows' own output
+    gradients back through time by hand, for the image input x_{-1} (step 0) only: the
+    words' embeddings come in detached (the engine explains the image), and no weight
+    gets a gradient (the engine asks for none; oneDNN's fused backward computes them
+    anyway). Gates as ``nn.LSTM``: i, f, g, o = chunks of x W_ih^T + b_ih + h W_hh^T +
+    b_hh; c' = f c + i g, h' = o tanh(c')."""
+
+    @staticmethod
+    def forward(ctx: Any, x_img: torch.Tensor, words: torch.Tensor, k: int,
+                w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([x_img[::k, None], words[::k]], dim=1)  # (U, T, E): a row per group
+        groups, steps, _ = u.shape
+        h = u.new_zeros(groups, w_hh.shape[1])
+        c = torch.zeros_like(h)
+        pre = torch.addmm(bias, u.reshape(groups * steps, -1), w_ih.t()).view(groups, steps, -1)
+        outs, saved = [], []
+        for t in range(steps):
+            i, f, g, o = torch.addmm(pre[:, t], h, w_hh.t()).chunk(4, dim=1)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            c_prev, c = c, f * c + i * g
+            tc = c.tanh()
+            h = o * tc
+            saved.append((i, f, g, o, c_prev, tc))
+            outs.append(h)
+        ctx.k, ctx.saved, ctx.weights = k, saved, (w_ih, w_hh)
+        return torch.stack(outs, dim=1).repeat_interleave(k, dim=0)  # (N, T, H)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
+        k, (w_ih, w_hh), saved = ctx.k, ctx.weights, ctx.saved
+        ctx.saved = None
+        n, steps, hid = dout.shape
+        dout = dout.view(n // k, k, steps, hid)
+        dh = torch.zeros_like(dout[:, :, 0])
+        dc = torch.zeros_like(dh)
+        for t in range(steps - 1, -1, -1):
+            i, f, g, o, c_prev, tc = (v[:, None] for v in saved[t])  # (U, 1, H)
+            dh = dh + dout[:, :, t]
+            dc = dc + dh * o * (1 - tc * tc)
+            dgate = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
+                               dc * i * (1 - g * g), dh * tc * o * (1 - o)], dim=2)
+            if t:
+                dh = (dgate.reshape(n, -1) @ w_hh).view_as(dh)
+                dc = dc * f
+        return dgate.reshape(n, -1) @ w_ih, None, None, None, None, None
+
+
 class ShowTell(ImageModel):
     """CNN encoder + LSTM decoder, the image entering the LSTM at the first step."""
 
@@ -543,10 +595,25 @@ class ShowTell(ImageModel):
         """LSTM outputs (..., H) -> log p over the vocabulary (..., V)."""
         return F.log_softmax(self.logit(self.dropout(hidden)), dim=-1)
 
-    def teacher_forced(self, x_img: torch.Tensor, tokens: torch.Tensor) -> SequenceOutput:
-        """Log-probs of ``tokens`` (B, L) given the image input x_{-1} (B, E)."""
+    def teacher_forced(self, x_img: torch.Tensor, tokens: torch.Tensor,
+                       shared_rows: int = 1) -> SequenceOutput:
+        """Log-probs of ``tokens`` (B, L) given the image input x_{-1} (B, E).
+
+        ``shared_rows=K``: the rows come in groups of K equal ones (the engine's expanded
+        rows, each read on its own target); the LSTM then runs once per group and back-
+        propagates to x_{-1} only (:class:`_SharedRowsLSTM`), where it can: one layer, no
+        dropout at work.
+        """
         start = tokens.new_full((tokens.shape[0], 1), self.start_id)
         words = torch.cat([start, tokens[:, :-1]], dim=1)  # S_0 .. S_{L-1} (B, L)
+        if shared_rows > 1 and self.lstm.num_layers == 1 and self.lstm.bias and \
+                not self.training and x_img.shape[0] % shared_rows == 0:
+            lstm = self.lstm
+            out = _SharedRowsLSTM.apply(x_img, self.embed(words).detach(), shared_rows,
+                                        lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                        lstm.bias_ih_l0 + lstm.bias_hh_l0)
+            return SequenceOutput(None, tokens, caption_mask(tokens, self.end_id, self.pad_id),
+                                  hidden=out[:, 1:], project=self.log_probs)
         x = torch.cat([x_img.unsqueeze(1), self.embed(words)], dim=1)  # (B, L+1, E), eq. 10-11
         out, _ = self.lstm(x)  # (B, L+1, H)
         # log p (B, L, V) = log_probs(out[:, 1:]): p_{t+1} = LSTM(x_t), eq. 12, computed when
@@ -707,13 +774,25 @@ class CaptionerAdapter(TrunkAdapter):
     def head(self, acts: torch.Tensor, tokens: torch.Tensor | None = None, **context: Any
              ) -> SequenceOutput:
         """A (B, C, h, w), tokens (B, L) -> teacher-forced SequenceOutput (B, L, V)."""
+        shared_rows = context.pop("shared_rows", 1)
         self._check_context(context, ["tokens"])
         if tokens is None:
             raise bad_value("tokens", "the caption to score as context: tokens=(B, L) ids, "
                             "words then <end> (adapter.caption_context(captions))", tokens)
         tokens = self.model.check_tokens(tokens, acts.shape[0]).to(acts.device)
         x_img = self.model.embed_image(self.model.finish(acts, start=self.layer))  # (B, E)
-        return self.model.teacher_forced(x_img, tokens)
+        return self.model.teacher_forced(x_img, tokens, shared_rows=shared_rows)
+
+    def expand_context(self, context: Mapping[str, Any], k: int) -> dict[str, Any]:
+        """The context for K rows per input (row b*K+j = input b): the caption repeated,
+        and ``shared_rows=K``, so that the LSTM runs once per input (the K rows differ only
+        in the word each is read on)."""
+        ctx = dict(context)
+        tokens = ctx.get("tokens")
+        if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] > 1:
+            ctx["tokens"] = tokens.repeat_interleave(k, dim=0)
+        ctx["shared_rows"] = k
+        return ctx
 
     def caption_context(self, captions: str | Sequence[str | Sequence[str]],
                         strict: bool = True) -> dict[str, torch.Tensor]:

@@ -158,6 +158,36 @@ def test_word_maps_come_from_one_backward_and_equal_single_word_runs(
     torch.testing.assert_close(with_end.sum(dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+def test_shared_rows_lstm_equals_nn_lstm_and_gives_each_row_its_own_gradient(
+        vocab: Vocabulary) -> None:
+    """The expanded rows' LSTM (run once per group of K equal rows, back-propagated by hand
+    to the image input) gives nn.LSTM's outputs and, for K different output gradients per
+    group, nn.LSTM's gradients of x_{-1}, row by row."""
+    model = tiny_captioner(vocab).model.eval()
+    torch.manual_seed(3)
+    k, groups, length = 3, 2, 5
+    x_img = torch.randn(groups, 6).repeat_interleave(k, dim=0)
+    tokens = torch.randint(4, len(vocab), (groups, length)).repeat_interleave(k, dim=0)
+    a, b = x_img.clone().requires_grad_(True), x_img.clone().requires_grad_(True)
+    shared = model.teacher_forced(a, tokens, shared_rows=k)
+    plain = model.teacher_forced(b, tokens)
+    assert type(shared.hidden.grad_fn.next_functions[0][0]).__name__ == \
+        "_SharedRowsLSTMBackward"
+    torch.testing.assert_close(shared.hidden, plain.hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared.token_logprobs(), plain.token_logprobs(), rtol=1e-5,
+                               atol=1e-6)
+    weights = torch.randn(plain.hidden.shape)  # every row its own output gradient
+    got, = torch.autograd.grad((shared.hidden * weights).sum(), a)
+    want, = torch.autograd.grad((plain.hidden * weights).sum(), b)
+    assert (want[0] - want[1]).abs().max() > 1e-3  # rows of one group differ
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # in training mode the model keeps nn.LSTM (weights get their gradients)
+    model.train()
+    trained = model.teacher_forced(x_img, tokens, shared_rows=k)
+    assert type(trained.hidden.grad_fn.next_functions[0][0]).__name__ != \
+        "_SharedRowsLSTMBackward"
+
+
 def test_own_rows_target_projects_only_each_rows_own_step(adapter: CaptionerAdapter) -> None:
     """The engine's expanded rows (row b*K+j = input b, word j) need log p of word j only:
     OwnWord projects those R steps onto the vocabulary instead of all R*T, and the numbers
