@@ -508,21 +508,38 @@ class _SharedRowsLSTM(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
         k, (w_ih, w_hh), saved = ctx.k, ctx.weights, ctx.saved
-        ctx.saved = None
         n, steps, hid = dout.shape
         dout = dout.view(n // k, k, steps, hid)
+        # a row read on step p has no gradient after p: order the K rows by their last step
+        # with a gradient (over all groups), so that the rows still carrying one at step t
+        # are a prefix -- the backward does about half the work of K full rows
+        steps_with = (dout != 0).any(dim=3).any(dim=0)  # (K, T)
+        t_idx = torch.arange(steps, device=dout.device)
+        last = torch.where(steps_with, t_idx, -1).amax(dim=1)  # (K,)
+        last, order = last.sort(descending=True)
+        dout = dout[:, order]
+        active = [int((last >= t).sum()) for t in range(steps)]
         dh = torch.zeros_like(dout[:, :, 0])
         dc = torch.zeros_like(dh)
+        dx = dout.new_zeros(n // k, k, w_ih.shape[1])
         for t in range(steps - 1, -1, -1):
+            m = active[t]
+            if m == 0:
+                continue
             i, f, g, o, c_prev, tc = (v[:, None] for v in saved[t])  # (U, 1, H)
-            dh = dh + dout[:, :, t]
-            dc = dc + dh * o * (1 - tc * tc)
-            dgate = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
-                               dc * i * (1 - g * g), dh * tc * o * (1 - o)], dim=2)
+            dh_t = dh[:, :m] + dout[:, :m, t]
+            dc_t = dc[:, :m] + dh_t * o * (1 - tc * tc)
+            dgate = torch.cat([dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f),
+                               dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)], dim=2)
             if t:
-                dh = (dgate.reshape(n, -1) @ w_hh).view_as(dh)
-                dc = dc * f
-        return dgate.reshape(n, -1) @ w_ih, None, None, None, None, None
+                dh[:, :m] = (dgate.reshape(-1, dgate.shape[2]) @ w_hh).view_as(dh_t)
+                dc[:, :m] = dc_t * f
+            else:
+                dx[:, :m] = (dgate.reshape(-1, dgate.shape[2]) @ w_ih).view(dgate.shape[0], m,
+                                                                            -1)
+        out = torch.empty_like(dx)
+        out[:, order] = dx
+        return out.view(n, -1), None, None, None, None, None
 
 
 class ShowTell(ImageModel):
