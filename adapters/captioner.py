@@ -473,6 +473,17 @@ def caption_mask(tokens: torch.Tensor, end_id: int, pad_id: int) -> torch.Tensor
     return (ends_before == 0) & (tokens != pad_id)
 
 
+def _equal_in_groups(k: int, *tensors: torch.Tensor) -> bool:
+    """Whether each tensor's rows come in groups of ``k`` equal ones."""
+    for t in tensors:
+        if t.shape[0] % k:
+            return False
+        groups = t.detach().reshape(t.shape[0] // k, k, -1)
+        if not bool((groups == groups[:, :1]).all()):
+            return False
+    return True
+
+
 class _SharedRowsLSTM(torch.autograd.Function):
     """A one-layer ``nn.LSTM`` (batch first, zero initial state) on N = U*K rows whose
     groups of K consecutive rows are equal in the forward (the engine's expanded rows: row
@@ -509,7 +520,7 @@ class _SharedRowsLSTM(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
         k, (w_ih, w_hh), saved = ctx.k, ctx.weights, ctx.saved
         n, steps, hid = dout.shape
-        dout = dout.view(n // k, k, steps, hid)
+        dout = dout.reshape(n // k, k, steps, hid)
         # a row read on step p has no gradient after p: order the K rows by their last step
         # with a gradient (over all groups), so that the rows still carrying one at step t
         # are a prefix -- the backward does about half the work of K full rows
@@ -619,12 +630,12 @@ class ShowTell(ImageModel):
         ``shared_rows=K``: the rows come in groups of K equal ones (the engine's expanded
         rows, each read on its own target); the LSTM then runs once per group and back-
         propagates to x_{-1} only (:class:`_SharedRowsLSTM`), where it can: one layer, no
-        dropout at work.
+        dropout at work, and image inputs and tokens really equal within each group.
         """
         start = tokens.new_full((tokens.shape[0], 1), self.start_id)
         words = torch.cat([start, tokens[:, :-1]], dim=1)  # S_0 .. S_{L-1} (B, L)
         if shared_rows > 1 and self.lstm.num_layers == 1 and self.lstm.bias and \
-                not self.training and x_img.shape[0] % shared_rows == 0:
+                not self.training and _equal_in_groups(shared_rows, x_img, tokens):
             lstm = self.lstm
             out = _SharedRowsLSTM.apply(x_img, self.embed(words).detach(), shared_rows,
                                         lstm.weight_ih_l0, lstm.weight_hh_l0,

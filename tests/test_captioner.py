@@ -191,6 +191,20 @@ def test_shared_rows_lstm_equals_nn_lstm_and_gives_each_row_its_own_gradient(
     want, = torch.autograd.grad((plain.hidden * masked).sum(), b)
     assert got[1].abs().max() == 0 and want[0].abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a non-contiguous output gradient (as autograd may hand one over)
+    shared = model.teacher_forced(a, tokens, shared_rows=k)
+    plain = model.teacher_forced(b, tokens)
+    strided = torch.randn(plain.hidden.shape[1], plain.hidden.shape[0],
+                          plain.hidden.shape[2]).transpose(0, 1)
+    got, = torch.autograd.grad(shared.hidden, a, strided)
+    want, = torch.autograd.grad(plain.hidden, b, strided)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # rows that are not equal within their group (other tokens) keep nn.LSTM
+    other = tokens.clone()
+    other[1, 0] = (other[0, 0] + 1 - 4) % (len(vocab) - 4) + 4
+    mixed = model.teacher_forced(a, other, shared_rows=k)
+    assert type(mixed.hidden.grad_fn.next_functions[0][0]).__name__ != \
+        "_SharedRowsLSTMBackward"
     # in training mode the model keeps nn.LSTM (weights get their gradients)
     model.train()
     trained = model.teacher_forced(x_img, tokens, shared_rows=k)
