@@ -634,16 +634,16 @@ class ShowTell(ImageModel):
         """
         start = tokens.new_full((tokens.shape[0], 1), self.start_id)
         words = torch.cat([start, tokens[:, :-1]], dim=1)  # S_0 .. S_{L-1} (B, L)
-        if shared_rows > 1 and self.lstm.num_layers == 1 and self.lstm.bias and \
-                not self.training and _equal_in_groups(shared_rows, x_img, tokens):
-            lstm = self.lstm
+        lstm = self.lstm
+        if shared_rows > 1 and lstm.num_layers == 1 and lstm.bias and not self.training and \
+                _equal_in_groups(shared_rows, x_img, tokens):
             out = _SharedRowsLSTM.apply(x_img, self.embed(words).detach(), shared_rows,
                                         lstm.weight_ih_l0, lstm.weight_hh_l0,
-                                        lstm.bias_ih_l0 + lstm.bias_hh_l0)
-            return SequenceOutput(None, tokens, caption_mask(tokens, self.end_id, self.pad_id),
-                                  hidden=out[:, 1:], project=self.log_probs)
-        x = torch.cat([x_img.unsqueeze(1), self.embed(words)], dim=1)  # (B, L+1, E), eq. 10-11
-        out, _ = self.lstm(x)  # (B, L+1, H)
+                                        lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, L+1, H)
+        else:
+            # x (B, L+1, E): the image, then the words' embeddings, eq. 10-11
+            x = torch.cat([x_img.unsqueeze(1), self.embed(words)], dim=1)
+            out, _ = lstm(x)  # (B, L+1, H)
         # log p (B, L, V) = log_probs(out[:, 1:]): p_{t+1} = LSTM(x_t), eq. 12, computed when
         # a target asks (all steps, or only some: SequenceOutput.token_logprobs_at)
         return SequenceOutput(None, tokens, caption_mask(tokens, self.end_id, self.pad_id),

@@ -305,9 +305,8 @@ def explain_captioner(model: nn.Module, head: world_mod.SceneBatch,
     if steps <= 0 or stored is None:
         return
     images, names = len(stored), model.trunk.names
-    below = names[names.index(DEFAULT_LAYER) - 1]
     tokens, refs = head.captions[:images, 1:], head.caption_refs[:images, 1:]
-    frozen = set(names[: names.index(below) + 1])
+    frozen = set(names[: names.index(DEFAULT_LAYER)])  # the stages that made ``stored``
     params = [p for name, p in model.named_parameters()
               if not (name.startswith("trunk.stages.") and name.split(".")[2] in frozen)]
     gen = torch.Generator().manual_seed(seed)
