@@ -501,24 +501,28 @@ class _SharedRowsLSTM(torch.autograd.Function):
                 w_ih: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         u = torch.cat([x_img[::k, None], words[::k]], dim=1)  # (U, T, E): a row per group
         groups, steps, _ = u.shape
-        h = u.new_zeros(groups, w_hh.shape[1])
-        c = torch.zeros_like(h)
+        hid = w_hh.shape[1]
         pre = torch.addmm(bias, u.reshape(groups * steps, -1), w_ih.t()).view(groups, steps, -1)
-        outs, saved = [], []
+        gates = torch.empty_like(pre)  # (U, T, 4H): i, f, g, o after their nonlinearities
+        cells = u.new_zeros(groups, steps + 1, hid)  # c_{t-1} at t: cells[:, 0] = 0
+        hs = u.new_empty(groups, steps, hid)
+        h = u.new_zeros(groups, hid)
         for t in range(steps):
-            i, f, g, o = torch.addmm(pre[:, t], h, w_hh.t()).chunk(4, dim=1)
-            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            c_prev, c = c, f * c + i * g
-            tc = c.tanh()
-            h = o * tc
-            saved.append((i, f, g, o, c_prev, tc))
-            outs.append(h)
-        ctx.k, ctx.saved, ctx.weights = k, saved, (w_ih, w_hh)
-        return torch.stack(outs, dim=1).repeat_interleave(k, dim=0)  # (N, T, H)
+            z = torch.addmm(pre[:, t], h, w_hh.t())
+            act = gates[:, t]
+            torch.sigmoid(z, out=act)  # i, f, o (g's slot overwritten next)
+            torch.tanh(z[:, 2 * hid:3 * hid], out=act[:, 2 * hid:3 * hid])
+            i, f, g, o = act.chunk(4, dim=1)
+            c = torch.addcmul(f * cells[:, t], i, g, out=cells[:, t + 1])
+            h = torch.mul(o, c.tanh(), out=hs[:, t])
+        ctx.k, ctx.weights = k, (w_ih, w_hh)
+        ctx.save_for_backward(gates, cells)
+        return hs.repeat_interleave(k, dim=0)  # (N, T, H)
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
-        k, (w_ih, w_hh), saved = ctx.k, ctx.weights, ctx.saved
+        k, (w_ih, w_hh) = ctx.k, ctx.weights
+        gates, cells = ctx.saved_tensors
         n, steps, hid = dout.shape
         dout = dout.reshape(n // k, k, steps, hid)
         # a row read on step p has no gradient after p: order the K rows by their last step
@@ -529,25 +533,33 @@ class _SharedRowsLSTM(torch.autograd.Function):
         last = torch.where(steps_with, t_idx, -1).amax(dim=1)  # (K,)
         last, order = last.sort(descending=True)
         dout = dout[:, order]
-        active = [int((last >= t).sum()) for t in range(steps)]
-        dh = torch.zeros_like(dout[:, :, 0])
+        lasts = last.tolist()
+        active = [sum(p >= t for p in lasts) for t in range(steps)]
+        # every step's local derivatives at once, (U, T, ...): with tc = tanh(c_t),
+        # dc_t = dc_{t+1} f_{t+1} + dh_t o (1 - tc^2), and the pre-activation gradients
+        # (i, f, g, o) = dc_t (g i (1-i), c_{t-1} f (1-f), i (1-g^2)), dh_t tc o (1-o)
+        i, f, g, o = gates.unsqueeze(2).chunk(4, dim=3)  # each (U, T, 1, H)
+        tc = cells[:, 1:].unsqueeze(2).tanh()
+        via_h = o * (1 - tc * tc)
+        local = torch.cat([g * i * (1 - i), cells[:, :-1].unsqueeze(2) * f * (1 - f),
+                           i * (1 - g * g), tc * o * (1 - o)], dim=2)  # (U, T, 4, H)
+        dh = torch.zeros_like(dout[:, :, 0])  # (U, K, H), from step t+1
         dc = torch.zeros_like(dh)
         dx = dout.new_zeros(n // k, k, w_ih.shape[1])
         for t in range(steps - 1, -1, -1):
             m = active[t]
             if m == 0:
                 continue
-            i, f, g, o, c_prev, tc = (v[:, None] for v in saved[t])  # (U, 1, H)
             dh_t = dh[:, :m] + dout[:, :m, t]
-            dc_t = dc[:, :m] + dh_t * o * (1 - tc * tc)
-            dgate = torch.cat([dc_t * g * i * (1 - i), dc_t * c_prev * f * (1 - f),
-                               dc_t * i * (1 - g * g), dh_t * tc * o * (1 - o)], dim=2)
+            dc_t = torch.addcmul(dc[:, :m], dh_t, via_h[:, t])
+            both = torch.cat([dc_t.unsqueeze(2).expand(-1, -1, 3, -1), dh_t.unsqueeze(2)],
+                             dim=2)  # (U, m, 4, H): dc_t for i, f, g; dh_t for o
+            dgate = both.mul_(local[:, t, None]).view(-1, 4 * hid)
             if t:
-                dh[:, :m] = (dgate.reshape(-1, dgate.shape[2]) @ w_hh).view_as(dh_t)
-                dc[:, :m] = dc_t * f
+                dh[:, :m] = (dgate @ w_hh).view_as(dh_t)
+                torch.mul(dc_t, f[:, t], out=dc[:, :m])
             else:
-                dx[:, :m] = (dgate.reshape(-1, dgate.shape[2]) @ w_ih).view(dgate.shape[0], m,
-                                                                            -1)
+                dx[:, :m] = (dgate @ w_ih).view(dh_t.shape[0], m, -1)
         out = torch.empty_like(dx)
         out[:, order] = dx
         return out.view(n, -1), None, None, None, None, None

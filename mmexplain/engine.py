@@ -96,11 +96,12 @@ def normalize_maps(maps: torch.Tensor, start_dim: int = 2) -> torch.Tensor:
     is zero, so the result never holds NaN.
     """
     flat = maps.flatten(start_dim)
-    lo = flat.amin(dim=-1, keepdim=True)
-    hi = flat.amax(dim=-1, keepdim=True)
+    lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)  # one pass for both
     rng = hi - lo
-    scaled = (flat - lo) / torch.where(rng > 0, rng, torch.ones_like(rng))
-    flat_out = torch.where(rng > 0, scaled, (flat != 0).to(flat.dtype))
+    varies = rng > 0
+    flat_out = (flat - lo).div_(torch.where(varies, rng, torch.ones_like(rng)))
+    # a constant map is all zeros after the subtraction: ones where it is non-zero
+    flat_out.add_((~varies & (lo != 0)).to(flat_out.dtype))
     return flat_out.view_as(maps)
 
 
