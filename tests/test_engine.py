@@ -356,6 +356,15 @@ def test_upsample_and_normalize() -> None:
     norm = expl.normalize().maps
     torch.testing.assert_close(norm[0, 0], torch.tensor([[0.0, 0.25], [0.5, 1.0]]))
     assert torch.equal(norm[0, 1], torch.zeros(2, 2))
+    # constant maps: a non-zero one (either sign) becomes ones, a zero one stays zeros; the
+    # varying maps beside them reach exactly 0 and 1
+    mixed = torch.stack([torch.full((3, 3), 2.5), torch.full((3, 3), -1.0), torch.zeros(3, 3),
+                         torch.arange(9.0).view(3, 3) - 4.0]).unsqueeze(0)  # (1, 4, 3, 3)
+    out = mx.normalize_maps(mixed)
+    assert torch.equal(out[0, 0], torch.ones(3, 3)) and torch.equal(out[0, 1], torch.ones(3, 3))
+    assert torch.equal(out[0, 2], torch.zeros(3, 3))
+    assert torch.equal(out[0, 3], torch.arange(9.0).view(3, 3) / 8)
+    assert torch.equal(mixed[0, 3], torch.arange(9.0).view(3, 3) - 4.0)  # input untouched
     up = expl.upsample((4, 4)).maps
     assert up.shape == (1, 2, 4, 4)
     # bilinear, align_corners=False: corners keep the corner values, the centre is the mean
