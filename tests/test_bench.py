@@ -142,6 +142,35 @@ def test_goals_are_judged_on_the_measured_ratios(bench: ModuleType) -> None:
         ("2-show-tell", "vs torch-cam retain_graph >= 1.5x", False),
         ("6-occlusion", "vs captum >= 1x", None),  # not timed (--repeat 0)
     ]
+    assert all("ceiling" not in g for g in bench.goals(results))  # no seconds, no ceiling
+
+
+def test_a_goal_above_the_peers_own_cost_is_bounded_not_missed(bench: ModuleType) -> None:
+    """ceiling = the peer's seconds / the row's least work (its fastest 'least work'
+    contestant if it has any, else the floor): no implementation is more than that much
+    faster."""
+    floor = {"name": "floor", "kind": "floor", "seconds": 0.1}
+    rows = [
+        {"row": 3, "key": "3-vqa-lstm", "contestants": [  # captum 0.7 s = 7x the floor
+            floor, {"name": "mmexplain", "kind": "batched", "seconds": 0.11},
+            {"name": "captum", "kind": "repeat", "seconds": 0.7, "speedup": 0.7 / 0.11}]},
+        {"row": 2, "key": "2-show-tell", "contestants": [  # captum 1.3 s = 13x the floor
+            floor, {"name": "mmexplain", "kind": "batched", "seconds": 0.15},
+            {"name": "captum", "kind": "repeat", "seconds": 1.3, "speedup": 1.3 / 0.15}]},
+        {"row": 5, "key": "5-guided", "contestants": [  # 30x the floor, 2.5x the least work
+            floor, {"name": "least work: a", "kind": "least work", "seconds": 1.5},
+            {"name": "least work: b", "kind": "least work", "seconds": 1.2},
+            {"name": "mmexplain", "kind": "batched", "seconds": 1.3},
+            {"name": "captum", "kind": "repeat", "seconds": 3.0, "speedup": 3.0 / 1.3}]},
+    ]
+    judged = bench.goals(rows)
+    assert [(g["case"], g["met"], g["attainable"]) for g in judged] == [
+        ("3-vqa-lstm", False, False), ("2-show-tell", False, True), ("5-guided", False, False)]
+    assert [round(g["ceiling"], 6) for g in judged] == [7.0, 13.0, 2.5]
+    lines = [bench.goal_line(g) for g in judged]
+    assert lines[0].split()[0] == "BOUNDED" and "ceiling 7.00x" in lines[0]
+    assert lines[1].split()[0] == "MISSED" and "ceiling 13.00x" in lines[1]
+    assert lines[2].split()[0] == "BOUNDED" and "ceiling 2.50x" in lines[2]
 
 
 def test_agreement_normalises_each_map_and_resizes_the_smaller_grid(bench: ModuleType) -> None:
