@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mmexplain import metrics
 from mmexplain import protocols as P
-from mmexplain.engine import GradCAM, GradCAMPlusPlus
+from mmexplain.engine import GradCAM, GradCAMPlusPlus, resize_grid
 from mmexplain.errors import bad_value
 
 HELP = "explain the shipped shapes-world models and write an HTML report with measured figures"
@@ -71,8 +71,7 @@ class Tally:
 
 def _up(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """(B, K, *grid) -> (B, K, *size), bilinear or trilinear."""
-    mode = "bilinear" if maps.dim() == 4 else "trilinear"
-    return F.interpolate(maps, size=size, mode=mode, align_corners=False)
+    return resize_grid(maps, size)
 
 
 def _big(pixels: torch.Tensor) -> torch.Tensor:

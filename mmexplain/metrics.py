@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mmexplain.engine import normalize_maps
+from mmexplain.engine import normalize_maps, resize_grid
 from mmexplain.errors import bad_type, bad_value
 
 Tensorish = torch.Tensor | Sequence[Any] | np.ndarray
@@ -131,11 +130,7 @@ def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-len(size):]) == size:
         return x
-    lead = x.shape[: x.dim() - len(size)]
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    flat = x.reshape(-1, 1, *x.shape[-len(size):])  # (N, 1, *grid)
-    out = F.interpolate(flat, size=size, mode=mode, align_corners=False)
-    return out.reshape(*lead, *size)
+    return resize_grid(x, size)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -47,6 +47,12 @@ What is measured, in one process:
   reported, which undercounts.) On CUDA ``torch.cuda.max_memory_allocated`` over one
   call, less what was allocated before it. ``--no-memory`` skips it.
 - speed-up: a peer's seconds / mmexplain's seconds on the same row.
+- least work and ceiling: what any method must compute for the row's maps -- the floor,
+  or for Guided Grad-CAM K input gradients through the plain network (its backward is not
+  linear in the output gradient, so K classes need K backward passes), timed two ways,
+  the faster counting. A goal's ceiling is the peer's seconds over that least work: no
+  implementation can be more than the ceiling times faster than the peer, so a speed-up
+  goal above it is reported BOUNDED (by the peer's own cost), not MISSED.
 - agreement with each peer: every map (per input and target) min-max normalised, the
   peer's maps upsampled to mmexplain's grid where smaller (bilinear / trilinear, as
   ours); the lowest Pearson correlation over the maps and the largest absolute

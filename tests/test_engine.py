@@ -7,9 +7,11 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mmexplain as mx
+from mmexplain.engine import resize_grid
 from mmexplain.errors import InputError, InputTypeError
 
 from conftest import GapNet, TinyNet
@@ -348,6 +350,28 @@ def test_no_nan_or_inf_for_zero_negative_or_huge_gradients(tiny2d: TinyNet, meth
     assert np.isfinite(ref).all() and ref.max() > 0
     np.testing.assert_allclose(huge.maps[:, 0].double().numpy(), ref, rtol=1e-4,
                                atol=1e-6 * ref.max())
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((2, 16, 7, 7), (224, 224)),  # the common case: a layer's grid to the input's
+    ((1, 3, 7, 5), (30, 11)),  # scales that are not whole numbers, different per axis
+    ((1, 2, 9, 9), (4, 3)),  # down (no antialiasing, as F.interpolate's default)
+    ((1, 2, 1, 6), (5, 6)),  # a single row; an axis left as it is
+    ((1, 4, 2, 7, 7), (16, 112, 112)),  # a clip's T x H x W
+    ((2, 1, 3, 4, 5), (3, 8, 2)),  # 3-D, up, down and unchanged at once
+])
+def test_resize_grid_equals_f_interpolate(shape: tuple[int, ...], size: tuple[int, ...]) -> None:
+    torch.manual_seed(len(shape) * 10 + size[0])
+    x = torch.randn(*shape).double()
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    ref = F.interpolate(x, size=size, mode=mode, align_corners=False)
+    out = resize_grid(x, size)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # float32, and a non-contiguous input (a transposed view)
+    xt = torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2)
+    torch.testing.assert_close(resize_grid(xt, size),
+                               F.interpolate(xt, size=size, mode=mode, align_corners=False))
 
 
 def test_upsample_and_normalize() -> None:
