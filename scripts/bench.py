@@ -410,7 +410,7 @@ def peer_target_cams(model: nn.Module, layer_name: str, x: torch.Tensor,
     return [
         Contestant("pytorch-grad-cam", f"one call per {what} ({k})", pgc, from_numpy,
                    kind="loop"),
-        Contestant("captum", f"LayerGradCam on the input repeated x{k}, a {what} per row",
+        Contestant("captum", f"LayerGradCam on the input repeated x{k}, one {what} per row",
                    lambda: captum_cam(model, layer, repeated, targets, size), stack_rows,
                    kind="repeat"),
         Contestant("torch-cam", f"one forward, retain_graph backward per {what}", tc,
