@@ -424,7 +424,15 @@ def save_checkpoint(model: ImageModel, path: str | Path) -> Path:
 def build_model(cls: type[ImageModel], explicit: Mapping[str, Any], defaults: Mapping[str, Any],
                 weights: str | Path | bool | None, trunk_weights: Any) -> ImageModel:
     """Build ``cls`` from explicit arguments > the checkpoint's stored config > defaults,
-    then load the checkpoint ``weights`` (if given; False: random weights everywhere)."""
+    then load the checkpoint ``weights``.
+
+    ``weights``: a checkpoint of the whole model (``.safetensors`` or a
+    ``torch.save`` file, loaded with ``weights_only=True``); a config stored
+    with it (``save_checkpoint``) fills every argument left as None; False:
+    random weights, the trunk's too.
+    ``trunk_weights``: torchvision weights for the trunk (None: look in the
+    torch hub cache; random weights if absent, as ``weights_source`` says).
+    """
     if weights is False:
         weights, trunk_weights = None, False
     state, stored = read_checkpoint(weights) if weights is not None else (None, None)
@@ -870,12 +878,8 @@ def show_tell(*, vocab: Any = None, trunk: str | StagedTrunk | None = None,
               device: str | torch.device | None = None) -> CaptionerAdapter:
     """Show-and-Tell CNN+LSTM captioner (trunk: resnet18, resnet50, vgg16, tiny).
 
-    ``weights``: a checkpoint of the whole model (``.safetensors`` or a
-    ``torch.save`` file, loaded with ``weights_only=True``); a config stored
-    with it (``save_checkpoint``) fills every argument left as None; False:
-    random weights, the trunk's too.
-    ``trunk_weights``: torchvision weights for the trunk (None: look in the
-    torch hub cache; random weights if absent, as ``weights_source`` says).
+    ``weights`` (a whole-model checkpoint; False: random weights everywhere) and
+    ``trunk_weights``: as :func:`build_model`.
     """
     explicit = dict(vocab=vocab, trunk=trunk, embed_size=embed_size, hidden_size=hidden_size,
                     num_layers=num_layers, dropout=dropout, trunk_channels=trunk_channels,

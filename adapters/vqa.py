@@ -240,12 +240,8 @@ def vqa_lstm(*, question_vocab: Any = None, answer_vocab: Any = None,
              device: str | torch.device | None = None) -> VQAAdapter:
     """CNN+LSTM VQA model, deeper LSTM Q + norm I (trunk: resnet18, resnet50, vgg16, tiny).
 
-    ``weights``: a checkpoint of the whole model (``.safetensors`` or a
-    ``torch.save`` file, loaded with ``weights_only=True``); a config stored
-    with it (``save_checkpoint``) fills every argument left as None; False:
-    random weights, the trunk's too.
-    ``trunk_weights``: torchvision weights for the trunk (None: look in the
-    torch hub cache; random weights if absent, as ``weights_source`` says).
+    ``weights`` (a whole-model checkpoint; False: random weights everywhere) and
+    ``trunk_weights``: as :func:`~mmexplain.adapters.captioner.build_model`.
     """
     explicit = dict(question_vocab=question_vocab, answer_vocab=answer_vocab, trunk=trunk,
                     embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
