@@ -827,6 +827,11 @@ class CaptionerAdapter(TrunkAdapter):
         if tokens is None:
             raise bad_value("tokens", "the caption to score as context: tokens=(B, L) ids, "
                             "words then <end> (adapter.caption_context(captions))", tokens)
+        if shared_rows > 1 and isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and \
+                tokens.shape[0] > 1:
+            # expand_context repeated the caption per target: check it per input, so that
+            # an error names the batch the user passed (B), not B * K
+            self.model.check_tokens(tokens[::shared_rows], acts.shape[0] // shared_rows)
         tokens = self.model.check_tokens(tokens, acts.shape[0]).to(acts.device)
         x_img = self.model.embed_image(self.model.finish(acts, start=self.layer))  # (B, E)
         return self.model.teacher_forced(x_img, tokens, shared_rows=shared_rows)

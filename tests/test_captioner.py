@@ -296,6 +296,15 @@ def test_word_target_errors_name_the_words(adapter: CaptionerAdapter, vocab: Voc
     with pytest.raises(InputError, match=r"captions\[0\]: expected words of the vocabulary .*"
                                          r"received 'kite'"):
         adapter.caption_context("a red kite")
+    # a caption batch that fits neither the images nor 1: every strategy names the batch
+    # the user passed (the expanded path repeats the captions per word before the head)
+    three = adapter.caption_context(["a red circle"] * 3)["tokens"]  # (3, 4) for 2 images
+    for strategy in ("expand", "loop"):
+        with pytest.raises(InputError, match=r"tokens: expected a \(B, L\) tensor of caption "
+                                             r"ids with B = 2 \(or 1\).*received tensor of "
+                                             r"shape \(3, 4\)"):
+            mx.GradCAM(adapter, strategy=strategy)(images(2), target=WordLogProbs([0, 1]),
+                                                   tokens=three)
 
 
 def test_caption_words_picks_visual_words_and_repeated_words_in_order(vocab: Vocabulary) -> None:
