@@ -162,10 +162,27 @@ class VQAAdapter(TrunkAdapter):
         ``question_code`` (B, D), the encoded question, replaces question and lengths
         (:meth:`expand_context` passes it: the question does not depend on A).
         """
+        per_input = context.pop("rows_per_input", 1)  # K, on the engine's expanded rows
         self._check_context(context, ["question", "question_lengths", "question_code"])
-        image = self.model.image_code(self.model.finish(acts, start=self.layer))  # (B, D)
+        rows = acts.shape[0]
         if question_code is None:
-            question_code = self.encode_question(question, question_lengths, acts.shape[0])
+            question_code = self.encode_question(question, question_lengths, rows)
+        else:
+            if question is not None:  # kept by expand_context: checked per input, so that
+                # an error names the batch the user passed (B), not B * K
+                self.model.check_question(question, question_lengths, rows // per_input)
+            dim = self.model.question_proj.out_features
+            if not isinstance(question_code, torch.Tensor) or question_code.dim() != 2 or \
+                    question_code.shape[0] not in (1, rows) or question_code.shape[1] != dim:
+                received: Any = question_code
+                if per_input > 1 and isinstance(question_code, torch.Tensor) and \
+                        question_code.dim() == 2:  # repeated per target by expand_context
+                    received = (f"{question_code.shape[0] // per_input} encoded questions of "
+                                f"{question_code.shape[1]} values")
+                raise bad_value("question_code", f"a (B, D) tensor of encoded questions with "
+                                f"B = {rows // per_input} (or 1) and D = {dim}", received,
+                                raw=isinstance(received, str))
+        image = self.model.image_code(self.model.finish(acts, start=self.layer))  # (B, D)
         return self.model.fuse(image, question_code.to(acts.device))
 
     def encode_question(self, question: Any, lengths: Any, rows: int) -> torch.Tensor:
@@ -181,16 +198,19 @@ class VQAAdapter(TrunkAdapter):
         once per input (it does not depend on A, so without autograd) and repeated, instead
         of the head encoding it K times."""
         ctx = dict(context)
-        question = ctx.pop("question", None)
-        lengths = ctx.pop("question_lengths", None)
+        question, lengths = ctx.get("question"), ctx.get("question_lengths")
         code = ctx.get("question_code")
         if code is None:
             rows = question.shape[0] if isinstance(question, torch.Tensor) and \
                 question.dim() == 2 else 1
             with torch.no_grad():
                 code = self.encode_question(question, lengths, rows)  # (B or 1, D)
-        # one question for every input stays one row (it broadcasts in the fusion)
-        ctx["question_code"] = code.repeat_interleave(k, dim=0) if code.shape[0] > 1 else code
+        # one question for every input stays one row (it broadcasts in the fusion); the
+        # question itself stays, unrepeated, for the head to check against the inputs
+        if isinstance(code, torch.Tensor) and code.dim() == 2 and code.shape[0] > 1:
+            code = code.repeat_interleave(k, dim=0)
+        ctx["question_code"] = code
+        ctx["rows_per_input"] = k
         return ctx
 
     def _device(self) -> torch.device:

@@ -171,6 +171,32 @@ def test_head_context_errors_name_the_argument(adapter: VQAAdapter) -> None:
         adapter.at_layer("conv0")
 
 
+@pytest.mark.parametrize("strategy", ["expand", "loop"])
+def test_question_batch_errors_name_the_batch_passed(adapter: VQAAdapter, strategy: str) -> None:
+    """Two images, three questions: the expanded path (question encoded once, repeated per
+    answer) reports it as the loop does, naming B = 2 and the (3, L) question -- it was a
+    shape error inside the fusion; and a question_code of the wrong batch or width."""
+    x = images(2)
+    cam = mx.GradCAM(adapter, strategy=strategy)
+    three = adapter.question_context(["what color is the circle ?"] * 3)
+    with pytest.raises(InputError, match=r"question: expected a \(B, L\) tensor with B = 2 "
+                                         r"\(or 1\) and L >= 1, received tensor of shape \(3, 6\)"):
+        cam(x, target=[0, 1], **three)
+    dim = adapter.model.question_proj.out_features
+    for code, got in ((torch.randn(3, dim), f"3.*{dim}"), (torch.randn(2, dim + 1), f"{dim + 1}")):
+        with pytest.raises(InputError, match=rf"question_code: expected a \(B, D\) tensor of "
+                                             rf"encoded questions with B = 2 \(or 1\) and "
+                                             rf"D = {dim}, received .*{got}"):
+            cam(x, target=[0, 1], question_code=code)
+    # the right code gives the maps the question gives (encoded in eval mode, as the engine
+    # runs the model: no dropout)
+    two = adapter.question_context(["what color is the circle ?", "is there a square ?"])
+    with torch.no_grad():
+        code = adapter.eval().encode_question(two["question"], two["question_lengths"], 2)
+    torch.testing.assert_close(cam(x, target=[0, 1], question_code=code).maps,
+                               cam(x, target=[0, 1], **two).maps)
+
+
 def test_checkpoint_round_trip_and_kind_mismatch(adapter: VQAAdapter, tmp_path: Path) -> None:
     x = images()
     path = save_checkpoint(adapter.model, tmp_path / "vqa.safetensors")
