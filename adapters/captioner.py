@@ -24,6 +24,7 @@ network) or a small ``"tiny"`` CNN, or any ``StagedTrunk``.
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import urllib.parse
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmexplain import kernels
 from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import Adapter, SequenceOutput, StagedTrunk
 from mmexplain.engine import borrowed
@@ -510,13 +512,14 @@ class _SharedRowsLSTM(torch.autograd.Function):
         u = torch.cat([x_img[::k, None], words[::k]], dim=1)  # (U, T, E): a row per group
         groups, steps, _ = u.shape
         hid = w_hh.shape[1]
-        pre = torch.addmm(bias, u.reshape(groups * steps, -1), w_ih.t()).view(groups, steps, -1)
+        # the products by W_ih and W_hh go through oneDNN's packed weights on CPU (kernels)
+        pre = kernels.linear(u.reshape(groups * steps, -1), w_ih, bias).view(groups, steps, -1)
         gates = torch.empty_like(pre)  # (U, T, 4H): i, f, g, o after their nonlinearities
         cells = u.new_zeros(groups, steps + 1, hid)  # c_{t-1} at t: cells[:, 0] = 0
         hs = u.new_empty(groups, steps, hid)
         h = u.new_zeros(groups, hid)
         for t in range(steps):
-            z = torch.addmm(pre[:, t], h, w_hh.t())
+            z = kernels.linear(h, w_hh).add_(pre[:, t])
             act = gates[:, t]
             torch.sigmoid(z, out=act)  # i, f, o (g's slot overwritten next)
             torch.tanh(z[:, 2 * hid:3 * hid], out=act[:, 2 * hid:3 * hid])
@@ -564,10 +567,11 @@ class _SharedRowsLSTM(torch.autograd.Function):
                              dim=2)  # (U, m, 4, H): dc_t for i, f, g; dh_t for o
             dgate = both.mul_(local[:, t, None]).view(-1, 4 * hid)
             if t:
-                dh[:, :m] = (dgate @ w_hh).view_as(dh_t)
+                dh[:, :m] = kernels.linear(dgate, w_hh, transpose=True).view_as(dh_t)
                 torch.mul(dc_t, f[:, t], out=dc[:, :m])
             else:
-                dx[:, :m] = (dgate @ w_ih).view(dh_t.shape[0], m, -1)
+                dx[:, :m] = kernels.linear(dgate, w_ih, transpose=True).view(dh_t.shape[0], m,
+                                                                             -1)
         out = torch.empty_like(dx)
         out[:, order] = dx
         return out.view(n, -1), None, None, None, None, None
@@ -639,9 +643,14 @@ class ShowTell(ImageModel):
                             f"ids from {int(tokens.min())} to {int(tokens.max())}", raw=True)
         return tokens.long().expand(rows, -1)
 
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LSTM outputs (..., H) -> log p over the vocabulary (..., V)."""
-        return F.log_softmax(self.logit(self.dropout(hidden)), dim=-1)
+    def log_probs(self, hidden: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """LSTM outputs (..., H) -> log p over the vocabulary (..., V); ``packed``: the
+        projection through :func:`mmexplain.kernels.linear`, no gradient for its weights
+        (the explained rows' path, :class:`_SharedRowsLSTM`)."""
+        hidden = self.dropout(hidden)
+        logits = kernels.linear(hidden, self.logit.weight, self.logit.bias, frozen=True) \
+            if packed else self.logit(hidden)
+        return F.log_softmax(logits, dim=-1)
 
     def teacher_forced(self, x_img: torch.Tensor, tokens: torch.Tensor,
                        shared_rows: int = 1) -> SequenceOutput:
@@ -655,11 +664,13 @@ class ShowTell(ImageModel):
         start = tokens.new_full((tokens.shape[0], 1), self.start_id)
         words = torch.cat([start, tokens[:, :-1]], dim=1)  # S_0 .. S_{L-1} (B, L)
         lstm = self.lstm
+        project = self.log_probs
         if shared_rows > 1 and lstm.num_layers == 1 and lstm.bias and not self.training and \
                 _equal_in_groups(shared_rows, x_img, tokens):
             out = _SharedRowsLSTM.apply(x_img, self.embed(words).detach(), shared_rows,
                                         lstm.weight_ih_l0, lstm.weight_hh_l0,
                                         lstm.bias_ih_l0 + lstm.bias_hh_l0)  # (B, L+1, H)
+            project = functools.partial(self.log_probs, packed=True)
         else:
             # x (B, L+1, E): the image, then the words' embeddings, eq. 10-11
             x = torch.cat([x_img.unsqueeze(1), self.embed(words)], dim=1)
@@ -667,7 +678,7 @@ class ShowTell(ImageModel):
         # log p (B, L, V) = log_probs(out[:, 1:]): p_{t+1} = LSTM(x_t), eq. 12, computed when
         # a target asks (all steps, or only some: SequenceOutput.token_logprobs_at)
         return SequenceOutput(None, tokens, caption_mask(tokens, self.end_id, self.pad_id),
-                              hidden=out[:, 1:], project=self.log_probs)
+                              hidden=out[:, 1:], project=project)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> SequenceOutput:
         """The full model: images (B, 3, H, W), tokens (B, L) -> SequenceOutput."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mmexplain as mx
+from mmexplain import kernels
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.captioner import CaptionerAdapter, caption_mask, save_checkpoint
 from mmexplain.errors import InputError, InputTypeError
@@ -158,11 +159,17 @@ def test_word_maps_come_from_one_backward_and_equal_single_word_runs(
     torch.testing.assert_close(with_end.sum(dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
 def test_shared_rows_lstm_equals_nn_lstm_and_gives_each_row_its_own_gradient(
-        vocab: Vocabulary) -> None:
+        vocab: Vocabulary, packed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The expanded rows' LSTM (run once per group of K equal rows, back-propagated by hand
     to the image input) gives nn.LSTM's outputs and, for K different output gradients per
-    group, nn.LSTM's gradients of x_{-1}, row by row."""
+    group, nn.LSTM's gradients of x_{-1}, row by row. ``packed``: its products (and the
+    vocabulary projection) through oneDNN's packed weights, as for large models."""
+    if packed:
+        if not kernels._ops_work():
+            pytest.skip("this torch has no oneDNN packed linear")
+        monkeypatch.setattr(kernels, "MIN_VALUES", 0)
     model = tiny_captioner(vocab).model.eval()
     torch.manual_seed(3)
     k, groups, length = 3, 2, 5
@@ -176,6 +183,10 @@ def test_shared_rows_lstm_equals_nn_lstm_and_gives_each_row_its_own_gradient(
     torch.testing.assert_close(shared.hidden, plain.hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(shared.token_logprobs(), plain.token_logprobs(), rtol=1e-5,
                                atol=1e-6)
+    # the packed weights are what ran (or none were packed)
+    cached = {id(w) for w in (model.lstm.weight_ih_l0, model.lstm.weight_hh_l0,
+                              model.logit.weight)} & set(kernels._PACKED)
+    assert len(cached) == (3 if packed else 0)
     weights = torch.randn(plain.hidden.shape)  # every row its own output gradient
     got, = torch.autograd.grad((shared.hidden * weights).sum(), a)
     want, = torch.autograd.grad((plain.hidden * weights).sum(), b)
