@@ -833,7 +833,7 @@ class CaptionerAdapter(TrunkAdapter):
     def head(self, acts: torch.Tensor, tokens: torch.Tensor | None = None, **context: Any
              ) -> SequenceOutput:
         """A (B, C, h, w), tokens (B, L) -> teacher-forced SequenceOutput (B, L, V)."""
-        shared_rows = context.pop("shared_rows", 1)
+        shared_rows = context.pop("rows_per_input", 1)  # K, on the engine's expanded rows
         self._check_context(context, ["tokens"])
         if tokens is None:
             raise bad_value("tokens", "the caption to score as context: tokens=(B, L) ids, "
@@ -849,13 +849,13 @@ class CaptionerAdapter(TrunkAdapter):
 
     def expand_context(self, context: Mapping[str, Any], k: int) -> dict[str, Any]:
         """The context for K rows per input (row b*K+j = input b): the caption repeated,
-        and ``shared_rows=K``, so that the LSTM runs once per input (the K rows differ only
-        in the word each is read on)."""
+        and ``rows_per_input=K`` (the model's ``shared_rows``), so that the LSTM runs once
+        per input (the K rows differ only in the word each is read on)."""
         ctx = dict(context)
         tokens = ctx.get("tokens")
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] > 1:
             ctx["tokens"] = tokens.repeat_interleave(k, dim=0)
-        ctx["shared_rows"] = k
+        ctx["rows_per_input"] = k
         return ctx
 
     def caption_context(self, captions: str | Sequence[str | Sequence[str]],

@@ -69,11 +69,6 @@ class Tally:
         return self.values.get(method, {}).get(key, [])
 
 
-def _up(maps: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """(B, K, *grid) -> (B, K, *size), bilinear or trilinear."""
-    return resize_grid(maps, size)
-
-
 def _big(pixels: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) or a clip (3, T, H, W) enlarged SCALE times for the report."""
     if pixels.dim() == 4:
@@ -149,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         big = _big(image)
         for m in methods:
             expl = cams[m]["cap"](image, target=WordLogProbs(positions), tokens=tokens)
-            maps = _up(expl.maps, size)[0]  # (K, H, W)
+            maps = resize_grid(expl.maps, size)[0]  # (K, H, W)
             hits = metrics.pointing_game(maps, word_masks, tolerance=TOLERANCE)
             tally.add(m, "word_pointing", hits.float().tolist())
             tally.add(m, "word_rank_correlation",
@@ -198,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         big = _big(image)
         for m in methods:
             expl = cams[m]["vqa"](image, target=AnswerScore(targets), **ctx)
-            maps = _up(expl.maps, size)[0]  # (2, H, W)
+            maps = resize_grid(expl.maps, size)[0]  # (2, H, W)
             if mask is not None and given == truth:
                 tally.add(m, "vqa_pointing",
                           float(metrics.pointing_game(maps[0], mask, tolerance=TOLERANCE)))
@@ -226,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         frames = []
         for m in methods:
             expl = cams[m]["c3d"](clip, target=action.view(1, 1))
-            maps = _up(expl.maps, vsize)[0, 0]  # (T, H, W)
+            maps = resize_grid(expl.maps, vsize)[0, 0]  # (T, H, W)
             hits = metrics.pointing_game(maps, clips.actor_masks[i], tolerance=TOLERANCE)
             tally.add(m, "action_pointing", hits.float().tolist())
             if i < min(args.show, 4):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -125,9 +126,7 @@ def resize_grid(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
         if n_in == n_out:
             continue
         w = _linear_weights(n_in, n_out, x.dtype, x.device)
-        after = 1
-        for n in grid[axis + 1:]:
-            after *= n
+        after = math.prod(grid[axis + 1:])
         if axis == nd - 1:
             out = out.reshape(-1, n_in) @ w.t()
         else:

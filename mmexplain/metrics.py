@@ -121,18 +121,6 @@ def _broadcast_lead(a: torch.Tensor, b: torch.Tensor, grid_dims: int, arg_b: str
     return a, b
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Resize the trailing grid of ``x`` (*lead, *grid) to ``size``.
-
-    Bilinear for 2-D grids, trilinear for 3-D grids (align_corners=False, as
-    ``Explanation.upsample``).
-    """
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[-len(size):]) == size:
-        return x
-    return resize_grid(x, size)
-
-
 # --------------------------------------------------------------------------- summaries
 
 
@@ -297,7 +285,7 @@ def rank_correlation(maps: torch.Tensor, reference: torch.Tensor, *,
     maps = _maps(maps, "maps", grid_dims)
     reference = _maps(reference, "reference", grid_dims).to(maps.device)
     grid = tuple(reference.shape[-grid_dims:])
-    maps = _resize(maps, grid)
+    maps = resize_grid(maps, grid)
     maps, reference = _broadcast_lead(maps, reference, grid_dims, "reference")
     lead = maps.shape[: maps.dim() - grid_dims]
     ra = _average_ranks(maps.reshape(-1, math.prod(grid)))  # (N, L)
@@ -594,7 +582,7 @@ def explanation_input(image: torch.Tensor, map: torch.Tensor, *, grid_dims: int 
     image = _maps(image, "image", grid_dims + 1, layout)
     m = _maps(map, "map", grid_dims).to(image.device)
     grid = tuple(image.shape[-grid_dims:])
-    m = _resize(m.to(image.dtype), grid)
+    m = resize_grid(m.to(image.dtype), grid)
     m = normalize_maps(m, start_dim=m.dim() - grid_dims)  # L^c in [0, 1]
     m = m.unsqueeze(-grid_dims - 1)  # (*lead', 1, *grid): one map for every channel
     _, m = _broadcast_lead(image, m, grid_dims + 1, "map")
