@@ -18,7 +18,7 @@ from typing import Any
 from mmexplain.adapters.base import Adapter, SequenceOutput, StagedTrunk, check_layer
 from mmexplain.errors import InputError
 
-_BUILTIN = ("captioner", "vqa", "c3d", "tv", "hf", "shapes")
+_SKIP = frozenset({"base"})  # modules of the package that register no adapter
 _REGISTRY: dict[str, Callable[..., Adapter]] = {}
 _DOCS: dict[str, str] = {}
 _loaded = False
@@ -44,7 +44,12 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    for module in _BUILTIN:
+    import pkgutil
+
+    # every module of this package registers its adapters on import: adding a family is
+    # adding a module, no list to keep
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+    for module in (n for n in names if n not in _SKIP):
         full = f"{__name__}.{module}"
         try:
             importlib.import_module(full)
