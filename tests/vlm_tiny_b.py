@@ -1,0 +1,263 @@
+"""Tiny random-weight Hugging Face vision-language models for the tests (no download).
+
+Each builder makes a model of the real transformers class with tiny vision and text
+configs, a word-level tokenizer built offline with the family's special tokens, and the
+family's real processor; it saves all of them with ``save_pretrained`` into ``folder``
+and returns the folder, which loads back by path with ``local_files_only=True`` as a
+user's downloaded checkpoint does.
+
+    folder = build_qwen2_vl(tmp_path / "qwen2-vl")
+
+Families: Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, BLIP-2 (OPT and T5), GIT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORDS = ("a picture of the an image question answer what is color shape red blue green "
+         "yellow dog cat ball box square circle on in left right top bottom yes no there "
+         "two one small big and with photo describe this it user assistant : ? . ,").split()
+HIDDEN = 32  # text and vision widths
+SEED = 0
+
+
+def word_tokenizer(specials: list[str], *, bos: str | None, eos: str, pad: str,
+                   unk: str = "<unk>", extra: tuple[str, ...] = (), **kwargs):
+    """A word-level ``PreTrainedTokenizerFast``: ``specials`` first (ids 0..), then WORDS.
+
+    ``bos``/``eos``/``pad``/``unk`` must be among ``specials``; the others become
+    additional special tokens (never split, skipped when decoding).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*specials, *WORDS, *extra])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
+    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    others = [t for t in specials if t not in named.values()]
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, extra_special_tokens=others,
+                                  **{k: v for k, v in named.items() if v is not None}, **kwargs)
+    return tok
+
+
+def image(height: int = 40, width: int = 56, seed: int = 0) -> np.ndarray:
+    """A random uint8 RGB picture (H, W, 3)."""
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _save(folder: Path, model, processor) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _ids(tok, *names: str) -> list[int]:
+    return [tok.convert_tokens_to_ids(n) for n in names]
+
+
+# --------------------------------------------------------------------------- Qwen2-VL / 2.5
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<unk>"]
+
+
+def _qwen(folder: Path, version: str, layers: int = 1, depth: int = 2) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = word_tokenizer(QWEN_SPECIALS, bos=None, eos="<|im_end|>", pad="<|endoftext|>")
+    pad, eos, start, end, img, vid = _ids(tok, "<|endoftext|>", "<|im_end|>", "<|vision_start|>",
+                                          "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=512, bos_token_id=pad, eos_token_id=eos,
+                pad_token_id=pad,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=img, video_token_id=vid, vision_start_token_id=start,
+               vision_end_token_id=end)
+    if version == "2":
+        vision = dict(depth=depth, embed_dim=HIDDEN, hidden_size=HIDDEN, num_heads=2,
+                      mlp_ratio=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+        config = tf.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        model = tf.Qwen2VLForConditionalGeneration(config)
+        processor_cls = tf.Qwen2VLProcessor
+    else:
+        vision = dict(depth=depth, hidden_size=HIDDEN, out_hidden_size=HIDDEN,
+                      intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=16, fullatt_block_indexes=[depth - 1])
+        config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        model = tf.Qwen2_5_VLForConditionalGeneration(config)
+        processor_cls = tf.Qwen2_5_VLProcessor
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    images = tf.Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                      min_pixels=8 * 8, max_pixels=64 * 64)
+    processor = processor_cls(image_processor=images, tokenizer=tok,
+                              video_processor=tf.Qwen2VLVideoProcessor(
+                                  patch_size=4, merge_size=2, temporal_patch_size=2))
+    return _save(folder, model, processor)
+
+
+def build_qwen2_vl(folder: Path, **kwargs) -> Path:
+    """Qwen2VLForConditionalGeneration: patch 4, 2x2 merge, 2 vision blocks, 1 text layer."""
+    return _qwen(folder, "2", **kwargs)
+
+
+def build_qwen2_5_vl(folder: Path, **kwargs) -> Path:
+    """Qwen2_5_VLForConditionalGeneration: as Qwen2-VL, windows of 2x2 merged tokens
+    (window_size 16 px) in block 0, full attention in the last block."""
+    return _qwen(folder, "2.5", **kwargs)
+
+
+# --------------------------------------------------------------------------- Idefics3 / SmolVLM
+
+
+def _idefics_specials() -> list[str]:
+    tiles = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    return ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+            "<image>", "<global-img>", "<unk>", *tiles]
+
+
+def _idefics(folder: Path, family: str, layers: int = 1, depth: int = 2,
+             splitting: bool = True) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = word_tokenizer(_idefics_specials(), bos="<|im_start|>", eos="<end_of_utterance>",
+                         pad="<|endoftext|>", extra=("User", "Assistant"))
+    bos, eos, pad, img = _ids(tok, "<|im_start|>", "<end_of_utterance>", "<|endoftext|>",
+                              "<image>")
+    text = dict(model_type="llama", vocab_size=len(tok), hidden_size=HIDDEN,
+                intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=512, bos_token_id=bos,
+                eos_token_id=eos, pad_token_id=pad)
+    vision = dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=depth,
+                  num_attention_heads=2, image_size=16, patch_size=4)
+    sizes = dict(do_image_splitting=splitting, size={"longest_edge": 32},
+                 max_image_size={"longest_edge": 16})
+    seq_len = (16 // 4) ** 2 // 4  # tokens per tile after the 2x2 pixel shuffle
+    if family == "idefics3":
+        config = tf.Idefics3Config(text_config=text, vision_config=vision, image_token_id=img,
+                                   scale_factor=2, pad_token_id=pad)
+        model = tf.Idefics3ForConditionalGeneration(config)
+        processor = tf.Idefics3Processor(tf.Idefics3ImageProcessor(**sizes), tokenizer=tok,
+                                         image_seq_len=seq_len)
+    else:
+        config = tf.SmolVLMConfig(text_config=text, vision_config=vision, image_token_id=img,
+                                  scale_factor=2, pad_token_id=pad)
+        model = tf.SmolVLMForConditionalGeneration(config)
+        processor = tf.SmolVLMProcessor(tf.SmolVLMImageProcessor(**sizes), tokenizer=tok,
+                                        video_processor=tf.SmolVLMVideoProcessor(),
+                                        image_seq_len=seq_len)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = bos
+    return _save(folder, model, processor)
+
+
+def build_idefics3(folder: Path, **kwargs) -> Path:
+    """Idefics3ForConditionalGeneration: 16 px tiles of 4x4 patches, 2x2 pixel shuffle
+    (4 tokens a tile), images up to 32 px split into tiles plus a global image."""
+    return _idefics(folder, "idefics3", **kwargs)
+
+
+def build_smolvlm(folder: Path, **kwargs) -> Path:
+    """SmolVLMForConditionalGeneration, sized as :func:`build_idefics3` (its processor
+    needs the ``num2words`` package)."""
+    return _idefics(folder, "smolvlm", **kwargs)
+
+
+# --------------------------------------------------------------------------- BLIP-2 and GIT
+
+
+def _vit(**extra) -> dict:
+    return dict(hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=2, image_size=16, patch_size=4, **extra)
+
+
+def build_blip2(folder: Path, language: str = "opt", layers: int = 1) -> Path:
+    """Blip2ForConditionalGeneration: 16 px images of 4x4 patches (+ CLS), a 1-layer
+    Q-Former with 4 queries, and a 1-layer OPT (``language="opt"``) or T5 (``"t5"``)."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    if language == "opt":
+        tok = word_tokenizer(["<pad>", "</s>", "<unk>", "<image>"], bos="</s>", eos="</s>",
+                             pad="<pad>", add_bos_token=True)
+        from tokenizers import processors
+
+        bos_id = tok.convert_tokens_to_ids("</s>")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", bos_id)])
+        pad, eos = _ids(tok, "<pad>", "</s>")
+        text = dict(model_type="opt", vocab_size=len(tok), hidden_size=HIDDEN, ffn_dim=64,
+                    num_hidden_layers=layers, num_attention_heads=2, word_embed_proj_dim=HIDDEN,
+                    max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos,
+                    pad_token_id=pad)
+    elif language == "t5":
+        tok = word_tokenizer(["<pad>", "</s>", "<unk>", "<image>"], bos=None, eos="</s>",
+                             pad="<pad>")
+        from tokenizers import processors
+
+        pad, eos = _ids(tok, "<pad>", "</s>")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)])
+        text = dict(model_type="t5", vocab_size=len(tok), d_model=HIDDEN, d_kv=16, d_ff=64,
+                    num_layers=layers, num_decoder_layers=layers, num_heads=2,
+                    eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=pad)
+    else:
+        raise ValueError(f"language: expected 'opt' or 't5', received {language!r}")
+    image_token = tok.convert_tokens_to_ids("<image>")
+    qformer = dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=64, encoder_hidden_size=HIDDEN, cross_attention_frequency=1)
+    config = tf.Blip2Config(vision_config=_vit(), qformer_config=qformer, text_config=text,
+                            num_query_tokens=4, image_token_index=image_token)
+    model = tf.Blip2ForConditionalGeneration(config)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    if language == "t5":
+        model.generation_config.decoder_start_token_id = pad
+    else:
+        model.generation_config.bos_token_id = eos
+    tok.image_token = "<image>"
+    processor = tf.Blip2Processor(tf.BlipImageProcessor(size={"height": 16, "width": 16}),
+                                  tok, num_query_tokens=4)
+    return _save(folder, model, processor)
+
+
+def build_git(folder: Path, layers: int = 1) -> Path:
+    """GitForCausalLM: 16 px images of 4x4 patches (+ CLS), a 1-layer text decoder."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], bos="[CLS]",
+                         eos="[SEP]", pad="[PAD]", unk="[UNK]")
+    pad, cls, sep = _ids(tok, "[PAD]", "[CLS]", "[SEP]")
+    from tokenizers import processors
+
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    config = tf.GitConfig(vision_config=_vit(), vocab_size=len(tok), hidden_size=HIDDEN,
+                          num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=128, pad_token_id=pad, bos_token_id=cls,
+                          eos_token_id=sep)
+    model = tf.GitForCausalLM(config)
+    model.generation_config.eos_token_id = sep
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = cls
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 16},
+                                   crop_size={"height": 16, "width": 16})
+    return _save(folder, model, tf.GitProcessor(images, tok))
