@@ -24,21 +24,32 @@ naming the file and the problem.
 from __future__ import annotations
 
 import os
+import threading
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from queue import Full, Queue
+from typing import Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from mmexplain.errors import InputError, bad_type, bad_value
 
+T = TypeVar("T")
+
 __all__ = [
     "Clip",
     "Preprocess",
     "Video",
+    "VideoInfo",
+    "background",
+    "iter_frames",
+    "probe_video",
     "read_video",
+    "stream_windows",
     "sliding_clips",
     "uniform_clip",
     "uniform_indices",
@@ -76,13 +87,23 @@ def _video_error(path: Path, problem: str) -> InputError:
     return InputError(f"video: expected a decodable video file, received {str(path)!r}: {problem}")
 
 
-def read_video(path: str | os.PathLike[str]) -> Video:
-    """Decode every frame of the first video stream of ``path`` (once).
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video file's header says, before any frame is decoded.
 
-    Raises :class:`InputError` naming the file when it is missing, is not a
-    video (no video stream, not a container ``av`` can read) or is corrupt
-    (the decoder fails, or no frame decodes).
+    num_frames  the stream's frame count (0 when the container does not say; decoding
+                the whole file is the only exact count then)
     """
+
+    path: Path
+    fps: float
+    duration: float
+    size: tuple[int, int]
+    num_frames: int
+
+
+def _open(path: str | os.PathLike[str]) -> tuple[Any, Any, Path]:
+    """(container, its first video stream, the path), or an InputError naming the file."""
     import av
 
     if not isinstance(path, (str, os.PathLike)):
@@ -96,30 +117,86 @@ def read_video(path: str | os.PathLike[str]) -> Video:
         container = av.open(str(p))
     except av.error.FFmpegError as exc:
         raise _video_error(p, f"not a video container av can read ({exc.strerror or exc})") from exc
+    if not container.streams.video:
+        container.close()
+        raise _video_error(p, "the file has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream, p
+
+
+def _info(stream: Any, p: Path, counted: int | None = None) -> VideoInfo:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    fps = float(rate) if rate else 0.0
+    if not fps > 0:
+        raise _video_error(p, "the video stream has no frame rate")
+    n = counted if counted is not None else int(stream.frames or 0)
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * Fraction(stream.time_base))
+    else:
+        duration = n / fps
+    return VideoInfo(path=p, fps=fps, duration=duration, size=(stream.height, stream.width),
+                     num_frames=n)
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """The frame rate, duration, frame size and (header) frame count of ``path``; decodes nothing."""
+    container, stream, p = _open(path)
     try:
-        if not container.streams.video:
-            raise _video_error(p, "the file has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        try:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        except av.error.FFmpegError as exc:
-            raise _video_error(p, f"the video stream is corrupt ({exc.strerror or exc})") from exc
-        if not frames:
-            raise _video_error(p, "no frame could be decoded (empty or corrupt stream)")
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
-        if not fps > 0:
-            raise _video_error(p, "the video stream has no frame rate")
-        if stream.duration is not None and stream.time_base is not None:
-            duration = float(stream.duration * Fraction(stream.time_base))
-        else:
-            duration = len(frames) / fps
+        return _info(stream, p)
     finally:
         container.close()
-    if any(f.shape != frames[0].shape for f in frames):
-        raise _video_error(p, "the frame size changes within the stream")
-    return Video(path=p, frames=torch.from_numpy(np.stack(frames)), fps=fps, duration=duration)
+
+
+def iter_frames(path: str | os.PathLike[str], stop: int | None = None) -> Iterator[np.ndarray]:
+    """Decode the frames of ``path`` one at a time, (H, W, 3) uint8 RGB, in order.
+
+    Only the frame being handed out is held: memory does not grow with the
+    video's length. ``stop``: decode frames 0 .. stop - 1 only. Errors name the
+    file (corrupt stream, no frame at all, a frame size that changes).
+    """
+    import av
+
+    container, stream, p = _open(path)
+    try:
+        _info(stream, p)  # a stream without a frame rate is named before decoding
+        first = None
+        count = 0
+        try:
+            for frame in container.decode(stream):
+                if stop is not None and count >= stop:
+                    break
+                rgb = frame.to_ndarray(format="rgb24")
+                if first is None:
+                    first = rgb.shape
+                elif rgb.shape != first:
+                    raise _video_error(p, "the frame size changes within the stream")
+                count += 1
+                yield rgb
+        except av.error.FFmpegError as exc:
+            raise _video_error(p, f"the video stream is corrupt ({exc.strerror or exc})") from exc
+        if first is None:
+            raise _video_error(p, "no frame could be decoded (empty or corrupt stream)")
+    finally:
+        container.close()
+
+
+def read_video(path: str | os.PathLike[str]) -> Video:
+    """Decode every frame of the first video stream of ``path`` (once).
+
+    Raises :class:`InputError` naming the file when it is missing, is not a
+    video (no video stream, not a container ``av`` can read) or is corrupt
+    (the decoder fails, or no frame decodes). Long videos: :func:`stream_windows`
+    decodes only the frames the windows in flight need.
+    """
+    frames = list(iter_frames(path))
+    container, stream, p = _open(path)
+    try:
+        info = _info(stream, p, counted=len(frames))
+    finally:
+        container.close()
+    return Video(path=p, frames=torch.from_numpy(np.stack(frames)), fps=info.fps,
+                 duration=info.duration)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -168,17 +245,28 @@ def uniform_indices(num_frames: int, length: int = 16) -> list[int]:
     return [(2 * i * span + steps) // (2 * steps) for i in range(length)]
 
 
-def window_starts(num_frames: int, length: int = 16, stride: int | None = None) -> list[int]:
+def window_starts(num_frames: int, length: int = 16, stride: int | None = None,
+                  tail: bool = False) -> list[int]:
     """First frames of the sliding windows 0, S, 2S, ... that fit in the video.
 
-    ``stride`` defaults to ``length`` (back-to-back windows). Frames after the
-    last full window are not covered (at most ``stride - 1`` of them).
+    ``stride`` defaults to ``length`` (back-to-back windows). ``tail=False``:
+    frames after the last full window are not covered (at most ``stride - 1``
+    of them); ``tail=True``: one more window aligned to the end of the video
+    (starting at ``num_frames - length``) covers them.
     """
     _check_length(num_frames, length, None)
+    stride = _check_stride(length, stride)
+    starts = list(range(0, num_frames - length + 1, stride))
+    if tail and starts[-1] + length < num_frames:
+        starts.append(num_frames - length)
+    return starts
+
+
+def _check_stride(length: int, stride: int | None) -> int:
     stride = length if stride is None else stride
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise bad_value("stride", "a positive number of frames", stride)
-    return list(range(0, num_frames - length + 1, stride))
+    return stride
 
 
 def uniform_clip(video: Video, length: int = 16) -> Clip:
@@ -189,20 +277,104 @@ def uniform_clip(video: Video, length: int = 16) -> Clip:
     return Clip(frames=frames, indices=tuple(idx), fps=video.fps, source=str(video.path))
 
 
-def sliding_clips(video: Video, length: int = 16, stride: int | None = None,
-                  max_clips: int | None = None) -> list[Clip]:
-    """Windows of ``length`` consecutive frames every ``stride`` frames (see :func:`window_starts`).
+def _check_max(max_clips: int | None) -> None:
+    if max_clips is not None and (isinstance(max_clips, bool) or not isinstance(max_clips, int)
+                                  or max_clips < 1):
+        raise bad_value("max_clips", "a positive int or None", max_clips)
 
-    ``max_clips`` keeps the first windows only.
+
+def sliding_clips(video: Video, length: int = 16, stride: int | None = None,
+                  max_clips: int | None = None, tail: bool = False) -> list[Clip]:
+    """Windows of ``length`` consecutive frames every ``stride`` frames (see :func:`window_starts`;
+    ``tail=True`` adds the window aligned to the end). ``max_clips`` keeps the first windows only.
     """
     _check_length(len(video), length, repr(str(video.path)))
-    starts = window_starts(len(video), length, stride)
+    starts = window_starts(len(video), length, stride, tail)
+    _check_max(max_clips)
     if max_clips is not None:
-        if isinstance(max_clips, bool) or not isinstance(max_clips, int) or max_clips < 1:
-            raise bad_value("max_clips", "a positive int or None", max_clips)
         starts = starts[:max_clips]
     return [Clip(frames=video.frames[s:s + length], indices=tuple(range(s, s + length)),
                  fps=video.fps, source=str(video.path)) for s in starts]
+
+
+def stream_windows(path: str | os.PathLike[str], length: int = 16, stride: int | None = None,
+                   max_clips: int | None = None, tail: bool = True) -> Iterator[Clip]:
+    """The windows of :func:`sliding_clips` (``tail=True``: the end-aligned last window
+    included), decoded as they are needed.
+
+    Only the last ``length`` decoded frames are held (one window): memory does not
+    grow with the video's length. The number of frames is known only at the end of
+    the stream, so the tail window comes last; a video shorter than ``length``
+    raises the same error as :func:`sliding_clips` once its end is reached.
+    """
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise bad_value("length", "a positive number of frames per clip", length)
+    stride = _check_stride(length, stride)
+    _check_max(max_clips)
+    info = probe_video(path)
+    source = str(info.path)
+    held: deque[np.ndarray] = deque(maxlen=length)
+    start, emitted, covered, count = 0, 0, 0, 0  # covered: frames 0 .. covered - 1 explained
+    for i, frame in enumerate(iter_frames(path)):
+        held.append(frame)
+        count = i + 1
+        if i == start + length - 1:  # held = frames start .. i
+            yield Clip(frames=torch.from_numpy(np.stack(held)), indices=tuple(range(start, count)),
+                       fps=info.fps, source=source)
+            emitted, covered, start = emitted + 1, count, start + stride
+            if max_clips is not None and emitted >= max_clips:
+                return
+    _check_length(count, length, repr(source))
+    if tail and covered < count:
+        yield Clip(frames=torch.from_numpy(np.stack(held)),
+                   indices=tuple(range(count - length, count)), fps=info.fps, source=source)
+
+
+def background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate ``items`` in a worker thread, up to ``depth`` items ahead of the consumer.
+
+    Decoding (PyAV) and torch's resizing release the GIL, so the next clips are
+    decoded and preprocessed while the model runs on the current ones. An
+    exception in the worker is raised in the consumer at the item where it
+    happened; closing the iterator early stops the worker.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise bad_value("depth", "a positive number of items", depth)
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+            return
+        put(("done", None))
+
+    worker = threading.Thread(target=work, name="mmexplain-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()
 
 
 # --------------------------------------------------------------------------- preprocessing
