@@ -266,5 +266,40 @@ def anyres_grid(side: int, tiles: Sequence[int], original_size: Sequence[int] | 
     return TokenGrid(tuple(position.shape), position.flatten(), length)
 
 
+# --------------------------------------------------------------------------- Qwen2.5-VL windows
+
+
+def window_grid(grid: Sequence[int], window_index: torch.Tensor, merge: int = 2,
+                prefix: int = 0, merged: bool = False) -> TokenGrid:
+    """Qwen2.5-VL's window order restored to raster with its reverse index.
+
+    The vision blocks see the merge x merge units of :func:`merge_grid` reordered window
+    by window: unit ``u`` of the sequence is the merged cell ``window_index[u]`` (raster
+    over (h/m, w/m), frame by frame; transformers' ``get_vision_window_index``), its m*m
+    patches together. The model's own ``argsort(window_index)`` puts the merger's output
+    back in raster order; this grid does the same for any layer:
+
+    - ``merged=False``: a block's tokens -> the patch grid ``grid`` (h, w) or (t, h, w);
+    - ``merged=True``: the merger module's own output (before the model's reverse index)
+      -> the merged grid (h/m, w/m).
+    """
+    grid = tuple(int(g) for g in grid)
+    t, h, w = (1, *grid) if len(grid) == 2 else grid
+    if h % merge or w % merge:
+        raise bad_value("grid", f"a patch grid whose sides are multiples of merge={merge}", grid)
+    units = t * (h // merge) * (w // merge)
+    if not isinstance(window_index, torch.Tensor) or window_index.dim() != 1 \
+            or window_index.numel() != units:
+        raise bad_value("window_index", f"a 1-D LongTensor of the {units} merged cells in "
+                        "window order", window_index)
+    window_index = window_index.long().cpu()
+    if merged:
+        out = (h // merge, w // merge) if len(grid) == 2 else (t, h // merge, w // merge)
+        return TokenGrid(out, prefix + _order_of(window_index))  # unit u is cell index[u]
+    cells = torch.arange(t * h * w).view(t, h // merge, merge, w // merge, merge)
+    blocks = cells.permute(0, 1, 3, 2, 4).reshape(units, merge * merge)  # merge order
+    return TokenGrid(grid, prefix + _order_of(blocks[window_index]))
+
+
 __all__ = ["TokenGrid", "anyres_grid", "grid_from_size", "merge_grid", "pixel_shuffle_grid",
-           "raster_grid", "tokens_grid", "unpad_box"]
+           "raster_grid", "tokens_grid", "unpad_box", "window_grid"]
