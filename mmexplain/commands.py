@@ -32,7 +32,9 @@ beside the pictures:
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -312,18 +314,22 @@ class VQA:
 
 
 class Video:
-    HELP = "explain a video model's actions over sliding windows of a video file"
+    HELP = ("explain a video model's actions over whole videos (sliding windows, tail included): "
+            "files, folders or glob patterns")
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("input", metavar="FILE", help="video file (anything av decodes)")
+        parser.add_argument("input", metavar="VIDEO", nargs="+",
+                            help="video files (anything av decodes), folders of videos or glob "
+                            "patterns")
         _add_common(parser, "r3d_18")
         parser.add_argument("--window", type=int, default=None,
                             help="frames per window (default: the model's clip length, e.g. 16)")
         parser.add_argument("--stride", type=int, default=None,
-                            help="frames between window starts (default: the window)")
+                            help="frames between window starts (default: the window); a last "
+                            "window aligned to the end covers the frames left over")
         parser.add_argument("--max-windows", type=int, default=None,
-                            help="explain only the first N windows")
+                            help="explain only the first N windows of each video")
         parser.add_argument("--batch-size", type=int, default=4,
                             help="windows per forward pass")
         parser.add_argument("--actions", default=None,
@@ -340,17 +346,27 @@ class Video:
         parser.add_argument("--num-classes", type=int, default=None)
         parser.add_argument("--labels", default=None,
                             help="text file of class names, one per line (C3D)")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace outputs that exist (default: refuse, naming them)")
+        parser.add_argument("--resume", action="store_true",
+                            help="skip videos whose outputs exist (an interrupted run goes on)")
+        parser.add_argument("--sequential", action="store_true",
+                            help="decode in the main thread, in turn with the model (default: "
+                            "a worker thread decodes the next windows while the model runs)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from mmexplain.data.video import read_video, sliding_clips
-        from mmexplain.render import overlay_clip, write_mp4
-        from mmexplain.tasks.classify import class_indices
-        from mmexplain.tasks.video import explain_clip
+        from tqdm import tqdm
 
-        if args.batch_size < 1:
-            raise bad_value("--batch-size", "a positive number of windows", args.batch_size)
-        video = read_video(args.input)
+        from mmexplain.data.video_folder import expand_video_inputs, output_stems
+
+        for arg, value in (("--batch-size", args.batch_size), ("--top", args.top)):
+            if value < 1:
+                raise bad_value(arg, "a positive number", value)
+        paths = expand_video_inputs(args.input)
+        out = _out_dir(args)
+        suffix = f"_{_slug(args.model)}_{_slug(args.method)}"
+        jobs = _video_jobs(args, [(p, out / (s + suffix)) for p, s in zip(paths, output_stems(paths))])
         adapter = build_adapter(args.model, args.weights, args.layer, args.device,
                                 size=args.size, width=args.width, num_classes=args.num_classes,
                                 labels=args.labels)
@@ -360,42 +376,177 @@ class Video:
         if fixed is not None and window != fixed[0]:
             raise bad_value("--window", f"{fixed[0]} frames for {args.model} (its fully "
                             "connected layers fix the clip length)", window)
-        clips = sliding_clips(video, window, args.stride, args.max_windows)
-        print(f"video: {len(video)} frames at {video.fps:g} fps ({video.duration:.2f} s); "
-              f"{len(clips)} windows of {window} frames, stride {args.stride or window}")
-        categories = getattr(adapter, "categories", None)
-        device = _device_of(adapter)
-        frames, maps, scores, classes, labels = [], [], [], [], []
-        for first in range(0, len(clips), args.batch_size):
-            batch = clips[first:first + args.batch_size]
-            x, shown = adapter.preprocess.clips(batch)  # (b, 3, T, h, w), (b, T, h, w, 3)
-            expl, names = explain_clip(adapter, x.to(device), _split(args.actions), args.method,
-                                       args.per_slice, top=args.top)
-            m = expl.maps.detach().float().cpu()  # (b, K, T', H', W')
-            for j, clip in enumerate(batch):
-                panels = [overlay_clip(shown[j].numpy(), m[j, k]) for k in range(m.shape[1])]
-                frames.extend(np.concatenate(panels, axis=2))  # (T, h, K*w, 3)
-                s = expl.scores[j].tolist()
-                print(f"window {first + j}: frames {clip.indices[0]}-{clip.indices[-1]} "
-                      f"({clip.times[0]:.2f}-{clip.times[-1]:.2f} s): "
-                      + ", ".join(f"{n} {v:.4g}" for n, v in zip(names[j], s)))
-            maps.append(m)
-            scores.append(expl.scores.detach().float().cpu())
-            classes.extend(class_indices(row, categories) for row in names)
-            labels.extend(names)
-        out = _out_dir(args)
-        stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
-        n = write_mp4(np.stack(frames), out / f"{stem}.mp4", fps=video.fps)
-        print(f"overlay video: {n} frames ({len(clips)} windows x {window}) -> "
-              f"{out / (stem + '.mp4')}")
-        npz = out / f"{stem}.npz"
-        np.savez(npz, maps=torch.cat(maps).numpy(), scores=torch.cat(scores).numpy(),
-                 classes=np.array(classes), labels=np.array(labels),
-                 frame_indices=np.array([c.indices for c in clips]), fps=video.fps,
-                 layer=str(expl.layer), method=expl.method, per_slice=args.per_slice,
-                 weights_source=str(getattr(adapter, "weights_source", "")))
-        print(f"maps {tuple(torch.cat(maps).shape)} at layer {expl.layer!r} -> {npz}")
+        with tqdm(total=len(jobs), unit="video", disable=len(jobs) < 2, file=sys.stderr) as bar, \
+                open(out / "videos.jsonl", "a", encoding="utf-8") as log:
+            for path, base in jobs:
+                line = json.dumps(_explain_video(args, adapter, path, base, window))
+                print(line)
+                log.write(line + "\n")
+                log.flush()
+                bar.update(1)
         return 0
+
+
+def _video_jobs(args: argparse.Namespace, jobs: list[tuple[Path, Path]]
+                ) -> list[tuple[Path, Path]]:
+    """The (video, output base) pairs to run: with --resume those whose .npz and .mp4 both
+    exist are skipped; otherwise an existing output is an error unless --overwrite."""
+    if args.resume:
+        left = [(p, b) for p, b in jobs
+                if not (b.with_suffix(".npz").is_file() and b.with_suffix(".mp4").is_file())]
+        if len(left) < len(jobs):
+            print(f"resume: {len(jobs) - len(left)} of {len(jobs)} videos already done")
+        return left
+    if not args.overwrite:
+        existing = [str(f) for _, b in jobs for f in (b.with_suffix(".mp4"), b.with_suffix(".npz"))
+                    if f.exists()]
+        if existing:
+            raise InputError(f"--out: expected a folder without this run's outputs (or "
+                             f"--overwrite / --resume), received {str(jobs[0][1].parent)!r}, "
+                             f"which holds {len(existing)} of them, e.g. {existing[0]!r}")
+    return jobs
+
+
+def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window: int
+                     ) -> dict[str, Any]:
+    """Every window of the video explained; its decoding streamed (in a worker thread unless
+    --sequential). Returns the per-window arrays and the stitched per-frame maps."""
+    from mmexplain.data.video import background, stream_windows
+    from mmexplain.tasks.classify import class_indices
+    from mmexplain.tasks.video import StitchedMaps, explain_clip
+
+    device = _device_of(adapter)
+
+    def batches() -> Any:
+        chunk: list[Any] = []
+        for clip in stream_windows(path, window, args.stride, args.max_windows):
+            chunk.append(clip)
+            if len(chunk) == args.batch_size:
+                yield _window_batch(adapter, chunk, device)
+                chunk = []
+        if chunk:
+            yield _window_batch(adapter, chunk, device)
+
+    categories = getattr(adapter, "categories", None)
+    stitched, found = StitchedMaps(), {"maps": [], "scores": [], "classes": [], "labels": [],
+                                       "frame_indices": []}
+    for indices, fps, x in (batches() if args.sequential else background(batches())):
+        expl, names = explain_clip(adapter, x.to(device, non_blocking=True), _split(args.actions),
+                                   args.method, args.per_slice, top=args.top)
+        m = expl.maps.detach().float().cpu()  # (b, K, T', H', W')
+        s = expl.scores.detach().float().cpu()
+        for j, idx in enumerate(indices):
+            stitched.add(m[j], idx)
+            print(f"window {len(found['frame_indices'])}: frames {idx[0]}-{idx[-1]} "
+                  f"({idx[0] / fps:.2f}-{idx[-1] / fps:.2f} s): "
+                  + ", ".join(f"{n} {v:.4g}" for n, v in zip(names[j], s[j].tolist())))
+            found["frame_indices"].append(list(idx))
+        found["maps"].append(m)
+        found["scores"].append(s)
+        found["classes"].extend(class_indices(row, categories) for row in names)
+        found["labels"].extend(names)
+    found["maps"], found["scores"] = torch.cat(found["maps"]), torch.cat(found["scores"])
+    return {**found, "stitched": stitched, "layer": str(expl.layer), "method": expl.method}
+
+
+def _window_batch(adapter: Any, clips: Sequence[Any], device: torch.device
+                  ) -> tuple[list[tuple[int, ...]], float, torch.Tensor]:
+    """(frame indices per window, fps, model input (b, 3, T, h, w)); pinned for a GPU."""
+    x, _ = adapter.preprocess.clips(clips)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return [c.indices for c in clips], clips[0].fps, x
+
+
+def _explain_video(args: argparse.Namespace, adapter: Any, path: Path, base: Path,
+                   window: int) -> dict[str, Any]:
+    """One video: windows explained, the stitched overlay MP4 and the .npz written; its record."""
+    from mmexplain.data.video import probe_video
+
+    info = probe_video(path)
+    print(f"video: {path}: {info.num_frames} frames at {info.fps:g} fps ({info.duration:.2f} s)")
+    found = _explain_windows(args, adapter, path, window)
+    stitched = found["stitched"]
+    n_win = len(found["frame_indices"])
+    print(f"{n_win} windows of {window} frames, stride {args.stride or window}; "
+          f"frames 0-{stitched.num_frames - 1} explained")
+    mp4 = base.with_suffix(".mp4")
+    frames = _render_video(adapter, path, stitched, mp4, info.fps)
+    print(f"overlay video: {frames} frames at {info.fps:g} fps -> {mp4}")
+    npz = base.with_suffix(".npz")
+    np.savez(npz, maps=found["maps"].numpy(), scores=found["scores"].numpy(),
+             classes=np.array(found["classes"]), labels=np.array(found["labels"]),
+             frame_indices=np.array(found["frame_indices"]), frame_maps=stitched.maps().numpy(),
+             frame_windows=stitched.counts.numpy(), frame_importance=stitched.importance().numpy(),
+             fps=info.fps, layer=found["layer"], method=found["method"],
+             per_slice=args.per_slice, video=str(path),
+             weights_source=str(getattr(adapter, "weights_source", "")))
+    print(f"maps {tuple(found['maps'].shape)} at layer {found['layer']!r}, per frame "
+          f"{tuple(stitched.maps().shape)} -> {npz}")
+    top: dict[str, list[float]] = {}
+    for names, scores in zip(found["labels"], found["scores"].tolist()):
+        top.setdefault(names[0], []).append(scores[0])
+    actions = sorted(((n, len(v), sum(v) / len(v)) for n, v in top.items()), key=lambda a: -a[1])
+    return {"video": str(path), "frames": stitched.num_frames, "fps": info.fps, "windows": n_win,
+            "actions": [{"action": n, "windows": w, "mean_score": round(s, 6)}
+                        for n, w, s in actions[:5]],
+            "mp4": str(mp4), "npz": str(npz)}
+
+
+def _importance_strips(curves: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """(K, N) per-frame importance -> (K, height, width, 3) uint8 plots (white curve on black,
+    each scaled to its own maximum)."""
+    k, n = curves.shape
+    cols = torch.clamp((torch.arange(width) * n) // width, max=n - 1)  # frame of each column
+    top = curves.amax(dim=1, keepdim=True)
+    level = torch.where(top > 0, curves / top.clamp(min=1e-30), torch.zeros_like(curves))
+    rows = (height - 1 - (level[:, cols] * (height - 1)).round().long())  # (K, width)
+    strips = np.zeros((k, height, width, 3), np.uint8)
+    ys = torch.arange(height).view(1, height, 1)
+    strips[(ys >= rows[:, None, :]).numpy()] = (90, 90, 90)  # area under the curve
+    strips[(ys == rows[:, None, :]).numpy()] = (255, 255, 255)
+    return strips
+
+
+def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float) -> int:
+    """Decode the video again (streamed) and write each explained frame once: the model's
+    view with its stitched map (one panel per target, each normalised over the whole video)
+    over a strip plotting each frame's share of the explanation, the frame marked."""
+    from mmexplain.data.video import VideoWriter, iter_frames
+    from mmexplain.render import overlay_clip
+
+    maps = stitched.maps()  # (K, N, h', w')
+    lo = maps.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
+    span = maps.flatten(1).amax(dim=1).view(-1, 1, 1, 1) - lo
+    maps = torch.where(span > 0, (maps - lo) / span.clamp(min=1e-30), torch.zeros_like(maps))
+    covered = (stitched.counts > 0).numpy()
+    h, w = adapter.preprocess.crop
+    strips = _importance_strips(stitched.importance(), w, max(8, h // 8))  # (K, sh, w, 3)
+    n = stitched.num_frames
+
+    def panels(chunk: list[np.ndarray], start: int) -> np.ndarray:
+        shown = adapter.preprocess.geometry(torch.from_numpy(np.stack(chunk))).numpy()
+        end = start + len(chunk)
+        out = []
+        for k in range(maps.shape[0]):
+            over = overlay_clip(shown, maps[k, start:end], normalize=False)
+            over = np.where(covered[start:end, None, None, None], over, shown)
+            strip = np.repeat(strips[k][None], len(chunk), axis=0)
+            marks = np.clip((np.arange(start, end) * w) // n, 0, w - 1)
+            strip[np.arange(len(chunk)), :, marks] = (255, 60, 60)
+            out.append(np.concatenate([over, strip], axis=1))
+        return np.concatenate(out, axis=2)  # (n, h + sh, K*w, 3)
+
+    with VideoWriter(mp4, fps) as writer:
+        chunk, start = [], 0
+        for frame in iter_frames(path, stop=n):
+            chunk.append(frame)
+            if len(chunk) == 32:
+                writer.write(panels(chunk, start))
+                start, chunk = start + len(chunk), []
+        if chunk:
+            writer.write(panels(chunk, start))
+        return writer.frames_written
 
 
 COMMANDS = {"caption": Caption, "vqa": VQA, "video": Video, "classify": Classify}

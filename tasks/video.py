@@ -128,5 +128,75 @@ def explain_clip(adapter: Any, clip: Any, actions: int | str | Sequence[int | st
     return expl, labels_of(categories, chosen_classes(target, x.shape[0]))
 
 
+# --------------------------------------------------------------------------- whole videos
+
+
+def frame_slices(num_slices: int, length: int) -> torch.Tensor:
+    """(length,) the map slice t' of each of a window's ``length`` frames: floor(j T' / L).
+
+    Slice t' covers frames t' L / T' .. (t' + 1) L / T' - 1: a tubelet of size
+    L / T' (VideoMAE, ViViT: 2 frames per token), a time stride of a 3-D CNN
+    (R3D-18 layer4: 8 frames per slice) or one frame per slice (TimeSformer, X-CLIP).
+    """
+    for arg, value in (("num_slices", num_slices), ("length", length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad_value(arg, "a positive int", value)
+    return torch.div(torch.arange(length) * num_slices, length, rounding_mode="floor")
+
+
+class StitchedMaps:
+    """One map per video frame from the maps of overlapping windows.
+
+    ``add(maps (K, T', h, w), indices)`` maps each window's slices back to its
+    frames (:func:`frame_slices`, then ``indices``: the frames' numbers in the
+    video); each frame's map is the average over the windows that cover it
+    (zero where no window does). Only (K, frames, h, w) sums are held, on the
+    token/feature grid: a few floats per frame.
+    """
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None  # (K, N, h, w)
+        self.counts = torch.zeros(0)  # (N,) windows covering each frame
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.counts.shape[0])
+
+    def add(self, maps: torch.Tensor, indices: Sequence[int]) -> None:
+        if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
+            raise bad_value("maps", "a window's maps (K, T', h, w)", describe(maps), raw=True)
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.dim() != 1 or len(idx) == 0 or int(idx.min()) < 0:
+            raise bad_value("indices", "the window's frame numbers (>= 0)", list(indices))
+        per_frame = maps.detach().float().cpu()[:, frame_slices(maps.shape[1], len(idx))]
+        if self.sums is not None and per_frame.shape[::2] != self.sums.shape[::2]:
+            raise bad_value("maps", f"maps of {self.sums.shape[0]} targets on a "
+                            f"{tuple(self.sums.shape[2:])} grid like the windows before",
+                            describe(maps), raw=True)
+        need = int(idx.max()) + 1
+        if need > self.num_frames:  # grow to the frames seen so far
+            k, _, *grid = per_frame.shape
+            grown = torch.zeros(k, need, *grid)
+            if self.sums is not None:
+                grown[:, :self.num_frames] = self.sums
+            self.sums = grown
+            self.counts = torch.cat([self.counts, torch.zeros(need - self.num_frames)])
+        self.sums.index_add_(1, idx, per_frame)
+        self.counts.index_add_(0, idx, torch.ones(len(idx)))
+
+    def maps(self) -> torch.Tensor:
+        """(K, N, h, w): frame n's map, the mean over the windows covering it."""
+        if self.sums is None:
+            raise bad_value("maps", "at least one window added", "none", raw=True)
+        return self.sums / self.counts.clamp(min=1).view(1, -1, 1, 1)
+
+    def importance(self) -> torch.Tensor:
+        """(K, N): the share of the explanation each frame carries, its map's sum over
+        the sum of every frame's map (of the positive parts; 0 for an all-zero map)."""
+        mass = self.maps().clamp(min=0).flatten(2).sum(dim=2)  # (K, N)
+        total = mass.sum(dim=1, keepdim=True)
+        return torch.where(total > 0, mass / total.clamp(min=1e-30), torch.zeros_like(mass))
+
+
 __all__ = ["PerSliceRule", "TEMPORAL_METHODS", "TemporalGradCAM", "TemporalGradCAMPlusPlus",
-           "action_target", "explain_clip"]
+           "StitchedMaps", "action_target", "explain_clip", "frame_slices"]

@@ -24,8 +24,8 @@ def mp4_frames(path) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
-def test_video_r3d_on_the_real_clip_writes_one_overlay_frame_per_window_frame(tmp_path, capsys
-                                                                              ) -> None:
+def test_video_r3d_on_the_real_clip_writes_each_frame_once_up_to_the_last_window(tmp_path, capsys
+                                                                                 ) -> None:
     from mmexplain.adapters import get_adapter
     from mmexplain.data.video import read_video, sliding_clips
     from mmexplain.tasks.video import explain_clip
@@ -38,7 +38,8 @@ def test_video_r3d_on_the_real_clip_writes_one_overlay_frame_per_window_frame(tm
     assert rc == 0
     assert "weights: random weights: no weight file or cache found" in out
     assert "3 windows of 16 frames, stride 64" in out
-    assert mp4_frames(tmp_path / "armwrestling_r3d-18_gradcam.mp4") == 3 * 16
+    # frames 0-143 once each (those between the windows without a map)
+    assert mp4_frames(tmp_path / "armwrestling_r3d-18_gradcam.mp4") == 144
     saved = np.load(tmp_path / "armwrestling_r3d-18_gradcam.npz")
     assert saved["frame_indices"].tolist() == [list(range(s, s + 16)) for s in (0, 64, 128)]
     assert saved["maps"].shape == (3, 1, 2, 2, 2) and float(saved["fps"]) == 28.0
@@ -58,15 +59,17 @@ def test_video_with_a_small_c3d_per_slice_and_two_actions(tmp_path, capsys) -> N
                "--stride", "128", "--top", "2", "--per-slice", "--method", "gradcam++",
                "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert rc == 0 and "3 windows of 16 frames, stride 128" in out
+    # windows at 0, 128, 256 and the tail window 264-279: all 280 frames, each once
+    assert rc == 0 and "4 windows of 16 frames, stride 128" in out
     mp4 = tmp_path / "armwrestling_c3d_gradcam.mp4"
-    assert mp4_frames(mp4) == 3 * 16
+    assert mp4_frames(mp4) == 280
     with av.open(str(mp4)) as container:  # two targets: two 32-pixel panels side by side
-        stream = container.streams.video[0]
-        assert (stream.width, stream.height) == (64, 32)
+        stream = container.streams.video[0]  # over an 8-pixel importance strip
+        assert (stream.width, stream.height) == (64, 40)
     saved = np.load(tmp_path / "armwrestling_c3d_gradcam.npz")
-    assert saved["maps"].shape == (3, 2, 2, 2, 2) and bool(saved["per_slice"])
-    assert saved["frame_indices"][:, 0].tolist() == [0, 128, 256]
+    assert saved["maps"].shape == (4, 2, 2, 2, 2) and bool(saved["per_slice"])
+    assert saved["frame_indices"][:, 0].tolist() == [0, 128, 256, 264]
+    assert saved["frame_maps"].shape == (2, 280, 2, 2)
 
 
 def test_video_errors_name_the_file_and_the_problem(tmp_path, capsys) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "Preprocess",
     "Video",
     "VideoInfo",
+    "VideoWriter",
     "background",
     "iter_frames",
     "probe_video",
@@ -375,6 +376,65 @@ def background(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class VideoWriter:
+    """An H.264 MP4 written frame batch by frame batch (nothing but the encoder held).
+
+        with VideoWriter("out.mp4", fps=28) as writer:
+            writer.write(frames)              # (n, H, W, 3) uint8, any n, same H, W
+
+    ``yuv420p`` (what browsers play) needs even sizes: an odd height or width is
+    edge-padded by one pixel. ``frames_written`` counts the frames.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fps: float, crf: int = 18) -> None:
+        if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not fps > 0:
+            raise bad_value("fps", "a positive number", fps)
+        self.path = Path(path)
+        self.rate = Fraction(fps).limit_denominator(1001)
+        self.crf = crf
+        self.frames_written = 0
+        self._container: Any = None
+        self._stream: Any = None
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[3] != 3 \
+                or frames.dtype != np.uint8:
+            raise bad_value("frames", "a (n, H, W, 3) uint8 array", frames)
+        h, w = frames.shape[1:3]
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        if self._container is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._container = av.open(str(self.path), mode="w", format="mp4",
+                                      container_options={"movflags": "+faststart"})
+            codec = "libx264" if "libx264" in av.codecs_available else "h264"
+            self._stream = self._container.add_stream(codec, rate=self.rate)
+            self._stream.height, self._stream.width = frames.shape[1:3]
+            self._stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                self._stream.options = {"crf": str(self.crf)}
+        for frame in frames:
+            packet = self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
+            self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.mux(self._stream.encode(None))
+            self._container.close()
+            self._container = None
 
 
 # --------------------------------------------------------------------------- preprocessing

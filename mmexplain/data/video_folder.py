@@ -27,7 +27,7 @@ from typing import Any
 
 from mmexplain.errors import bad_type, bad_value
 
-__all__ = ["VIDEO_EXTENSIONS", "VideoItem", "list_videos"]
+__all__ = ["VIDEO_EXTENSIONS", "VideoItem", "expand_video_inputs", "list_videos", "output_stems"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -123,3 +123,72 @@ def list_videos(source: str | Path, classes: Sequence[str] | Mapping[str, int] |
                         str(source), raw=True)
     index = _class_index(classes, [label for _, label in pairs])
     return [VideoItem(path, label, index[label]) for path, label in pairs]
+
+
+# --------------------------------------------------------------------------- command inputs
+
+
+def expand_video_inputs(inputs: Sequence[str | Path],
+                        extensions: Sequence[str] = VIDEO_EXTENSIONS) -> list[Path]:
+    """Files, folders and glob patterns -> the video files, each once, in order.
+
+    A file is taken as it is (whatever its extension: the decoder says whether it
+    is a video); a folder gives every file with a video extension under it
+    (recursively, sorted); a pattern with ``*``, ``?`` or ``[`` gives its matches
+    (sorted; folders among them expanded). Anything that matches nothing raises
+    an error naming it.
+    """
+    import glob
+
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found: list[Path] = []
+    for entry in inputs:
+        text = str(entry)
+        if Path(text).exists():
+            matches = [Path(text)]
+        elif any(c in text for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+        else:
+            raise bad_value("input", "a video file, a folder of videos or a glob pattern",
+                            f"{text!r}: no such file or folder", raw=True)
+        files = []
+        for match in matches:
+            if match.is_dir():
+                files.extend(sorted(p for p in match.rglob("*")
+                                    if p.is_file() and p.suffix.lower() in exts))
+            elif match.is_file() and (match == Path(text) or match.suffix.lower() in exts):
+                files.append(match)
+        if not files:
+            raise bad_value("input", f"videos ({', '.join(exts)})",
+                            f"{text!r}, which holds none", raw=True)
+        found.extend(files)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return [Path(p) for p in unique]
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per video: its stem when stems are distinct, else its path
+    relative to the videos' common folder with separators as ``__`` (``a/clip.mp4`` and
+    ``b/clip.mp4`` -> ``a__clip``, ``b__clip``; ``clip.mp4`` and ``clip.avi`` -> ``clip.mp4``,
+    ``clip.avi``); names still equal after that get ``-2``, ``-3``, ... in input order."""
+    import os
+    import re
+
+    paths = [Path(p).resolve() for p in paths]
+    stems = [p.stem for p in paths]
+    if len(set(stems)) < len(stems):
+        root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+        relative = [p.relative_to(root) for p in paths]
+        same_stem = {s for s in stems if stems.count(s) > 1}
+        stems = [(str(r.with_suffix("")) if len({q.suffix for q, t in zip(paths, stems)
+                                                  if t == s}) == 1 else str(r))
+                 if s in same_stem else s for r, s in zip(relative, stems)]
+        stems = [re.sub(r"[\\/]+", "__", s) for s in stems]
+    seen: dict[str, int] = {}
+    out = []
+    for stem in stems:
+        seen[stem] = seen.get(stem, 0) + 1
+        out.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return out
