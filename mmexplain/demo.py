@@ -30,13 +30,11 @@ import torch.nn.functional as F
 
 from mmexplain import metrics
 from mmexplain import protocols as P
-from mmexplain.engine import GradCAM, GradCAMPlusPlus, resize_grid
+from mmexplain.engine import make_cam, resize_grid
 from mmexplain.errors import bad_value
+from mmexplain.methods import chosen_methods, get_method, list_methods
 
 HELP = "explain the shipped shapes-world models and write an HTML report with measured figures"
-METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
-LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
-SHORT = {"gradcam": "GC", "gradcam++": "GC++"}
 #: Drawn at 2x: the world's 64-px images are small on screen.
 SCALE = 2
 #: Pointing tolerance in pixels: the paper's 15 px at 224 px, scaled to the 64 px world.
@@ -47,8 +45,10 @@ COVER = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="mmexplain-out/demo", help="output folder")
-    parser.add_argument("--method", choices=["gradcam", "gradcam++", "both"], default="both",
-                        help="which method(s) to run (default: both, side by side)")
+    parser.add_argument("--method", default="all",
+                        help="which registered method(s) to run, side by side: one name, a "
+                        "comma-separated list, 'both' (gradcam,gradcam++) or 'all' (default: "
+                        "all: " + ", ".join(list_methods()) + ")")
     parser.add_argument("--images", type=int, default=40, help="scenes to explain")
     parser.add_argument("--clips", type=int, default=12, help="clips to explain")
     parser.add_argument("--seed", type=int, default=2026, help="world seed of the evaluation set")
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, arg) < (1 if arg != "show" else 0):
             raise bad_value(f"--{arg}", "a positive number", getattr(args, arg))
     start = time.time()
-    methods = list(METHODS) if args.method == "both" else [args.method]
+    methods = chosen_methods(args.method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = W.ShapesWorld(seed=args.seed)
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                 "supervision (GAIN, Li et al. 2018: their Grad-CAM maps pulled towards the "
                 "objects' masks), so their evidence is known to lie on the objects; "
                 "Grad-CAM++ was never trained for.")
-    cams = {m: {"cap": METHODS[m](cap), "vqa": METHODS[m](vqa), "c3d": METHODS[m](c3d)}
+    cams = {m: {"cap": make_cam(cap, m), "vqa": make_cam(vqa, m), "c3d": make_cam(c3d, m)}
             for m in methods}
 
     # ---------------------------------------------------------------- captions: per-word maps
@@ -157,10 +157,10 @@ def run(args: argparse.Namespace) -> int:
             if shown < args.show:
                 panels += [to_uint8_image(big[0])] + [overlay(big[0], maps[k])
                                                       for k in range(len(positions))]
-                labels += [SHORT[m]] + [f"{SHORT[m]}: {w}" for w in words]
+                labels += [get_method(m).short] + [f"{get_method(m).short}: {w}" for w in words]
         if shown < args.show:
             caption = " ".join(cap.vocab.words(tokens[0].tolist())).replace(" <end>", "")
-            generated = cap.generate(image).texts[0]
+            generated = cap.captions(image).texts[0]
             report.image(tile(panels, ncols=len(positions) + 1, labels=labels),
                          caption=f"caption: “{caption}” — the model says: “{generated}”")
             shown += 1
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
                           float(metrics.rank_correlation(maps[0], P.blurred(mask))))
             if shown < args.show and mask is not None:
                 panels += [overlay(big[0], maps[0]), overlay(big[0], maps[1])]
-                labels += [f"{SHORT[m]}: {W.ANSWERS[given]}", f"{SHORT[m]}: {W.ANSWERS[alt]}?"]
+                labels += [f"{get_method(m).short}: {W.ANSWERS[given]}", f"{get_method(m).short}: {W.ANSWERS[alt]}?"]
         if shown < args.show and panels:
             question = " ".join(vqa.question_vocab.words(
                 scenes.questions[q, : int(scenes.question_lengths[q])].tolist()))
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             path = out / f"clip{i}.mp4"
             write_mp4(both, path, fps=8)
             report.video(path, caption=f"“{W.ACTIONS[int(action)]}” — "
-                                       + " | ".join(LABELS[m] for m in methods))
+                                       + " | ".join(get_method(m).label for m in methods))
 
     # ---------------------------------------------------------------- figures
     figures: dict[str, Any] = {"checks": checks, "tolerance_px": TOLERANCE, "seed": args.seed,
@@ -248,11 +248,14 @@ def run(args: argparse.Namespace) -> int:
             summary = P.summarize_faithfulness(entries, methods)
             f[f"{kind}_average_drop"] = summary[m]["average_drop"]
             f[f"{kind}_increase_in_confidence"] = summary[m]["increase_in_confidence"]
-            if "win" in summary[m]:
-                f[f"{kind}_win_percent"] = summary[m]["win"]
+            pair = {"gradcam": "gradcam++", "gradcam++": "gradcam"}.get(m)
+            if pair in summary[m].get("win_vs", {}):  # the papers' Win %: Grad-CAM vs Grad-CAM++
+                f[f"{kind}_win_percent"] = summary[m]["win_vs"][pair]
+            if len(methods) > 2:  # the share of inputs each method wins among all shown
+                f[f"{kind}_win_share"] = summary[m]["win"]
         figures["methods"][m] = f
     figures["seconds"] = round(time.time() - start, 1)
-    rows = [{"figure": k, **{LABELS[m]: figures["methods"][m].get(k) for m in methods}}
+    rows = [{"figure": k, **{get_method(m).label: figures["methods"][m].get(k) for m in methods}}
             for k in figures["methods"][methods[0]]]
     report.section("Figures")
     report.table(rows, caption="Pointing: share of maps whose maximum falls on the right object "
@@ -266,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     for m in methods:
         f = figures["methods"][m]
-        print(f"{LABELS[m]:>10}: pointing words {f['word_pointing']:.0%}, VQA answers "
+        print(f"{get_method(m).label:>10}: pointing words {f['word_pointing']:.0%}, VQA answers "
               f"{f['vqa_pointing']:.0%}, action frames {f['action_pointing']:.0%}; rank corr. "
               f"words {f['word_rank_correlation']:.2f}; region ratio "
               f"{f.get('region_ratio_mean', float('nan')):.2f}; instances covered "

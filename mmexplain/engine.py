@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmexplain.errors import InputError, bad_type, bad_value, describe
-from mmexplain.methods import WeightRule
+from mmexplain.methods import Method, Options, get_method
 from mmexplain.targets import IndexTarget, TopPrediction, as_target, check_scores, logits_of
 
 STRATEGIES = ("auto", "expand", "batched", "loop")
@@ -220,6 +220,36 @@ def batch_size_of(inputs: Any) -> int:
     raise bad_type("inputs", "a tensor (B, ...) or a tuple/dict holding one", inputs)
 
 
+def _named_tensors(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
+    """A tensor, or the tensors of a tuple/list/dict one level down, with their names."""
+    if isinstance(value, torch.Tensor):
+        return [(name, value)]
+    if isinstance(value, Mapping):
+        return [(f"{name}[{key!r}]", v) for key, v in value.items() if isinstance(v, torch.Tensor)]
+    if isinstance(value, (tuple, list)):
+        return [(f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, torch.Tensor)]
+    return []
+
+
+def check_finite(inputs: Any, context: Mapping[str, Any] | None = None,
+                 arg: str = "inputs") -> None:
+    """Refuse NaN or inf in the inputs and keyword inputs (their floating-point tensors):
+    an InputError naming the input, how many of its values are non-finite, and the rows."""
+    named = _named_tensors(arg, inputs)
+    for key, value in (context or {}).items():
+        named += _named_tensors(str(key), value)
+    for name, t in named:
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        count = int(bad.sum())
+        if count:
+            rows = bad.flatten(1).any(1).nonzero().flatten().tolist() if t.dim() > 1 else []
+            where = f" in rows {rows[:10]}{' ...' if len(rows) > 10 else ''}" if rows else ""
+            raise bad_value(name, "finite values", f"{describe(t)} with {count} of its "
+                            f"{t.numel()} values non-finite (NaN or inf){where}", raw=True)
+
+
 def call_model(model: Callable[..., Any], inputs: Any, context: Mapping[str, Any]) -> Any:
     if isinstance(inputs, tuple):
         return model(*inputs, **context)
@@ -263,34 +293,99 @@ def is_adapter(obj: Any) -> bool:
 # no repetition), and ``outputs`` what the model returned for those rows.
 
 
+def _tensor_paths(value: Any, path: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Any]]:
+    """(path, tensor) for every tensor in nested tuples/lists."""
+    if isinstance(value, torch.Tensor):
+        return [(path, value)]
+    if isinstance(value, (tuple, list)):
+        return [item for i, v in enumerate(value) for item in _tensor_paths(v, path + (i,))]
+    return []
+
+
+def _at(value: Any, path: tuple[int, ...]) -> Any:
+    for i in path:
+        value = value[i]
+    return value
+
+
+def _replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
+    """A copy of nested tuples/lists ``value`` with ``new`` at ``path`` (named tuples kept)."""
+    if not path:
+        return new
+    items = list(value)
+    items[path[0]] = _replace_at(items[path[0]], path[1:], new)
+    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+
+
 class _HookRunner:
-    """Any nn.Module, through a forward hook on the target layer."""
+    """Any nn.Module, through a forward hook on the target layer.
+
+    A layer returning a tuple (an LSTM, a transformer block) is explained at the
+    tensor that ``reshape`` reads from it (``reshape=lambda out: out[0]``): that
+    tensor becomes A, the rest of the tuple goes on unchanged (repeated with the rows).
+    """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module,
-                 reshape: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+                 reshape: Callable[[Any], torch.Tensor] | None) -> None:
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, layer)
         self.reshape = reshape
+        self._path: tuple[int, ...] = ()  # where A sits in a tuple output
+        self._template: Any = None  # that output (B rows), for grid_view
+
+    def _picked(self, output: Any) -> tuple[int, ...]:
+        """The path of the one tensor of a tuple output that ``reshape`` reads."""
+        name = f"output of layer {self.layer_name!r}"
+        if self.reshape is None:
+            raise bad_type(name, "a tensor (B, C, *grid); pass reshape= (a function of the "
+                           "layer's output, e.g. reshape=lambda out: out[0]) for other outputs",
+                           output)
+        probes = {path: t.detach().requires_grad_(True)
+                  for path, t in _tensor_paths(output) if t.is_floating_point()}
+        probed = output
+        for path, probe in probes.items():
+            probed = _replace_at(probed, path, probe)
+        with torch.enable_grad():
+            picked = self.reshape(probed)
+            if not isinstance(picked, torch.Tensor):
+                raise bad_type(f"reshape({name})", "a tensor (B, C, *grid)", picked)
+            grads = (torch.autograd.grad(picked, list(probes.values()), torch.ones_like(picked),
+                                         allow_unused=True) if picked.requires_grad else ())
+        used = [path for path, g in zip(probes, grads) if g is not None]
+        if len(used) != 1:
+            raise InputError(
+                f"reshape: expected a function that reads one floating-point tensor of the "
+                f"{name} (a {type(output).__name__} holding {len(probes)}), received one "
+                f"that reads {len(used)} of them")
+        self._template = _replace_at(output, used[0], None)
+        return used[0]
 
     def run(self, inputs: Any, context: Mapping[str, Any], k: int) -> tuple[torch.Tensor, Any]:
         captured: list[torch.Tensor] = []
+        self._path, self._template = (), None
 
-        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if captured:
                 raise InputError(
                     f"layer: expected a module called once per forward pass, received "
                     f"{self.layer_name!r}, which is called again; pick a layer used once"
                 )
             if not isinstance(output, torch.Tensor):
-                raise bad_type(f"output of layer {self.layer_name!r}",
-                               "a tensor (B, C, *grid); pass reshape= for other outputs", output)
-            base = output.detach()
+                self._path = self._picked(output)  # reshape reads the tuple first
+            base = _at(output, self._path).detach()
+            rows = base.shape[0] if base.dim() > 0 else None
             if k > 1:
                 base = base.repeat_interleave(k, dim=0)
             leaf = base.requires_grad_(True)
             captured.append(leaf)
             torch.set_grad_enabled(True)  # the graph starts at A (see run: prefix ran without)
-            return leaf.clone()  # a non-leaf: an in-place op after the layer cannot touch A
+            if not self._path:
+                return leaf.clone()  # a non-leaf: an in-place op after the layer cannot touch A
+            rest = output  # the tuple's other tensors with B rows follow the expanded rows
+            for path, t in _tensor_paths(output):
+                if k > 1 and path != self._path and t.dim() > 0 and t.shape[0] == rows:
+                    rest = _replace_at(rest, path, t.repeat_interleave(k, dim=0))
+            return _replace_at(rest, self._path, leaf.clone())
 
         handle = self.layer.register_forward_hook(hook)
         try:
@@ -304,7 +399,12 @@ class _HookRunner:
         return captured[0], outputs
 
     def grid_view(self, leaf: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.reshape if self.reshape is not None else (lambda t: t)
+        reshape, path, template = self.reshape, self._path, self._template
+        if reshape is None:
+            return lambda t: t
+        if not path:
+            return reshape
+        return lambda t: reshape(_replace_at(template, path, t))  # A (or its grads) in the tuple
 
 
 class _AdapterRunner:
@@ -357,6 +457,74 @@ def _grad(scores: torch.Tensor, leaf: torch.Tensor, **kwargs: Any) -> torch.Tens
     return grad
 
 
+# --------------------------------------------------------------------------- K targets
+#
+# The public strategy selection: CAM and guided backpropagation (any leaf with K
+# scores per input) choose and run their backward passes with these.
+
+
+def choose_strategy(requested: str, k: int | None, *, expand: bool) -> str:
+    """How K targets per input are differentiated: "single" (K = 1), "expand" (the
+    part after the leaf on B*K rows, one backward), "batched" (one backward with
+    ``is_grads_batched``) or "loop" (K backward passes).
+
+    ``requested``: one of STRATEGIES; "auto" is "expand" where ``expand`` says
+    repeating rows is the cheaper way (an adapter's head, clips in guided
+    backpropagation) and "batched" elsewhere. ``k``: the number of targets, None
+    while only the scores of a first forward pass can tell.
+    """
+    if requested not in STRATEGIES:
+        raise bad_value("strategy", f"one of {STRATEGIES}", requested)
+    if k == 1:
+        return "single"
+    if requested != "auto":
+        return requested
+    return "expand" if expand else "batched"
+
+
+def grads_batched(leaf: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """d scores[:, j] / d leaf for every j by one backward with ``is_grads_batched``
+    (vmap over K one-hot output gradients; the graph is kept): (B, K, *leaf.shape[1:])."""
+    eye = torch.eye(k, dtype=scores.dtype, device=scores.device)  # (K, K)
+    grad_outputs = eye.unsqueeze(1).expand(k, scores.shape[0], k)  # (K, B, K)
+    grad = _grad(scores, leaf, grad_outputs=grad_outputs, is_grads_batched=True,
+                 retain_graph=True)
+    return grad.transpose(0, 1)  # (B, K, *A)
+
+
+def grads_looped(leaf: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The same by K backward passes (``retain_graph`` but for the last): (B, K, *leaf.shape[1:])."""
+    grads = [_grad(scores[:, j].sum(), leaf, retain_graph=j < k - 1) for j in range(k)]
+    return torch.stack(grads, dim=1)
+
+
+def grads_after_forward(leaf: torch.Tensor, scores: torch.Tensor, strategy: str, *,
+                        fallback: bool) -> tuple[torch.Tensor, str]:
+    """After one forward pass: the gradients (B, K, *leaf.shape[1:]) of every column of
+    ``scores`` (B, K) and the strategy used -- "single" for K = 1, else ``strategy``
+    ("batched" or "loop"); with ``fallback`` a batched backward that fails (an operation
+    without a vmap rule) is redone as the loop."""
+    k = scores.shape[1]
+    if k == 1:
+        return _grad(scores.sum(), leaf).unsqueeze(1), "single"
+    if strategy == "batched":
+        try:
+            return grads_batched(leaf, scores, k), "batched"
+        except RuntimeError:
+            if not fallback:
+                raise
+    return grads_looped(leaf, scores, k), "loop"
+
+
+def expanded_grads(leaf: torch.Tensor, rows: torch.Tensor, batch: int, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the B*K expanded rows (row b*K+j = input b, scored on target j only): the rows'
+    scores (B*K, K) -> (scores (B, K), gradients (B, K, *leaf.shape[1:])), one backward."""
+    scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j, target j
+    grad = _grad(scores.sum(), leaf)
+    return scores, grad.view(batch, k, *leaf.shape[1:])
+
+
 # --------------------------------------------------------------------------- the explainer
 
 
@@ -375,26 +543,32 @@ class CAM:
         model: Any,
         layer: str | nn.Module | None = None,
         *,
+        method: str | Method | None = None,
         counterfactual: bool = False,
         pooling: str = "mean",
         gradients: str = "raw",
-        relu: bool = True,
+        relu: bool | None = None,
         strategy: str = "auto",
         reshape: Callable[[torch.Tensor], torch.Tensor] | None = None,
         eval_mode: bool = True,
         form: str = "exp",
         class_chunk: int = 64,
+        per_slice: bool = False,
     ) -> None:
         if strategy not in STRATEGIES:
             raise bad_value("strategy", f"one of {STRATEGIES}", strategy)
-        if form not in ("exp", "softmax") or (form == "softmax" and self.method != "gradcam++"):
-            raise bad_value("form", "'exp', or 'softmax' for Grad-CAM++", form)
         if not isinstance(class_chunk, int) or class_chunk < 1:
             raise bad_value("class_chunk", "a positive int", class_chunk)
-        self.form = form
+        self.rule = get_method(self.method if method is None else method)
+        self.method = self.rule.name
+        self.options = self.rule.check(Options(counterfactual=counterfactual, gradients=gradients,
+                                               pooling=pooling, relu=relu, form=form))
+        self.form = self.options.form
         self.class_chunk = class_chunk
-        self.rule = WeightRule(self.method, pooling=pooling, gradients=gradients,
-                               counterfactual=counterfactual, relu=relu)
+        self.per_slice = bool(per_slice)
+        if strategy == "auto":  # an adapter may say what suits its head (e.g. "loop" for LLMs)
+            strategy = getattr(type(model), "strategy", "auto")
+            strategy = strategy if strategy in STRATEGIES else "auto"
         self.strategy = strategy
         self.eval_mode = eval_mode
         if is_adapter(model):
@@ -417,15 +591,19 @@ class CAM:
 
     def __call__(self, inputs: Any, target: Any = None, **context: Any) -> Explanation:
         batch = batch_size_of(inputs)
+        check_finite(inputs, context)
         tgt = as_target(target, batch)
         module = self.model if isinstance(self.model, nn.Module) else None
         with borrowed(module, self.eval_mode):
             if isinstance(self.runner, _AdapterRunner):
                 self.runner._cache = None
             try:
-                acts, grads, scores, used = self._gradients(inputs, tgt, context, batch)
+                if self.rule.uses_gradients:
+                    acts, grads, scores, used = self._gradients(inputs, tgt, context, batch)
+                else:  # a target-free method (Eigen-CAM): the scores only, no backward
+                    acts, grads, scores, used = self._scores_only(inputs, tgt, context, batch)
                 moments = (self._softmax_moments(inputs, tgt, context, batch)
-                           if self.form == "softmax" else None)
+                           if self.rule.wants_moments(self.options) else None)
             finally:
                 if isinstance(self.runner, _AdapterRunner):
                     self.runner._cache = None
@@ -448,44 +626,28 @@ class CAM:
         leaf, outputs = self.runner.run(inputs, context, 1)
         scores = check_scores(tgt(outputs), batch, k_known)
         k = scores.shape[1]
-        if k == 1:
-            grad = _grad(scores.sum(), leaf)
-            return leaf.detach(), grad.unsqueeze(1), scores.detach(), "single"
-        if strategy == "expand" or (strategy == "auto" and isinstance(self.runner, _AdapterRunner)):
+        plan = choose_strategy(strategy, k, expand=isinstance(self.runner, _AdapterRunner))
+        if plan == "expand":
             del outputs, scores
             return self._expanded(inputs, tgt, context, batch, k)
-        if strategy in ("auto", "batched"):
-            try:
-                return self._batched(leaf, scores, k) + ("batched",)
-            except RuntimeError:
-                if strategy == "batched":
-                    raise
-        return self._loop(leaf, scores, k) + ("loop",)
+        grads, used = grads_after_forward(leaf, scores, plan, fallback=strategy == "auto")
+        return leaf.detach(), grads, scores.detach(), used
+
+    def _scores_only(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int
+                     ) -> tuple[torch.Tensor, None, torch.Tensor, str]:
+        leaf, outputs = self.runner.run(inputs, context, 1)
+        k_known = getattr(tgt, "num_targets", None)
+        scores = check_scores(tgt(outputs), batch, k_known)
+        return leaf.detach(), None, scores.detach(), "forward"
 
     def _expanded(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int, k: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
         tgt_rows = rows_target(tgt, k)
         leaf, outputs = self.runner.run(inputs, context, k)  # leaf (B*K, *A)
         rows = check_scores(tgt_rows(outputs), batch * k, k)  # (B*K, K)
-        scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j scores target j
-        grad = _grad(scores.sum(), leaf)
-        shape = (batch, k) + tuple(leaf.shape[1:])
-        return leaf.detach().view(shape)[:, 0], grad.view(shape), scores.detach(), "expand"
-
-    @staticmethod
-    def _batched(leaf: torch.Tensor, scores: torch.Tensor, k: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        eye = torch.eye(k, dtype=scores.dtype, device=scores.device)  # (K, K)
-        grad_outputs = eye.unsqueeze(1).expand(k, scores.shape[0], k)  # (K, B, K)
-        grad = _grad(scores, leaf, grad_outputs=grad_outputs, is_grads_batched=True,
-                     retain_graph=True)
-        return leaf.detach(), grad.transpose(0, 1), scores.detach()  # grads (B, K, *A)
-
-    @staticmethod
-    def _loop(leaf: torch.Tensor, scores: torch.Tensor, k: int
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grads = [_grad(scores[:, j].sum(), leaf, retain_graph=j < k - 1) for j in range(k)]
-        return leaf.detach(), torch.stack(grads, dim=1), scores.detach()
+        scores, grads = expanded_grads(leaf, rows, batch, k)
+        acts = leaf.detach().view(batch, k, *leaf.shape[1:])[:, 0]
+        return acts, grads, scores.detach(), "expand"
 
     def _softmax_moments(self, inputs: Any, tgt: Any, context: Mapping[str, Any], batch: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -523,32 +685,61 @@ class CAM:
 
     # -- maps ------------------------------------------------------------------------
 
-    def _explain(self, acts: torch.Tensor, grads: torch.Tensor, scores: torch.Tensor,
+    def _explain(self, acts: torch.Tensor, grads: torch.Tensor | None, scores: torch.Tensor,
                  strategy: str, moments: tuple[torch.Tensor, ...] | None = None
                  ) -> Explanation:
         view = self.runner.grid_view(acts)
-        batch, k = grads.shape[:2]
+        batch, k = scores.shape
         acts = view(acts).float()  # (B, C, *grid)
-        grads = view(grads.flatten(0, 1)).float()  # (B*K, C, *grid)
         if acts.dim() < 3:
             raise bad_value(f"activations of layer {self.layer!r}",
                             "a (B, C, *grid) tensor with at least one grid axis",
                             describe(acts), raw=True)
-        acts_rows = acts.repeat_interleave(k, dim=0)  # (B*K, C, *grid)
-        if moments is not None:
-            moments = tuple(view(m).repeat_interleave(k, dim=0) for m in moments)
-        weights = self.rule.weights(acts_rows, grads, moments)  # (B*K, C)
-        maps = self.rule.combine(acts_rows, weights)  # (B*K, *grid)
+        if grads is None:  # target-free: one map per input, the same for its K targets
+            maps, weights = self._apply(acts, None, None)
+            maps, weights = (t.repeat_interleave(k, dim=0) for t in (maps, weights))
+        else:
+            grads = view(grads.flatten(0, 1)).float()  # (B*K, C, *grid)
+            if moments is not None:
+                moments = tuple(view(m).repeat_interleave(k, dim=0) for m in moments)
+            maps, weights = self._apply(acts.repeat_interleave(k, dim=0), grads, moments)
         maps = torch.nan_to_num(maps, nan=0.0)
         return Explanation(
             maps=maps.view(batch, k, *maps.shape[1:]),
             scores=scores.float(),
-            weights=weights.view(batch, k, -1),
+            weights=weights.reshape(batch, k, *weights.shape[1:]),
             activations=acts,
             method=self.method,
             layer=self.layer,
             strategy=strategy,
         )
+
+    def _apply(self, acts: torch.Tensor, grads: torch.Tensor | None,
+               moments: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method on (N, C, *grid) rows -> maps (N, *grid), weights (N, C), or with
+        ``per_slice`` on each time slice of a (N, C, T, H, W) layer on its own: maps
+        (N, T, H, W) and weights (N, C, T) (eq. 1-2 / eq. 19-20 over each slice's H x W)."""
+        if not self.per_slice:
+            return self.rule.explain(acts, grads, self.options, moments)
+        if acts.dim() != 5:
+            raise bad_value("per_slice", "a layer with a time axis: activations (B, C, T, H, W)",
+                            describe(acts), raw=True)
+        n, c, t = acts.shape[:3]
+
+        def slices(x: torch.Tensor) -> torch.Tensor:  # (N, C, T, H, W) -> (N*T, C, H, W)
+            return x.transpose(1, 2).reshape(n * t, c, *x.shape[3:])
+
+        moments = None if moments is None else tuple(slices(m) for m in moments)
+        maps, weights = self.rule.explain(slices(acts), None if grads is None else slices(grads),
+                                          self.options, moments)
+        return (maps.view(n, t, *maps.shape[1:]),
+                weights.view(n, t, c).transpose(1, 2).contiguous())
+
+
+def make_cam(model: Any, method: str | Method = "gradcam", layer: str | nn.Module | None = None,
+             **options: Any) -> CAM:
+    """The explainer of any registered method (``mmexplain.methods.list_methods()``)."""
+    return CAM(model, layer, method=method, **options)
 
 
 class GradCAM(CAM):

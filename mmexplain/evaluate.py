@@ -60,6 +60,7 @@ import torch
 
 from mmexplain import protocols as P
 from mmexplain.errors import InputError, bad_value
+from mmexplain.methods import list_methods
 
 HELP = "run a paper's evaluation protocol over a dataset (resumable; shards under torchrun)"
 
@@ -669,7 +670,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "or clips of the shapes world)")
         p.add_argument("--seed", type=int, default=2,
                        help="shapes world seed, and seed of random weights (default 2)")
-        p.add_argument("--method", choices=("gradcam", "gradcam++", "both"), default="both")
+        p.add_argument("--method", default="both", help="a registered method ("
+                       + ", ".join(list_methods()) + "), a comma-separated list, 'both' "
+                       "(gradcam,gradcam++: the papers' pair, default) or 'all'")
         p.add_argument("--model", default=None, help="registered adapter name (default: "
                        + ", ".join(f"{m} for {d}" for d, m in spec.MODELS.items()) + ")")
         p.add_argument("--weights", default=None, help="local weight file; 'random' for "

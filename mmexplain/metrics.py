@@ -28,7 +28,7 @@ References (``shared/papers/``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "rank_correlation",
     "summarize_ratios",
     "win_percent",
+    "win_shares",
 ]
 
 
@@ -638,3 +639,25 @@ def win_percent(O_a: Tensorish, O_b: Tensorish, Y: Tensorish) -> float:
     fall_a, fall_b = _drops(y, o_a), _drops(y, o_b)
     wins = (fall_a < fall_b).to(y.dtype) + 0.5 * (fall_a == fall_b).to(y.dtype)
     return float(wins.mean() * 100)
+
+
+def win_shares(O: Mapping[str, Tensorish], Y: Tensorish) -> dict[str, float]:
+    """Win % of each of several methods (Grad-CAM++ sec. 4.1 (iii), for any number).
+
+    For each input the methods whose fall in confidence max(0, Y - O) / Y is the
+    smallest share its win equally (a tie of two counts half a win each, as in
+    :func:`win_percent`, which this equals for two methods); the shares add up to 100.
+    O: {method: (N,) confidences on that method's explanation}.
+    """
+    if not isinstance(O, Mapping) or len(O) < 2:
+        raise bad_value("O", "confidences of at least two methods {name: (N,)}", O)
+    names = list(O)
+    y = None
+    falls = []
+    for name in names:
+        y, o = _confidences(Y, O[name], f"O[{name!r}]")
+        falls.append(_drops(y, o))
+    fall = torch.stack(falls)  # (M, N)
+    best = fall == fall.amin(dim=0, keepdim=True)
+    share = best.to(fall.dtype) / best.sum(dim=0, keepdim=True).to(fall.dtype)
+    return {name: float(share[i].mean() * 100) for i, name in enumerate(names)}

@@ -59,10 +59,14 @@ from mmexplain.metrics import (
     rank_correlation,
     summarize_ratios,
     win_percent,
+    win_shares,
 )
 from mmexplain.targets import IndexTarget, logits_of
-from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs, make_cam
+from mmexplain.engine import make_cam
+from mmexplain.methods import chosen_methods
+from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs
 
+#: The papers' pair, the default of the protocols (any registered method may be named).
 METHODS = ("gradcam", "gradcam++")
 
 #: Zhang et al.'s pointing tolerance, 15 px at 224 px, scaled to the 64-px shapes
@@ -76,12 +80,9 @@ LOC_DELTAS = (0.0, 0.25, 0.5)
 
 
 def method_names(method: str) -> tuple[str, ...]:
-    """"gradcam", "gradcam++" or "both" -> the methods to run."""
-    if method == "both":
-        return METHODS
-    if method not in METHODS:
-        raise bad_value("method", "'gradcam', 'gradcam++' or 'both'", method)
-    return (method,)
+    """A registered method, a comma-separated list, "both" (Grad-CAM and Grad-CAM++) or
+    "all" (every registered method) -> the methods to run."""
+    return tuple(chosen_methods(method))
 
 
 # --------------------------------------------------------------------------- tasks
@@ -442,7 +443,7 @@ def shapes_faithfulness(adapter: Any, scene: Any, *, methods: Sequence[str] = ME
             entries.append({"question": qa.question, "answer":
                             adapter.answer_vocab.itos[result["class"]], **result})
         return entries
-    caption = adapter.generate(pixels).words[0]
+    caption = adapter.captions(pixels).words[0]
     result = faithfulness(CaptionTask(adapter, [caption]), pixels, methods=methods)
     return [{"caption": " ".join(caption), **result}]
 
@@ -534,10 +535,11 @@ def summarize_faithfulness(entries: Sequence[Mapping[str, Any]], methods: Sequen
     out: dict[str, Any] = {m: {"average_drop": average_drop(y, o[m]),
                                "increase_in_confidence": increase_in_confidence(y, o[m])}
                            for m in methods}
-    if len(methods) == 2:
-        a, b = methods
-        out[a]["win"] = win_percent(o[a], o[b], y)
-        out[b]["win"] = win_percent(o[b], o[a], y)
+    if len(methods) >= 2:  # each method's share of the inputs where it keeps most confidence
+        for m, win in win_shares(o, y).items():
+            out[m]["win"] = win
+            out[m]["win_vs"] = {other: win_percent(o[m], o[other], y)
+                                for other in methods if other != m}
     return out
 
 

@@ -17,8 +17,9 @@ import torch
 
 from mmexplain.engine import Explanation
 from mmexplain.errors import bad_type, bad_value
+from mmexplain.adapters.capabilities import Classify, offers, require
 from mmexplain.targets import IndexTarget, logits_of
-from mmexplain.tasks.caption import make_cam
+from mmexplain.engine import make_cam
 
 
 def class_indices(classes: int | str | Sequence[int | str], categories: Sequence[str] | None,
@@ -114,15 +115,20 @@ def model_input(adapter: Any, inputs: Any, kind: str) -> torch.Tensor:
     single = 3 if kind == "image" else 4
     if isinstance(inputs, torch.Tensor) and inputs.is_floating_point():
         return inputs.unsqueeze(0) if inputs.dim() == single else inputs
-    preprocess = getattr(adapter, "preprocess", None)
-    if preprocess is None:
-        raise bad_type("inputs", "a float tensor of model inputs (this adapter has no "
-                       "preprocess to prepare others)", inputs)
+    if "classify" not in offers(adapter):
+        raise bad_type("inputs", "a float tensor of model inputs (this model has no Classify "
+                       "capability, whose preprocess would prepare others)", inputs)
+    preprocess = require(adapter, Classify, "explain_image").preprocess
     param = next(adapter.parameters(), None) if hasattr(adapter, "parameters") else None
     device = param.device if param is not None else torch.device("cpu")
     if kind == "image":
         return preprocess.image(inputs)[0].unsqueeze(0).to(device)  # (1, 3, h, w)
     return preprocess.clips(inputs)[0].to(device)  # (B, 3, T, h, w)
+
+
+def categories_of(adapter: Any) -> Sequence[str] | None:
+    """The class names of a model with the Classify capability (None for any other)."""
+    return adapter.categories if "classify" in offers(adapter) else None
 
 
 def labels_of(categories: Sequence[str] | None, classes: torch.Tensor) -> list[list[str]]:
@@ -142,11 +148,11 @@ def explain_image(adapter: Any, image: Any, classes: int | str | Sequence[int | 
     Returns (Explanation with maps (B, K, h, w), the class names per image).
     """
     x = model_input(adapter, image, "image")
-    categories = getattr(adapter, "categories", None)
+    categories = categories_of(adapter)
     target = class_target(classes, categories, top)
     expl = make_cam(adapter, method, layer, **options)(x, target=target)
     return expl, labels_of(categories, chosen_classes(target, x.shape[0]))
 
 
-__all__ = ["TopClasses", "chosen_classes", "class_indices", "class_target", "explain_image",
+__all__ = ["TopClasses", "categories_of", "chosen_classes", "class_indices", "class_target", "explain_image",
            "labels_of", "model_input"]

@@ -26,72 +26,30 @@ applies eq. 19-20 to each slice (the sums over (a, b) run over that slice).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
-from mmexplain.engine import Explanation, GradCAM, GradCAMPlusPlus
+from mmexplain.engine import CAM, Explanation, make_cam
 from mmexplain.errors import bad_value, describe
-from mmexplain.methods import WeightRule
-from mmexplain.tasks.caption import make_cam
 from mmexplain.tasks.classify import chosen_classes, class_target, labels_of, model_input
 
 
-@dataclass(frozen=True)
-class PerSliceRule(WeightRule):
-    """A weight rule applied to each time slice of a (N, C, T, H, W) layer on its own.
+class TemporalGradCAM(CAM):
+    """Grad-CAM with per-time-slice channel weights (see the module docstring);
+    ``CAM(model, layer, method=..., per_slice=True)`` gives any registered method per slice."""
 
-    weights (N, C, T): slice t's channel weights from A_t, dS/dA_t (N, C, H, W)
-    (Grad-CAM eq. 1 or Grad-CAM++ eq. 19-20 over H x W, or its softmax form
-    eq. 22-24 when the engine passes gradient moments); map (N, T, H, W).
-    """
-
-    def weights(self, acts: torch.Tensor, grads: torch.Tensor,
-                moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        if acts.dim() != 5:
-            raise bad_value("per_slice", "a layer with a time axis: activations (B, C, T, H, W)",
-                            describe(acts), raw=True)
-        n, c, t = acts.shape[:3]
-
-        def slices(x: torch.Tensor) -> torch.Tensor:  # (N, C, T, H, W) -> (N*T, C, H, W)
-            return x.transpose(1, 2).reshape(n * t, c, *x.shape[3:])
-
-        if moments is not None:  # the softmax form's gradient moments, laid out like grads
-            moments = tuple(slices(m) for m in moments)
-        w = super().weights(slices(acts), slices(grads), moments)  # (N*T, C)
-        return w.view(n, t, c).transpose(1, 2).contiguous()  # (N, C, T)
-
-    def combine(self, acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Map (N, T, H, W) = [ReLU] sum_k w_kt A^k_t (eq. 2 per slice)."""
-        cam = (weights[..., None, None] * acts).sum(dim=1)
-        return torch.relu(cam) if self.relu else cam
-
-
-class _PerSlice:
-    """Mix-in: the explainer with a :class:`PerSliceRule`; ``weights`` come back (B, K, C, T')."""
-
-    rule: WeightRule
+    method = "gradcam"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("per_slice", True)
         super().__init__(*args, **kwargs)
-        self.rule = PerSliceRule(**asdict(self.rule))
-
-    def __call__(self, inputs: Any, target: Any = None, **context: Any) -> Explanation:
-        expl = super().__call__(inputs, target, **context)  # type: ignore[misc]
-        b, k, t = expl.maps.shape[:3]
-        return replace(expl, weights=expl.weights.view(b, k, -1, t))
 
 
-class TemporalGradCAM(_PerSlice, GradCAM):
-    """Grad-CAM with per-time-slice channel weights (see the module docstring)."""
-
-
-class TemporalGradCAMPlusPlus(_PerSlice, GradCAMPlusPlus):
+class TemporalGradCAMPlusPlus(TemporalGradCAM):
     """Grad-CAM++ with per-time-slice channel weights (eq. 19-20 per slice)."""
 
-
-TEMPORAL_METHODS = {"gradcam": TemporalGradCAM, "gradcam++": TemporalGradCAMPlusPlus}
+    method = "gradcam++"
 
 
 def action_target(actions: int | str | Sequence[int | str] | None = None,
@@ -118,12 +76,7 @@ def explain_clip(adapter: Any, clip: Any, actions: int | str | Sequence[int | st
     x = model_input(adapter, clip, "clip")
     categories = getattr(adapter, "categories", None)
     target = action_target(actions, categories, top)
-    if per_slice:
-        if method not in TEMPORAL_METHODS:
-            raise bad_value("method", f"one of {sorted(TEMPORAL_METHODS)}", method)
-        cam = TEMPORAL_METHODS[method](adapter, layer=layer, **options)
-    else:
-        cam = make_cam(adapter, method, layer, **options)
+    cam = make_cam(adapter, method, layer, per_slice=per_slice, **options)
     expl = cam(x, target=target)
     return expl, labels_of(categories, chosen_classes(target, x.shape[0]))
 
@@ -198,5 +151,5 @@ class StitchedMaps:
         return torch.where(total > 0, mass / total.clamp(min=1e-30), torch.zeros_like(mass))
 
 
-__all__ = ["PerSliceRule", "TEMPORAL_METHODS", "TemporalGradCAM", "TemporalGradCAMPlusPlus",
+__all__ = ["TemporalGradCAM", "TemporalGradCAMPlusPlus",
            "StitchedMaps", "action_target", "explain_clip", "frame_slices"]

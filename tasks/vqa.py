@@ -19,7 +19,8 @@ import torch
 from mmexplain.engine import Explanation
 from mmexplain.errors import InputError, bad_type, bad_value
 from mmexplain.targets import IndexTarget
-from mmexplain.tasks.caption import make_cam, one_image
+from mmexplain.engine import make_cam
+from mmexplain.tasks.caption import one_image
 from mmexplain.vocab import Vocabulary
 
 
@@ -72,20 +73,27 @@ def explain_vqa(adapter: Any, image: torch.Tensor, question: str,
                 **options: Any) -> tuple[Explanation, list[str]]:
     """Explain answers to a question about one image.
 
-    ``answers``: None explains the model's ``top`` answers; names or ids
-    explain those (K maps from one backward). ``options`` go to the explainer
-    (``counterfactual``, ``strategy``, ...). Returns (Explanation with maps
-    (1, K, h, w) and the answers' logits as scores, the K answer names).
+    ``adapter``: any model with the Answer capability. ``answers``: None explains
+    the model's ``top`` answers; names (or a classifier's ids) explain those, given
+    or not (K maps from one backward): a classifier's answer logits, a generative
+    model's log p(answer | image, question) (its tokens' log-probabilities summed).
+    ``options`` go to the explainer (``counterfactual``, ``strategy``, ...).
+    Returns (Explanation with maps (1, K, h, w) and the answers' scores, the K answers).
     """
+    from mmexplain.adapters.capabilities import Answer, require
+
+    require(adapter, Answer, "explain_vqa")
     images = one_image(image)
     if not isinstance(question, str):
         raise bad_type("question", "a question string", question)
     if answers is None:
         answers = [a for a, _ in adapter.answer(images, question, top=top)[0]]
-    target = AnswerScore(answers, adapter.answer_vocab)
-    context = adapter.question_context(question)
+    elif isinstance(answers, (str, int)) and not isinstance(answers, bool):
+        answers = [answers]
+    context, target = adapter.answer_task(question, list(answers))
     expl = make_cam(adapter, method, layer, **options)(images, target=target, **context)
-    return expl, [str(a) for a in target.answers]
+    labels = getattr(target, "answers", None) or list(answers)
+    return expl, [str(a) for a in labels]
 
 
 __all__ = ["AnswerScore", "answer_ids", "explain_vqa"]

@@ -476,5 +476,7 @@ def test_gradcam_pp_softmax_form_matches_autograd_derivatives() -> None:
     assert not torch.allclose(exp_form.weights, expl.weights)  # the two forms differ
     with pytest.raises(InputError, match="form='softmax', which needs the logits"):
         mx.GradCAMPlusPlus(net, "features", form="softmax")(x, target=lambda o: o[:, 1])
-    with pytest.raises(InputError, match="form: expected 'exp', or 'softmax' for Grad-CAM"):
+    with pytest.raises(InputError, match=r"form: expected the default \('exp'\) for Grad-CAM, "
+                       r"which does not take this option, received 'softmax' \(methods that "
+                       r"take it: gradcam\+\+\)"):
         mx.GradCAM(net, "features", form="softmax")

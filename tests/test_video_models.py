@@ -15,7 +15,6 @@ from mmexplain.adapters.tv import RANDOM_NO_FILE, RECIPES, _resolve_default, tv_
 from mmexplain.errors import InputError
 from mmexplain.tasks.classify import explain_image
 from mmexplain.tasks.video import (
-    PerSliceRule,
     TemporalGradCAM,
     TemporalGradCAMPlusPlus,
     explain_clip,
@@ -158,7 +157,6 @@ def test_per_slice_needs_a_time_axis() -> None:
     with pytest.raises(InputError, match=r"per_slice: expected a layer with a time axis: "
                        r"activations \(B, C, T, H, W\), received tensor of shape \(2, 4, 5, 5\)"):
         TemporalGradCAM(TinyNet(dims=2), layer="features")(torch.randn(2, 3, 5, 5), target=0)
-    assert PerSliceRule().name == "gradcam"
 
 
 # --------------------------------------------------------------------------- classifiers
