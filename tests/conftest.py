@@ -75,3 +75,13 @@ def tiny2d() -> TinyNet:
 def tiny3d() -> TinyNet:
     torch.manual_seed(0)
     return TinyNet(dims=3, size=4)
+
+
+def tinynet_closed_form(net: TinyNet, x: torch.Tensor, classes: list[int]):
+    """A (B, C, *grid) and dS_k/dA (B, K, C, *grid) of TinyNet in float64 numpy, by hand:
+    S = W . relu(A) + b, so dS_k/dA = W_k * [A > 0], which varies over positions."""
+    with torch.no_grad():
+        a = net.features(x).double().numpy()
+    w = net.fc.weight.detach().double().numpy()[classes].reshape((len(classes),) + a.shape[1:])
+    g = w[None] * (a[:, None] > 0)
+    return a, g
