@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmexplain.errors import InputError
+from mmexplain.errors import InputError, bad_value
 
 
 class SequenceOutput:
@@ -104,6 +104,26 @@ class Adapter(nn.Module):
 
     def forward(self, inputs: Any, **context: Any) -> Any:
         return self.head(self.encode(inputs, **context), **context)
+
+
+def resized_image(image: Any, side: int, device: torch.device | None = None
+                  ) -> tuple[torch.Tensor, Any]:
+    """An (H, W, 3) uint8 image -> (model input (1, 3, side, side) in [0, 1], the picture
+    as the model sees it (side, side, 3) uint8): antialiased bilinear resizing, whole
+    image, aspect not kept (for models that normalise inside, as the captioners do)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or \
+            image.shape[2] != 3:
+        raise bad_value("image", "an (H, W, 3) uint8 RGB image", image)
+    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+        raise bad_value("size", "a positive image side in pixels", side)
+    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+    x = F.interpolate(u8, size=(side, side), mode="bilinear", antialias=True,
+                      align_corners=False).clamp(0, 255).round() / 255.0
+    shown = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
+    return (x.to(device) if device is not None else x), shown
 
 
 def check_layer(layer: str, layers: Iterable[str], owner: str) -> None:

@@ -40,10 +40,10 @@ from torch import nn
 
 from mmexplain import kernels
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.base import Adapter, SequenceOutput, StagedTrunk
+from mmexplain.adapters.base import Adapter, SequenceOutput, StagedTrunk, resized_image
 from mmexplain.engine import borrowed
 from mmexplain.errors import InputError, bad_type, bad_value, describe
-from mmexplain.vocab import Vocabulary
+from mmexplain.vocab import PAD, START, Vocabulary
 
 # --------------------------------------------------------------------------- trunks
 
@@ -810,9 +810,27 @@ class TrunkAdapter(Adapter):
         self.layer = self.default_layer
         self.weights_source = model.weights_source
 
+    image_size = 224  # the side images are resized to by prepare_image (no crop)
+
     def encode(self, images: torch.Tensor, **context: Any) -> torch.Tensor:
         """images (B, 3, H, W) -> A (B, C, h, w) at ``self.layer`` (context is for the head)."""
         return self.model.feature_map(images, stop=self.layer)
+
+    def prepare_image(self, image: Any, prompt: str | None = None, *, size: int | None = None
+                      ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        """An (H, W, 3) uint8 image -> ((1, 3, s, s) in [0, 1], the picture (s, s, 3), the
+        context of ``prompt``), s = ``size`` or ``image_size`` (the model normalises)."""
+        x, shown = resized_image(image, size or self.image_size, self._device())
+        return x, shown, self.prompt_context(prompt)
+
+    def prompt_context(self, prompt: str | None) -> dict[str, Any]:
+        if prompt is not None:
+            raise bad_value("prompt", f"no prompt for {self.name} (it reads only the image)",
+                            prompt)
+        return {}
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def _check_context(self, context: Mapping[str, Any], allowed: Iterable[str]) -> None:
         if context:
@@ -822,6 +840,8 @@ class TrunkAdapter(Adapter):
 
 class CaptionerAdapter(TrunkAdapter):
     """A ``ShowTell`` captioner split at a trunk stage; ``head`` scores a caption."""
+
+    capabilities = ("split", "caption")
 
     def __init__(self, model: ShowTell, name: str = "show-tell") -> None:
         super().__init__(model, name)
@@ -869,19 +889,42 @@ class CaptionerAdapter(TrunkAdapter):
         tokens, _ = self.vocab.encode_batch(captions, end=True, strict=strict, arg="captions")
         return {"tokens": tokens.to(self._device())}
 
-    def generate(self, images: torch.Tensor, max_len: int = 16, beam_size: int = 1) -> Captions:
+    def captions(self, images: torch.Tensor, max_len: int = 16, beam_size: int = 1) -> Captions:
         """Captions for ``images`` (greedy for ``beam_size=1``, else beam search)."""
         with borrowed(self.model):
             return self.model.generate(images, max_len=max_len, beam_size=beam_size)
+
+    def generate(self, images: torch.Tensor, *, max_new_tokens: int = 16, beam_size: int = 1,
+                 **context: Any) -> torch.Tensor:
+        """The caption tokens (B, T) of :meth:`captions` (words then <end>), the head's
+        ``tokens=`` (the Caption capability)."""
+        self._check_context(context, [])
+        return self.captions(images, max_len=max_new_tokens, beam_size=beam_size).tokens
+
+    def tokenize(self, texts: str | Sequence[str], **context: Any) -> torch.Tensor:
+        """Captions (strings) -> tokens (B, L), words then <end>; unknown words are an error."""
+        return self.caption_context(texts)["tokens"]
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Token rows (B, T) -> caption texts (up to <end>)."""
+        rows = tokens.tolist() if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
+        if rows is None:
+            raise bad_value("tokens", "token ids (B, T)", tokens)
+        return [self.vocab.decode(row) for row in rows]
+
+    def word_groups(self, tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
+        """Each word of one caption row (T,) with its step (one token per word)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            raise bad_value("tokens", "one row of token ids (T,)", tokens)
+        words = self.vocab.words(tokens)  # up to <end>, without <pad> / <start>
+        skip = {self.vocab.stoi.get(t) for t in (PAD, START)}
+        steps = [t for t, i in enumerate(tokens.tolist()) if i not in skip][:len(words)]
+        return [(w, [t]) for w, t in zip(words, steps)]
 
     def score(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log p(caption | image) (B,) of caption tokens (B, L), teacher-forced."""
         with borrowed(self.model), torch.no_grad():
             return self.model.score(images, tokens)
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
 
 @register_adapter("show-tell")
 def show_tell(*, vocab: Any = None, trunk: str | StagedTrunk | None = None,

@@ -69,6 +69,7 @@ from torch import nn
 from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import Adapter, SequenceOutput
 from mmexplain.adapters.captioner import caption_mask
+from mmexplain.adapters.families import register_family
 from mmexplain.engine import expand_context
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 
@@ -242,8 +243,11 @@ class HFVisionAdapter(Adapter):
     """Base of the Hugging Face adapters: a ViT vision encoder split at a layer.
 
     Subclasses say where the vision transformer lives in the model (``vision_path``)
-    and implement ``head`` on top of :meth:`vision_tail`.
+    and implement ``head`` on top of :meth:`vision_tail`. Every one offers the Split
+    and Caption capabilities (:mod:`mmexplain.adapters.capabilities`).
     """
+
+    capabilities: tuple[str, ...] = ("split", "caption")
 
     vision_path = "encoder"
     model_class = ""
@@ -310,7 +314,9 @@ class HFVisionAdapter(Adapter):
     def encode(self, pixel_values: torch.Tensor, **_: Any) -> torch.Tensor:
         """pixel_values (B, 3, H, W) -> A (B, D, h, w): patch tokens after ``self.layer``.
 
-        Keeps the prefix tokens (B, P, D) of this call for :meth:`head`.
+        Keeps the prefix tokens (B, P, D) of this call for :meth:`head`. A is float32
+        whatever the model's dtype (fp16 / bf16 models: the head casts it back), so
+        the gradients at A, and the maps, are float32.
         """
         size = self.image_size if not self.interpolate_pos_encoding else None
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
@@ -333,7 +339,7 @@ class HFVisionAdapter(Adapter):
             raise bad_value("pixel_values", f"images whose {h}x{w} patches match the "
                             f"{hidden.shape[1]} tokens of the encoder", pixel_values)
         self._prefix = hidden[:, :prefix].detach()
-        return vit_token_grid(hidden, prefix, (h, w))  # (B, D, h, w)
+        return vit_token_grid(hidden, prefix, (h, w)).float()  # (B, D, h, w)
 
     def vision_tail(self, acts: torch.Tensor) -> torch.Tensor:
         """A (R, D, h, w) -> the vision encoder's output tokens (R, P + h*w, D).
@@ -348,7 +354,8 @@ class HFVisionAdapter(Adapter):
             raise bad_value("acts", f"a (R, D, h, w) grid with R a multiple of the "
                             f"{self._prefix.shape[0]} inputs of the last encode()", acts)
         prefix = self._prefix.repeat_interleave(acts.shape[0] // self._prefix.shape[0], dim=0)
-        hidden = torch.cat([prefix.to(acts.dtype), grid_tokens(acts)], dim=1)  # (R, P + h*w, D)
+        patches = grid_tokens(acts).to(prefix.dtype)  # the model's dtype (float32 A)
+        hidden = torch.cat([prefix, patches], dim=1)  # (R, P + h*w, D)
         return self._run(hidden, self.layers.index(self.layer) + 1, len(self.layers))
 
     def expand_context(self, context: Mapping[str, Any], k: int) -> dict[str, Any]:
@@ -377,13 +384,130 @@ class HFVisionAdapter(Adapter):
     # -- conveniences -------------------------------------------------------------------
 
     def pixel_values(self, images: Any) -> torch.Tensor:
-        """Images -> pixel_values (B, 3, H, W) through the model's saved image processor."""
+        """Images -> pixel_values (B, 3, H, W) through the model's saved image processor.
+
+        An image the processor rejects, or one it turns into pixel values of another
+        size than the model's, is an InputError naming ``image``.
+        """
         processor = self.processor
         if processor is None:
             raise bad_value("processor", "an image processor saved with the model (or passed "
                             "as processor=) to prepare images", None)
         device = next(self.model.parameters()).device
-        return processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        shape = describe(images[0] if isinstance(images, list) and images else images)
+        try:
+            px = processor(images=images, return_tensors="pt")["pixel_values"]
+        except Exception as exc:  # noqa: BLE001 - the processors raise many kinds
+            raise InputError(f"image: expected an image the model's processor "
+                             f"({type(processor).__name__}) accepts, received {shape}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from exc
+        size = self.image_size
+        if px.dim() != 4 or px.shape[1] != self.channels or \
+                (not self.interpolate_pos_encoding and tuple(px.shape[2:]) != size):
+            raise InputError(f"image: expected an image the processor makes into "
+                             f"({self.channels}, {size[0]}, {size[1]}) pixel values (the model's "
+                             f"input), received {shape}, which it made into "
+                             f"{tuple(px.shape[1:])}")
+        return px.to(device)
+
+    # -- the Caption capability -----------------------------------------------------------
+
+    def prepare_image(self, image: Any, prompt: str | None = None, *, size: int | None = None
+                      ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        """An (H, W, 3) uint8 image (and a prompt) -> (pixel_values (1, 3, h, w), the picture
+        as the model saw it (h, w, 3) uint8, the context for encode/head/generate)."""
+        import numpy as np
+
+        if size is not None:
+            raise bad_value("--size", "no size for a Hugging Face model (its image processor "
+                            "sets the size)", size)
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+                or image.shape[2] != 3:
+            raise bad_value("image", "an (H, W, 3) uint8 RGB image", image)
+        px = self.pixel_values([image])  # (1, 3, h, w)
+        return px, self._shown(px[0], image), self.prompt_context(prompt)
+
+    def _shown(self, px: torch.Tensor, image: Any) -> Any:
+        """pixel_values (3, h, w) back to uint8 (h, w, 3): the processor's rescaling and
+        normalisation undone (the image resized to (h, w) when they are unknown)."""
+        import numpy as np
+
+        proc = self.processor
+        mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+        scale = getattr(proc, "rescale_factor", 1 / 255) if getattr(proc, "do_rescale", True) \
+            else 1.0
+        if mean is not None and std is not None and getattr(proc, "do_normalize", True):
+            x = px.detach().float().cpu() * torch.tensor(std).view(-1, 1, 1) \
+                + torch.tensor(mean).view(-1, 1, 1)
+            return (x / scale).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        from PIL import Image
+
+        h, w = px.shape[1:]
+        return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+    def prompt_context(self, prompt: str | None) -> dict[str, Any]:
+        """The context of a text prompt the decoder reads before the caption: ``prompt``
+        token ids (1, P); {} without one."""
+        if prompt is None:
+            return {}
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise bad_value("prompt", "a non-empty text", prompt)
+        ids = list(self._tokenizer()(prompt, add_special_tokens=False)["input_ids"])
+        room = self._max_positions() - 2  # the start token, and one generated token at least
+        if not ids or len(ids) > room:
+            raise bad_value("prompt", f"a prompt of 1 to {room} tokens (the decoder reads at "
+                            f"most {room + 2} positions)", f"{prompt!r} of {len(ids)} tokens",
+                            raw=True)
+        return {"prompt": self._device_ids(torch.tensor([ids], dtype=torch.long))}
+
+    def _max_positions(self) -> int:
+        config = self._text_config()
+        for name in ("max_position_embeddings", "n_positions", "max_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 2:
+                return value
+        return 512
+
+    def _text_config(self) -> Any:
+        return self.model.config.text_config
+
+    def tokenize(self, texts: str | Sequence[str], **context: Any) -> torch.Tensor:
+        """Texts -> (N, L) token ids in the head's ``tokens=`` format (:meth:`text_ids`)."""
+        return self.text_ids(texts)
+
+    def word_groups(self, tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
+        """Each word of one row of tokens (T,) with the steps of its subword tokens.
+
+        A token starts a new word when the tokenizer's text of the tokens so far grows
+        by a piece that begins with a space (WordPiece, byte-level BPE and SentencePiece
+        alike); steps after the end token, padding and special tokens are left out.
+        Without a tokenizer every token is a word, named by its id.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            raise bad_value("tokens", "one row of token ids (T,)", tokens)
+        mask = sequence_mask(tokens[None].cpu(), self.eos_id, self.pad_id)[0]
+        tok = self.tokenizer
+        special = set(getattr(tok, "all_special_ids", ()) or ()) | \
+            {i for i in (self.eos_id, self.pad_id, self.start_id) if i is not None}
+        ids = tokens.tolist()
+        steps = [t for t in range(len(ids)) if bool(mask[t]) and ids[t] not in special]
+        if tok is None:
+            return [(f"#{ids[t]}", [t]) for t in steps]
+        groups: list[list[int]] = []
+        before = ""
+        for i, t in enumerate(steps):
+            text = tok.decode([ids[s] for s in steps[:i + 1]], skip_special_tokens=True,
+                              clean_up_tokenization_spaces=False)
+            piece = text[len(before):] if text.startswith(before) else ""
+            if not groups or piece[:1].isspace():
+                groups.append([t])
+            else:
+                groups[-1].append(t)
+            before = text
+        words = [tok.decode([ids[s] for s in g], skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False).strip() for g in groups]
+        return [(w, g) for w, g in zip(words, groups) if w]
 
     def text_ids(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Texts -> token ids (N, L): each text's tokens then the end token, padded.
@@ -422,6 +546,11 @@ class HFVisionAdapter(Adapter):
             raise bad_value("tokenizer", "a tokenizer saved with the model (or passed as "
                             "tokenizer=) to turn text into token ids and back", None)
         return self.tokenizer
+
+    def _model_dtype(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values on the model's device, in its dtype (fp16 / bf16 models)."""
+        param = next(self.model.parameters())
+        return pixel_values.to(device=param.device, dtype=param.dtype)
 
     def _device_ids(self, ids: Any) -> Any:
         return ids.to(next(self.model.parameters()).device) if isinstance(ids, torch.Tensor) \
@@ -528,13 +657,24 @@ class VisionEncoderDecoderCaptioner(_Captioner):
                          use_cache=False)
         return out.logits  # (R, L, V)
 
+    def _text_config(self) -> Any:
+        return self.model.config.decoder
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 20,
-                 **kwargs: Any) -> torch.Tensor:
-        """The model's own ``generate`` -> caption tokens (B, T) ready for ``head(tokens=)``."""
-        sequences = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens,
-                                        **kwargs)
-        return self._generated(sequences, 1)
+                 prompt: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """The model's own ``generate`` -> caption tokens (B, T) ready for ``head(tokens=)``
+        (after the prompt, if any: the decoder reads [start] + prompt first)."""
+        skip = 1
+        if prompt is not None:
+            prompt = _rows("prompt", self._device_ids(prompt), pixel_values.shape[0],
+                           self.vocab_size)
+            start = torch.full_like(prompt[:, :1], self.start_id)
+            kwargs["decoder_input_ids"] = torch.cat([start, prompt], dim=1)
+            skip += prompt.shape[1]
+        sequences = self.model.generate(pixel_values=self._model_dtype(pixel_values),
+                                        max_new_tokens=max_new_tokens, **kwargs)
+        return self._generated(sequences, skip)
 
 
 class BlipCaptioner(_Captioner):
@@ -565,8 +705,8 @@ class BlipCaptioner(_Captioner):
             starts = torch.full_like(ends, self.start_id)
             kwargs["input_ids"] = torch.cat([starts, prompt, ends], dim=1)
             skip += prompt.shape[1]
-        sequences = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens,
-                                        **kwargs)
+        sequences = self.model.generate(pixel_values=self._model_dtype(pixel_values),
+                                        max_new_tokens=max_new_tokens, **kwargs)
         return self._generated(sequences, skip)
 
 
@@ -583,6 +723,7 @@ class BlipVQA(HFVisionAdapter):
     name = "blip-vqa"
     vision_path = "vision_model"
     model_class = "BlipForQuestionAnswering"
+    capabilities = ("split", "caption", "answer")
 
     def _special_ids(self, model: nn.Module) -> tuple[int | None, int | None, int | None, int]:
         return _blip_ids(model)
@@ -599,41 +740,60 @@ class BlipVQA(HFVisionAdapter):
         return {key: self._device_ids(out[key]) for key in ("input_ids", "attention_mask")}
 
     def head(self, acts: torch.Tensor, input_ids: Any = None, answers: Any = None,
-             attention_mask: Any = None, answer_mask: Any = None, **context: Any
-             ) -> torch.Tensor:
-        """A (R, D, h, w) -> answer log-probabilities (R, C).
+             attention_mask: Any = None, answer_mask: Any = None, tokens: Any = None,
+             mask: Any = None, **context: Any) -> torch.Tensor | SequenceOutput:
+        """A (R, D, h, w) -> answer log-probabilities (R, C), or with ``tokens`` the
+        teacher-forced SequenceOutput of one answer per input (the Caption capability).
 
         input_ids:      the question's token ids (B, Lq) as the processor gives them;
         attention_mask: (B, Lq) the question's mask (default: all ones);
         answers:        candidate answers, token ids (C, La) shared by all inputs or
                         (B, C, La) per input, without the start token, end token included
                         (:meth:`text_ids`), or a list of strings (needs a tokenizer);
-        answer_mask:    like answers, default :func:`sequence_mask`.
+        answer_mask:    like answers, default :func:`sequence_mask`;
+        tokens, mask:   instead of answers: one answer (B, T) to score token by token.
         """
-        _no_other(context, self.name, "input_ids, attention_mask, answers, answer_mask")
+        _no_other(context, self.name, "input_ids, attention_mask, answers, answer_mask, "
+                  "tokens, mask")
         if input_ids is None:
             raise bad_value("input_ids", "the question's token ids (B, Lq)", None)
-        if answers is None:
+        if answers is None and tokens is None:
             raise bad_value("answers", "candidate answers: token ids (C, La) or (B, C, La), "
                             "or a list of strings", None)
-        if isinstance(answers, (str, list, tuple)):
-            answers = self.text_ids(answers)  # (C, La)
         rows = acts.shape[0]
         question = _rows("input_ids", self._device_ids(input_ids), rows, self.vocab_size)
         q_mask = (torch.ones_like(question) if attention_mask is None
                   else _rows("attention_mask", self._device_ids(attention_mask), rows,
-                        what="a mask").long())
+                             what="a mask").long())
+        if answers is None:
+            tokens = _rows("tokens", self._device_ids(tokens), rows, self.vocab_size)  # (R, T)
+            logprobs = self._answer_logprobs(acts, question, q_mask, tokens)  # (R, T, V)
+            return SequenceOutput(logprobs=logprobs, tokens=tokens,
+                                  mask=self._mask("mask", mask, tokens, rows, 2))
+        if isinstance(answers, (str, list, tuple)):
+            answers = self.text_ids(answers)  # (C, La)
         answers = _rows("answers", self._device_ids(answers), rows, self.vocab_size, dims=3)
         num = answers.shape[1]  # C candidates
-        if answer_mask is None:
-            a_mask = sequence_mask(answers.flatten(0, 1), self.eos_id, self.pad_id)
-        else:
-            a_mask = _rows("answer_mask", self._device_ids(answer_mask), rows, dims=3,
-                           what="a mask").bool()
-            if a_mask.shape != answers.shape:
-                raise bad_value("answer_mask", f"a bool mask shaped like answers "
-                                f"{tuple(answers.shape)}", a_mask)
-            a_mask = a_mask.flatten(0, 1)
+        a_mask = self._mask("answer_mask", answer_mask, answers, rows, 3).flatten(0, 1)
+        flat = answers.flatten(0, 1)  # (R*C, La)
+        logprobs = self._answer_logprobs(acts, question, q_mask, flat, num)  # (R*C, La, V)
+        logprobs = logprobs.gather(2, flat.unsqueeze(2)).squeeze(2)
+        return (logprobs * a_mask).sum(dim=1).view(rows, num)  # log p(a_c), (R, C)
+
+    def _mask(self, arg: str, mask: Any, ids: torch.Tensor, rows: int, dims: int
+              ) -> torch.Tensor:
+        """The given bool mask shaped like ``ids``, or :func:`sequence_mask` of them."""
+        if mask is None:
+            return sequence_mask(ids.flatten(0, -2), self.eos_id, self.pad_id).view(ids.shape)
+        mask = _rows(arg, self._device_ids(mask), rows, dims=dims, what="a mask").bool()
+        if mask.shape != ids.shape:
+            raise bad_value(arg, f"a bool mask shaped like the ids {tuple(ids.shape)}", mask)
+        return mask
+
+    def _answer_logprobs(self, acts: torch.Tensor, question: torch.Tensor,
+                         q_mask: torch.Tensor, flat: torch.Tensor, num: int = 1
+                         ) -> torch.Tensor:
+        """log p(. | image, question, answer_<t) (R*num, La, V) of answers (R*num, La)."""
         hidden = self.vision_tail(acts)  # (R, P + N, D)
         # as BlipForQuestionAnswering: the question encoder cross-attends to the image ...
         image_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
@@ -641,7 +801,6 @@ class BlipVQA(HFVisionAdapter):
                                            encoder_hidden_states=hidden,
                                            encoder_attention_mask=image_mask)[0]  # (R, Lq, D)
         # ... and the answer decoder to the question, one row per (input, candidate)
-        flat = answers.flatten(0, 1)  # (R*C, La)
         start = torch.full((flat.shape[0], 1), self.start_id, dtype=torch.long,
                            device=flat.device)
         logits = self.model.text_decoder(
@@ -649,22 +808,59 @@ class BlipVQA(HFVisionAdapter):
             encoder_hidden_states=q_embeds.repeat_interleave(num, dim=0),
             encoder_attention_mask=q_mask.repeat_interleave(num, dim=0),
             use_cache=False,
-        ).logits  # (R*C, La, V)
-        logprobs = logits.float().log_softmax(dim=-1).gather(2, flat.unsqueeze(2)).squeeze(2)
-        return (logprobs * a_mask).sum(dim=1).view(rows, num)  # log p(a_c), (R, C)
+        ).logits  # (R*num, La, V)
+        return logits.float().log_softmax(dim=-1)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, max_new_tokens: int = 10,
                  **kwargs: Any) -> torch.Tensor:
         """The model's own ``generate`` -> answer tokens (B, La), start token dropped.
 
         ``answers=tokens.unsqueeze(1)`` scores each input on its own answer.
         """
-        sequences = self.model.generate(input_ids=input_ids, pixel_values=pixel_values,
-                                        attention_mask=attention_mask,
+        if input_ids is None:
+            raise bad_value("input_ids", "the question's token ids (B, Lq) "
+                            "(adapter.question_context(question))", None)
+        sequences = self.model.generate(input_ids=self._device_ids(input_ids),
+                                        pixel_values=self._model_dtype(pixel_values),
+                                        attention_mask=self._device_ids(attention_mask),
                                         max_new_tokens=max_new_tokens, **kwargs)
         return self._generated(sequences, 1)
+
+    # -- the Caption capability with the question as prompt, and the Answer capability ----
+
+    def prompt_context(self, prompt: str | None) -> dict[str, Any]:
+        """The question's context (``input_ids``, ``attention_mask``): the prompt of a VQA
+        model is its question."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise bad_value("prompt", f"the question (a non-empty text): {self.name} "
+                            "answers a question about the image", prompt)
+        return self.question_context(prompt)
+
+    def answer(self, pixel_values: torch.Tensor, question: str, *, top: int = 1,
+               max_new_tokens: int = 10, **context: Any) -> list[list[tuple[str, float]]]:
+        """Each input's own answer (generated; one, whatever ``top``) with its summed token
+        log-probability, log p(answer | image, question)."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise bad_value("top", "a positive int", top)
+        ctx = context or self.prompt_context(question)
+        tokens = self.generate(pixel_values, max_new_tokens=max_new_tokens, **ctx)  # (B, T)
+        with torch.no_grad():
+            scores = self(pixel_values, answers=tokens.unsqueeze(1), **ctx)[:, 0]  # (B,)
+        return [[(text.strip(), float(score))] for text, score in
+                zip(self.decode(tokens), scores.tolist())]
+
+    def answer_task(self, question: str, answers: Sequence[str]) -> tuple[dict[str, Any], Any]:
+        """(context, target): the target's (B, C) scores are log p(answer_c | image,
+        question), the sum of its tokens' log-probabilities, for any answer text."""
+        from mmexplain.targets import IndexTarget
+
+        if isinstance(answers, str) or not answers or \
+                not all(isinstance(a, str) and a.strip() for a in answers):
+            raise bad_type("answers", "a non-empty list of answer texts", answers)
+        context = {**self.prompt_context(question), "answers": self.text_ids(list(answers))}
+        return context, IndexTarget(torch.arange(len(answers)).view(1, -1))
 
 
 # --------------------------------------------------------------------------- registry
@@ -698,6 +894,11 @@ def blip_vqa(path: Any = None, *, model: nn.Module | None = None, tokenizer: Any
     return _build(BlipVQA, "BlipForQuestionAnswering", path, model, layer,
                   tokenizer, processor, interpolate_pos_encoding=interpolate_pos_encoding)
 
+
+register_family("BlipForConditionalGeneration", "blip-caption", tasks=("caption",))
+register_family("BlipForQuestionAnswering", "blip-vqa", tasks=("caption", "vqa"))
+register_family("VisionEncoderDecoderModel", "hf-vision-encoder-decoder", tasks=("caption",))
+register_family("vision-encoder-decoder", "hf-vision-encoder-decoder", tasks=("caption",))
 
 __all__ = ["BlipCaptioner", "BlipVQA", "HFVisionAdapter", "VisionEncoderDecoderCaptioner",
            "blip_caption", "blip_vqa", "grid_tokens", "hf_vision_encoder_decoder",

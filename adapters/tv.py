@@ -210,6 +210,14 @@ class StagedAdapter(Adapter):
     connected layers fix the input size; None: any size).
     """
 
+    capabilities = ("split", "classify")
+
+    @property
+    def input_size(self) -> tuple[int, ...]:
+        """(H, W), or (T, H, W) for video models: the crop it is fed (and the clip length)."""
+        crop = tuple(self.preprocess.crop)
+        return (self.clip_length, *crop) if self.video and self.clip_length else crop
+
     def __init__(self, name: str, model: nn.Module, steps: Sequence[Step], n_trunk: int,
                  default_layer: str, preprocess: Preprocess, *, video: bool,
                  categories: Sequence[str] | None = None, clip_length: int | None = None,

@@ -143,6 +143,8 @@ class LSTMQNormI(ImageModel):
 class VQAAdapter(TrunkAdapter):
     """An ``LSTMQNormI`` split at a trunk stage; ``head`` gives the answer logits."""
 
+    capabilities = ("split", "answer")
+
     def __init__(self, model: LSTMQNormI, name: str = "vqa-lstm") -> None:
         super().__init__(model, name)
 
@@ -213,8 +215,17 @@ class VQAAdapter(TrunkAdapter):
         ctx["rows_per_input"] = k
         return ctx
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def prompt_context(self, prompt: str | None) -> dict[str, Any]:
+        """The question's context (the prompt of a VQA model is its question)."""
+        return {} if prompt is None else self.question_context(prompt)
+
+    def answer_task(self, question: str, answers: Sequence[str | int]
+                    ) -> tuple[dict[str, Any], Any]:
+        """(context, target): the target's (B, C) scores are the answers' logits (names
+        of the answer vocabulary, or ids), whatever the model answered."""
+        from mmexplain.tasks.vqa import AnswerScore
+
+        return self.question_context(question), AnswerScore(answers, self.answer_vocab)
 
     def question_context(self, questions: str | Sequence[str]) -> dict[str, torch.Tensor]:
         """``{"question": (B, L), "question_lengths": (B,)}`` for question strings;
@@ -230,8 +241,8 @@ class VQAAdapter(TrunkAdapter):
         with borrowed(self.model):
             return self.model(images, **self.question_context(questions))
 
-    def answer(self, images: torch.Tensor, questions: str | Sequence[str], top: int = 5
-               ) -> list[list[tuple[str, float]]]:
+    def answer(self, images: torch.Tensor, questions: str | Sequence[str], top: int = 5,
+               **context: Any) -> list[list[tuple[str, float]]]:
         """The ``top`` answers of each image with their softmax probabilities."""
         if not isinstance(top, int) or isinstance(top, bool) or top <= 0:
             raise bad_value("top", "a positive int", top)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from mmexplain.adapters.base import SequenceOutput
-from mmexplain.engine import CAM, Explanation, GradCAM, GradCAMPlusPlus
+from mmexplain.engine import Explanation, make_cam
 from mmexplain.errors import InputError, bad_type, bad_value
 from mmexplain.vocab import SPECIALS, Vocabulary
 
@@ -42,15 +42,6 @@ one two three four five six seven eight nine ten zero several many few lots lot
 very just also as than then while
 """.split())
 
-METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
-
-
-def make_cam(model: Any, method: str = "gradcam", layer: str | None = None,
-             **options: Any) -> CAM:
-    """The explainer of a method name ("gradcam" or "gradcam++") for ``model``."""
-    if method not in METHODS:
-        raise bad_value("method", f"one of {sorted(METHODS)}", method)
-    return METHODS[method](model, layer=layer, **options)
 
 
 def one_image(image: Any) -> torch.Tensor:
@@ -248,40 +239,120 @@ def caption_words(vocab: Vocabulary, caption: str | Sequence[str],
     return CaptionWords(tokens, positions, [toks[i] for i in positions])
 
 
+class WordGroupLogProbs:
+    """Scores (B, K) = log p(word_k) = the sum of the log-probabilities of word k's subword
+    tokens (log p(w | image, w_<t) is the product over its tokens, Show and Tell eq. 2).
+
+    ``groups``: K lists of steps into the head's ``tokens`` (the same for every row).
+    """
+
+    def __init__(self, groups: Sequence[Sequence[int]]) -> None:
+        if isinstance(groups, str) or not groups or \
+                not all(len(g) and all(isinstance(t, int) and t >= 0 for t in g) for g in groups):
+            raise bad_value("groups", "K non-empty lists of token steps", groups)
+        self.groups = [list(g) for g in groups]
+        self.num_targets = len(self.groups)
+
+    def __call__(self, outputs: Any) -> torch.Tensor:
+        seq = sequence_of(outputs)
+        steps = seq.tokens.shape[1]
+        if max(max(g) for g in self.groups) >= steps:
+            raise bad_value("groups", f"token steps inside the caption's {steps} tokens",
+                            self.groups)
+        lp = seq.token_logprobs()  # (R, T), 0 at padding
+        member = torch.zeros(steps, self.num_targets, dtype=lp.dtype, device=lp.device)
+        for k, group in enumerate(self.groups):
+            member[group, k] = 1.0
+        return lp @ member  # (R, K): each word's tokens summed
+
+    def expand(self, k: int) -> "WordGroupLogProbs":
+        return self
+
+
+def pick_words(groups: Sequence[tuple[str, list[int]]], words: str | Sequence[str | int],
+               stopwords: frozenset[str] = STOPWORDS) -> list[tuple[str, list[int]]]:
+    """The words of a caption to explain, from its (word, steps) groups.
+
+    ``words``: "all" (every word), "visual" (words not in ``stopwords`` with a letter or
+    digit), or a list of words (each one's next occurrence, in order) and word positions
+    (0 = first word). Asked-for words not in the caption raise an error naming them.
+    """
+    text = " ".join(w for w, _ in groups)
+    if isinstance(words, str):
+        if words == "all":
+            return list(groups)
+        if words == "visual":
+            return [(w, g) for w, g in groups
+                    if w.lower() not in stopwords and any(c.isalnum() for c in w)]
+        raise bad_value("words", "'all', 'visual', None or a list of words/positions", words)
+    chosen, used, absent = [], set(), []
+    for w in words:
+        if isinstance(w, int) and not isinstance(w, bool):
+            if not 0 <= w < len(groups):
+                raise bad_value("words", f"word positions in [0, {len(groups)}) of the caption "
+                                f"{text!r}", w)
+            chosen.append(groups[w])
+        elif isinstance(w, str):
+            free = [i for i, (word, _) in enumerate(groups) if i not in used and
+                    word.lower() == w.lower()]
+            if not free:
+                absent.append(w)
+                continue
+            chosen.append(groups[free[0]])
+            used.add(free[0])
+        else:
+            raise bad_type("words", "words (str) or positions (int)", w)
+    if absent:
+        raise InputError(f"words: expected words of the caption {text!r}, "
+                         f"received {', '.join(repr(w) for w in absent)}, not in it")
+    return chosen
+
+
 def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[str] | None = None,
                     words: str | Sequence[str | int] | None = None, method: str = "gradcam", *,
                     layer: str | None = None, beam_size: int = 1, max_len: int = 16,
+                    context: dict[str, Any] | None = None,
                     **options: Any) -> tuple[Explanation, list[str]]:
     """Explain a caption of one image: the whole caption or some of its words.
 
-    ``caption``: None explains the model's own caption (greedy, or beam search
-    with ``beam_size``); a string or word list explains that caption.
-    ``words``: None explains log p(caption) (K = 1); "visual" or a list of
-    words/positions explains log p(w_t) of each (K maps, one backward).
+    ``adapter``: any model with the Caption capability. ``caption``: None explains
+    the model's own caption (``adapter.generate``; ``beam_size`` > 1 where the model
+    offers beam search); a string or word list explains that caption.
+    ``words``: None explains log p(caption) (K = 1); "all", "visual" or a list of
+    words / word positions explains log p(word) of each (K maps, one backward), a
+    word of several subword tokens by the sum of their log-probabilities.
+    ``context``: what ``adapter.prepare_image`` gave beside the inputs (a prompt's ids).
     ``options`` go to the explainer (``counterfactual``, ``strategy``, ...).
     Returns (Explanation with maps (1, K, h, w), the K labels: the caption
     text for K = 1, else the words).
     """
+    from mmexplain.adapters.capabilities import Caption, require
+
+    require(adapter, Caption, "explain_caption")
     images = one_image(image)
+    context = dict(context or {})
     if caption is None:
-        gen = adapter.generate(images, max_len=max_len, beam_size=beam_size)
-        tokens = gen.tokens[:1]  # the generation's own tokens (words then <end>)
-        chosen = caption_words(adapter.vocab, gen.words[0], words) if words is not None else None
+        search = {"beam_size": beam_size} if beam_size != 1 else {}
+        tokens = adapter.generate(images, max_new_tokens=max_len, **search, **context)[:1]
     else:
-        chosen = caption_words(adapter.vocab, caption, words)
-        tokens = chosen.tokens
+        text = caption if isinstance(caption, str) else " ".join(caption)
+        tokens = adapter.tokenize([text], **context)
     tokens = tokens.to(images.device)
     cam = make_cam(adapter, method, layer, **options)
     if words is None:
-        expl = cam(images, target=CaptionLogProb(), tokens=tokens)
-        return expl, [adapter.vocab.decode(tokens[0])]
-    if not chosen.positions:
+        expl = cam(images, target=CaptionLogProb(), tokens=tokens, **context)
+        return expl, adapter.decode(tokens)[:1]
+    groups = adapter.word_groups(tokens[0])
+    chosen = pick_words(groups, words)
+    if not chosen:
         raise bad_value("words", "at least one word to explain", f"none in caption "
-                        f"{' '.join(adapter.vocab.words(tokens[0]))!r} for words={words!r}",
-                        raw=True)
-    expl = cam(images, target=WordLogProbs(chosen.positions), tokens=tokens)
-    return expl, chosen.words
+                        f"{' '.join(w for w, _ in groups)!r} for words={words!r}", raw=True)
+    steps = [g for _, g in chosen]
+    target = (WordLogProbs([g[0] for g in steps]) if all(len(g) == 1 for g in steps)
+              else WordGroupLogProbs(steps))
+    expl = cam(images, target=target, tokens=tokens, **context)
+    return expl, [w for w, _ in chosen]
 
 
-__all__ = ["CaptionLogProb", "CaptionWords", "METHODS", "STOPWORDS", "WordLogProbs",
+__all__ = ["CaptionLogProb", "CaptionWords", "WordGroupLogProbs", "pick_words", "STOPWORDS", "WordLogProbs",
            "caption_words", "explain_caption", "make_cam", "one_image", "sequence_of"]

@@ -351,8 +351,8 @@ def test_beam_search_beats_greedy_and_scores_are_teacher_forced(vocab: Vocabular
     x = images(3)
     for seed in range(4):
         adapter = tiny_captioner(vocab, seed=seed)
-        greedy = adapter.generate(x, max_len=8)
-        beam = adapter.generate(x, max_len=8, beam_size=4)
+        greedy = adapter.captions(x, max_len=8)
+        beam = adapter.captions(x, max_len=8, beam_size=4)
         assert bool((beam.logprobs >= greedy.logprobs - 1e-5).all())
         # the teacher-forced score of a generated caption is its accumulated log-prob
         for gen in (greedy, beam):
@@ -376,7 +376,7 @@ def test_a_wide_beam_finds_the_most_likely_caption_exhaustively() -> None:
     tokens = torch.tensor([s + [0] * (width - len(s)) for s in seqs])  # (N, L)
     for b in range(2):
         scores = adapter.score(x[b:b + 1].expand(len(seqs), -1, -1, -1), tokens)
-        beam = adapter.generate(x[b:b + 1], max_len=max_len, beam_size=len(seqs))
+        beam = adapter.captions(x[b:b + 1], max_len=max_len, beam_size=len(seqs))
         torch.testing.assert_close(beam.logprobs[0], scores.max(), rtol=1e-5, atol=1e-5)
         best = seqs[int(scores.argmax())]
         assert beam.tokens[0, :len(best)].tolist() == best
@@ -385,7 +385,7 @@ def test_a_wide_beam_finds_the_most_likely_caption_exhaustively() -> None:
 def test_explain_caption_explains_the_generated_caption_or_its_words(
         adapter: CaptionerAdapter) -> None:
     x = images(1)
-    gen = adapter.generate(x, max_len=8, beam_size=2)
+    gen = adapter.captions(x, max_len=8, beam_size=2)
     expl, labels = explain_caption(adapter, x[0], beam_size=2, max_len=8)
     assert labels == gen.texts
     torch.testing.assert_close(expl.scores[0, 0], gen.logprobs[0], rtol=1e-5, atol=1e-5)
@@ -400,7 +400,8 @@ def test_explain_caption_explains_the_generated_caption_or_its_words(
     ref = mx.GradCAMPlusPlus(adapter, layer="conv2")(x, target=WordLogProbs([1, 2, 6, 7]),
                                                      tokens=tokens)
     torch.testing.assert_close(expl.maps, ref.maps)
-    with pytest.raises(InputError, match=r"method: expected one of \['gradcam', 'gradcam\+\+'\]"):
+    with pytest.raises(InputError, match=r"method: expected one of gradcam, gradcam\+\+, .*received 'cam'; "
+                           r"closest: 'gradcam'"):
         explain_caption(adapter, x, caption, method="cam")
 
 
@@ -428,7 +429,7 @@ def test_head_context_errors_name_the_argument(adapter: CaptionerAdapter) -> Non
     with pytest.raises(InputTypeError, match=r"tokens: expected a long tensor"):
         mx.GradCAM(adapter)(x, target=CaptionLogProb(), tokens=torch.tensor([[4.0, 2.0]]))
     with pytest.raises(InputError, match=r"beam_size: expected a positive int, received int 0"):
-        adapter.generate(x, beam_size=0)
+        adapter.captions(x, beam_size=0)
 
 
 # --------------------------------------------------------------------------- weights

@@ -171,7 +171,7 @@ def test_faithfulness_with_the_captioner_explains_its_own_caption(tmp_path: Path
                        "--method", "gradcam")
     captioner = load_model("shapes-captioner", "random", seed=SEED)
     image = torch.from_numpy(ShapesWorld(seed=SEED).image(0).image)[None]
-    words = captioner.generate(image).words[0]
+    words = captioner.captions(image).words[0]
     tokens = captioner.caption_context([words])["tokens"]
     (entry,) = entries(tmp_path)  # one input: the image with its own greedy caption
     assert entry["caption"] == " ".join(words)
