@@ -49,7 +49,7 @@ scores), and falls back to K backward passes (``"loop"``) when that fails
 target). Every strategy equals K single runs (tests).
 
 Guided Grad-CAM (Grad-CAM sec. 3.2) and Guided Grad-CAM++ (Grad-CAM++ paper, end of sec. 3.3):
-:func:`guided` multiplies these maps point-wise by the Grad-CAM or Grad-CAM++ map
+:func:`guided_gradcam` multiplies these maps point-wise by the Grad-CAM or Grad-CAM++ map
 upsampled to the input resolution (bilinear for images, trilinear for clips).
 """
 
@@ -63,13 +63,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mmexplain.engine import (CAM, Explanation, _grad, batch_size_of, borrowed, call_model,
-                              expand_context, rows_target)
+from mmexplain.engine import (STRATEGIES, Explanation, borrowed, check_finite, choose_strategy,
+                              expand_context, expanded_grads, grads_after_forward, grads_looped,
+                              rows_target)
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 from mmexplain.targets import as_target, check_scores
 
 MODES = ("guided", "deconvnet")
-STRATEGIES = ("auto", "expand", "batched", "loop")
 
 _RELU = frozenset({"relu", "relu_"})
 _RELU_LIKE = frozenset({"relu6", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_",
@@ -175,6 +175,55 @@ def check_pixels(inputs: Any, arg: str = "inputs") -> torch.Tensor:
     return inputs
 
 
+class ExplainedInput:
+    """The model's inputs, one of them singled out as the pixels (voxels) to explain.
+
+    ``inputs``: a tensor (the model's one positional input), a tuple/list (its
+    positional inputs) or a dict (keyword inputs); ``context``: further keyword
+    inputs. ``explain``: the position of the explained tensor among the positional
+    inputs (int; None: the first), or the name of a keyword input (str), in the
+    dict or in ``context``. ``x`` is that tensor, ``name`` how messages call it.
+    """
+
+    def __init__(self, inputs: Any, explain: int | str | None, context: Mapping[str, Any]
+                 ) -> None:
+        if isinstance(inputs, Mapping):
+            args, kwargs, arg = [], {**inputs, **context}, "inputs"
+        elif isinstance(inputs, (tuple, list)):
+            args, kwargs, arg = list(inputs), dict(context), "inputs"
+        else:
+            args, kwargs, arg = [inputs], dict(context), None
+        if explain is None and args:
+            explain = 0
+        if isinstance(explain, int) and not isinstance(explain, bool) and 0 <= explain < len(args):
+            self.name = "inputs" if arg is None else f"inputs[{explain}]"
+            self.x = check_pixels(args[explain], self.name)
+        elif isinstance(explain, str) and explain in kwargs:
+            in_dict = isinstance(inputs, Mapping) and explain in inputs
+            self.name = f"inputs[{explain!r}]" if in_dict else explain
+            self.x = check_pixels(kwargs.pop(explain), self.name)
+        else:
+            names = ", ".join(repr(key) for key in kwargs) or "none given"
+            where = f"the position of a positional input (0 to {len(args) - 1}) or " if args else ""
+            raise bad_value("explain", f"{where}the name of a keyword input ({names}) to "
+                            "explain", explain)
+        self.slot, self.args, self.kwargs = explain, args, kwargs
+
+    def call(self, model: Any, rows: torch.Tensor, k: int = 1) -> Any:
+        """``model`` on ``rows`` (B*k rows of the explained input, row b*k+j = input b),
+        every other per-input input repeated k times as the engine does."""
+        batch = self.x.shape[0]
+        kwargs = expand_rows(model, self.kwargs, batch, k)
+        args = {i: a for i, a in enumerate(self.args) if i != self.slot}
+        if k > 1:
+            args = expand_context(args, batch, k)
+        if isinstance(self.slot, str):
+            kwargs[self.slot] = rows
+        else:
+            args[self.slot] = rows
+        return model(*(args[i] for i in range(len(self.args))), **kwargs)
+
+
 class GuidedBackprop:
     """Guided backpropagation (``mode="guided"``) or deconvnet (``mode="deconvnet"``).
 
@@ -182,12 +231,16 @@ class GuidedBackprop:
         maps = gb(x, target=[281, 243])   # (B, K, C, H, W), or (B, K, C, T, H, W) for clips
 
     ``model`` is any ``nn.Module`` (an adapter too: its ``forward`` is
-    ``head(encode(x))``) whose first argument is the pixel tensor; its other
-    inputs go as keyword arguments (``gb(image, target=..., question=q)``) and
-    per-input ones are repeated with the batch. Targets are the engine's (int,
-    list, (B, K) tensor, callable, None for each input's top prediction). The
-    maps are float32 gradients with respect to the input, one per target, with
-    the input's channels kept.
+    ``head(encode(x))``). ``inputs`` is the pixel tensor, or the model's
+    positional inputs as a tuple (a dict: keyword inputs); its other inputs go
+    as keyword arguments (``gb(image, target=..., question=q)``) and per-input
+    ones are repeated with the batch. ``explain`` says which input the maps are
+    for: a position in the tuple (default: the first) or a keyword input's name
+    (``gb((ids, image), explain=1)``, ``gb({"pixel_values": x, ...},
+    explain="pixel_values")``). Targets are the engine's (int, list, (B, K)
+    tensor, callable, None for each input's top prediction). The maps are
+    float32 gradients with respect to that input, one per target, with its
+    channels kept.
     """
 
     def __init__(self, model: nn.Module, mode: str = "guided", *, strategy: str = "auto",
@@ -204,13 +257,14 @@ class GuidedBackprop:
         self.strategy = strategy
         self.eval_mode = eval_mode
 
-    def __call__(self, inputs: torch.Tensor, target: Any = None, **context: Any) -> torch.Tensor:
-        x = check_pixels(inputs)
-        batch = batch_size_of(x)
-        tgt = as_target(target, batch)
+    def __call__(self, inputs: Any, target: Any = None, *, explain: int | str | None = None,
+                 **context: Any) -> torch.Tensor:
+        given = ExplainedInput(inputs, explain, context)
+        check_finite(inputs, context)
+        tgt = as_target(target, given.x.shape[0])
         self._unmodified: set[str] = set()
         with borrowed(self.model, self.eval_mode):
-            grads = self._gradients(x, tgt, context, batch)
+            grads = self._gradients(given, tgt)
         if self._unmodified:
             warnings.warn(
                 f"{type(self.model).__name__} also rectifies with "
@@ -220,17 +274,15 @@ class GuidedBackprop:
 
     # -- forward with modified ReLUs -------------------------------------------------
 
-    def _run(self, x: torch.Tensor, context: Mapping[str, Any], k: int
-             ) -> tuple[torch.Tensor, Any]:
+    def _run(self, given: ExplainedInput, k: int) -> tuple[torch.Tensor, Any]:
         """-> (leaf (B*k, C, *grid) requiring grad, outputs of the model for those rows)."""
-        batch = x.shape[0]
-        rows = x.detach().repeat_interleave(k, dim=0) if k > 1 else x.detach()
+        x = given.x.detach()
+        rows = x.repeat_interleave(k, dim=0) if k > 1 else x
         leaf = rows.clone().requires_grad_(True)
-        ctx = expand_rows(self.model, context, batch, k)
         mode = _ReLUMode(guided=self.mode == "guided")
         with torch.enable_grad(), mode:
             # a non-leaf copy: an in-place ReLU on the model's input cannot touch the leaf
-            outputs = call_model(self.model, leaf.clone(), ctx)
+            outputs = given.call(self.model, leaf.clone(), k)
         if mode.modified == 0:
             raise InputError(
                 f"model: expected a network applying ReLU through nn.ReLU modules or "
@@ -243,57 +295,40 @@ class GuidedBackprop:
 
     # -- K targets -------------------------------------------------------------------
 
-    def _gradients(self, x: torch.Tensor, tgt: Any, context: Mapping[str, Any], batch: int
-                   ) -> torch.Tensor:
-        """-> grads (B, K, C, *grid) by the strategy chosen (module docstring)."""
+    def _gradients(self, given: ExplainedInput, tgt: Any) -> torch.Tensor:
+        """-> grads (B, K, C, *grid) by the engine's strategy choice (module docstring:
+        "auto" expands rows for clips and other non-image inputs, batches for images)."""
+        batch, clips = given.x.shape[0], given.x.dim() != 4
         k = getattr(tgt, "num_targets", None)
-        strategy = self.strategy
-        if strategy == "auto":  # the faster one as measured (module docstring)
-            strategy = "batched" if x.dim() == 4 else "expand"
-        if k is not None and k > 1 and strategy == "expand":
-            return self._expanded_or_loop(x, tgt, context, batch, k)
-        leaf, outputs = self._run(x, context, 1)
+        if k is not None and choose_strategy(self.strategy, k, expand=clips) == "expand":
+            return self._expanded_or_loop(given, tgt, k)
+        leaf, outputs = self._run(given, 1)
         scores = check_scores(tgt(outputs), batch, k)  # (B, K)
-        k = scores.shape[1]
-        if k == 1:
-            return _grad(scores.sum(), leaf).unsqueeze(1)
-        if strategy == "expand":  # K learnt from this forward's scores
-            del leaf, outputs, scores
-            return self._expanded_or_loop(x, tgt, context, batch, k)
-        if strategy == "batched":
-            try:
-                return CAM._batched(leaf, scores, k)[1]
-            except RuntimeError:
-                if self.strategy == "batched":
-                    raise
-        return CAM._loop(leaf, scores, k)[1]
+        plan = choose_strategy(self.strategy, scores.shape[1], expand=clips)
+        if plan == "expand":  # K learnt from this forward's scores
+            del leaf, outputs
+            return self._expanded_or_loop(given, tgt, scores.shape[1])
+        return grads_after_forward(leaf, scores, plan, fallback=self.strategy == "auto")[0]
 
-    def _expanded_or_loop(self, x: torch.Tensor, tgt: Any, context: Mapping[str, Any],
-                          batch: int, k: int) -> torch.Tensor:
+    def _expanded_or_loop(self, given: ExplainedInput, tgt: Any, k: int) -> torch.Tensor:
+        batch = given.x.shape[0]
         try:
-            return self._expanded(x, tgt, context, batch, k)
+            leaf, outputs = self._run(given, k)  # leaf (B*K, C, *grid)
+            rows = check_scores(rows_target(tgt, k)(outputs), batch * k, k)  # (B*K, K)
+            return expanded_grads(leaf, rows, batch, k)[1]  # (B, K, C, *grid)
         except (RuntimeError, InputError):
             if self.strategy == "expand":
                 raise
         # the model mixes rows or takes other B-row inputs: K backward passes instead
-        leaf, outputs = self._run(x, context, 1)
-        return CAM._loop(leaf, check_scores(tgt(outputs), batch, k), k)[1]
-
-    def _expanded(self, x: torch.Tensor, tgt: Any, context: Mapping[str, Any], batch: int,
-                  k: int) -> torch.Tensor:
-        tgt_rows = rows_target(tgt, k)
-        leaf, outputs = self._run(x, context, k)  # leaf (B*K, C, *grid)
-        rows = check_scores(tgt_rows(outputs), batch * k, k)  # (B*K, K)
-        scores = rows.view(batch, k, k).diagonal(dim1=1, dim2=2)  # (B, K): row b*K+j, target j
-        grad = _grad(scores.sum(), leaf)
-        return grad.view(batch, k, *x.shape[1:])  # (B, K, C, *grid)
+        leaf, outputs = self._run(given, 1)
+        return grads_looped(leaf, check_scores(tgt(outputs), batch, k), k)
 
 
 # --------------------------------------------------------------------------- fusion
 
 
-def guided(explanation: Explanation | torch.Tensor, gb_maps: torch.Tensor, *,
-           normalize: bool = False) -> torch.Tensor:
+def guided_gradcam(explanation: Explanation | torch.Tensor, gb_maps: torch.Tensor, *,
+                   normalize: bool = False) -> torch.Tensor:
     """Guided Grad-CAM / Guided Grad-CAM++: ``gb_maps * upsample(cam)`` (Grad-CAM sec. 3.2).
 
     ``explanation``: a Grad-CAM or Grad-CAM++ :class:`Explanation` (or its maps
@@ -320,6 +355,9 @@ def guided(explanation: Explanation | torch.Tensor, gb_maps: torch.Tensor, *,
         explanation = explanation.normalize()
     up = explanation.upsample(tuple(gb_maps.shape[3:])).maps  # (B, K, *input_grid)
     return gb_maps * up.to(gb_maps.dtype).unsqueeze(2)  # (B, K, C, *input_grid)
+
+
+guided = guided_gradcam  # its former name (``mmexplain.guided`` is this module)
 
 
 def to_image(maps: torch.Tensor, scale: float = 0.1) -> torch.Tensor:

@@ -11,10 +11,12 @@ covered), and each position records the drop of every target score:
 them at input resolution the way captum's ``Occlusion`` does: each position
 gets the mean of the drops of the windows covering it,
 
-    map[b, k, p] = sum_w drop[b, k, w] * [p in w] / #{w : p in w},
+    map[b, k, p] = sum_w drop[b, k, w] * [p in w] / #{w : p in w}.
 
-and positions no window covers (when the stride does not fit the input's edge)
-are 0. Windows start at 0, stride apart: ``(size - patch) // stride + 1`` per axis.
+Windows start at 0, stride apart, ``ceil((size - patch) / stride) + 1`` per
+axis; as in captum the last one is clipped to the input's edge where the stride
+does not fit it, so every position is covered by at least one window (a
+stride larger than the patch would leave gaps: refused).
 
 Batching: the occluded copies are built with tensor ops (one boolean mask per
 window from per-axis indicators, then ``torch.where``; no Python loop over
@@ -36,10 +38,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mmexplain.engine import borrowed, call_model
+from mmexplain.engine import borrowed, check_finite
 from mmexplain.errors import bad_type, bad_value, describe
-from mmexplain.guided import check_pixels, expand_rows
-from mmexplain.targets import IndexTarget, TopPrediction, as_target, check_scores, logits_of
+from mmexplain.guided import ExplainedInput
+from mmexplain.targets import TopPrediction, as_target, check_scores
 
 PROGRESS_DELAY_S = 2.0  # progress=None shows the bar once a run has taken this long
 
@@ -51,7 +53,7 @@ class Occlusion:
     maps    (B, K, *input_grid) mean drop over the windows covering each position
     grid    (B, K, *windows)    the drop for each window position
     scores  (B, K)              the unoccluded target scores
-    counts  (*input_grid)       how many windows cover each position (0: uncovered)
+    counts  (*input_grid)       how many windows cover each position (at least 1)
     """
 
     maps: torch.Tensor
@@ -76,10 +78,13 @@ def _sizes(arg: str, value: Any, grid: Sequence[int]) -> tuple[int, ...]:
 
 def _indicators(grid: Sequence[int], patch: Sequence[int], stride: Sequence[int],
                 device: torch.device) -> list[torch.Tensor]:
-    """Per axis d, a (windows_d, size_d) float indicator: [window i covers position p]."""
+    """Per axis d, a (windows_d, size_d) float indicator: [window i covers position p].
+
+    ceil((size - p) / s) + 1 windows: the last one starts at or after size - p and
+    is clipped to the edge (captum's windows), so every position is covered."""
     out = []
     for size, p, s in zip(grid, patch, stride):
-        starts = torch.arange((size - p) // s + 1, device=device) * s  # (n_d,)
+        starts = torch.arange(-(-(size - p) // s) + 1, device=device) * s  # (n_d,)
         pos = torch.arange(size, device=device)  # (size_d,)
         out.append(((pos >= starts[:, None]) & (pos < starts[:, None] + p)).float())
     return out
@@ -124,25 +129,32 @@ def _fill(fill: Any, x: torch.Tensor) -> torch.Tensor:
     return value  # right-aligned with the copies (B, n, C, *grid)
 
 
-def occlusion(model: nn.Module, inputs: torch.Tensor, target: Any = None, *,
-              patch: int | Sequence[int], stride: int | Sequence[int] | None = None,
-              fill: float | torch.Tensor = 0.0, batch_size: int = 64,
-              progress: bool | None = None, eval_mode: bool = True,
-              **context: Any) -> Occlusion:
+def occlusion_sensitivity(model: nn.Module, inputs: Any, target: Any = None, *,
+                          patch: int | Sequence[int], stride: int | Sequence[int] | None = None,
+                          fill: float | torch.Tensor = 0.0, batch_size: int = 64,
+                          progress: bool | None = None, eval_mode: bool = True,
+                          explain: int | str | None = None, **context: Any) -> Occlusion:
     """Occlusion sensitivity maps of ``model`` on ``inputs`` for K targets at once.
 
     ``patch``/``stride``: an int or one int per grid axis (stride defaults to the
-    patch: windows that tile the input). ``fill``: the occluding value, a number
-    or a tensor broadcastable to ``inputs`` (a per-channel mean, a blurred copy).
+    patch: windows that tile the input; a stride larger than the patch is refused).
+    ``fill``: the occluding value, a number or a tensor broadcastable to the
+    occluded input (a per-channel mean, a blurred copy).
     ``batch_size``: occluded copies per forward call (at least one per input).
     ``progress``: a tqdm bar; None shows it only when the run takes longer than
     ``PROGRESS_DELAY_S``. Targets as in the engine; None explains each input's
-    top class on the unoccluded input. The model's other inputs go as keyword
-    arguments, repeated for the copies as the engine does.
+    top class on the unoccluded input (a model with one score per input (B,):
+    that score). ``inputs``: the pixel tensor, or the model's positional inputs
+    (tuple) or keyword inputs (dict); ``explain`` picks the one occluded, by
+    position (default: the first) or keyword name, as in :class:`GuidedBackprop`.
+    The model's other inputs go as keyword arguments, repeated for the copies as
+    the engine does.
     """
     if not callable(model):
         raise bad_type("model", "an nn.Module (a network or an adapter) or a callable", model)
-    x = check_pixels(inputs).detach()
+    given = ExplainedInput(inputs, explain, context)
+    check_finite(inputs, context)
+    x = given.x.detach()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise bad_value("batch_size", "a positive int", batch_size)
     if progress is not None and not isinstance(progress, bool):
@@ -152,6 +164,9 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target: Any = None, *,
     stride = patch if stride is None else _sizes("stride", stride, grid)
     if any(p > g for p, g in zip(patch, grid)):
         raise bad_value("patch", f"sizes no larger than the input grid {grid}", patch)
+    if any(s > p for s, p in zip(stride, patch)):
+        raise bad_value("stride", f"strides no larger than the patch {patch} (a larger stride "
+                        "leaves pixels between the windows that no window covers)", stride)
     fill_value = _fill(fill, x)
     ind = _indicators(grid, patch, stride, x.device)  # per axis (n_d, size_d)
     windows = tuple(i.shape[0] for i in ind)
@@ -161,9 +176,9 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target: Any = None, *,
     module = model if isinstance(model, nn.Module) else None
 
     with borrowed(module, eval_mode), torch.no_grad():
-        outputs = call_model(model, x.clone(), context)  # in-place ops cannot reach x
+        outputs = given.call(model, x.clone())  # in-place ops cannot reach x
         if isinstance(tgt, TopPrediction):  # fix each input's class before occluding
-            tgt = IndexTarget(logits_of(outputs).argmax(dim=1, keepdim=True))
+            tgt = TopPrediction.fixed(outputs)
         base = check_scores(tgt(outputs), batch, getattr(tgt, "num_targets", None)).float()
         k = base.shape[1]
         del outputs
@@ -180,7 +195,7 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target: Any = None, *,
                 copies = torch.where(masks, fill_value, x.unsqueeze(1)).flatten(0, 1)
                 expand = getattr(tgt, "expand", None)
                 tgt_rows = expand(n) if callable(expand) else tgt
-                out = call_model(model, copies, expand_rows(model, context, batch, n))
+                out = given.call(model, copies, n)
                 scores = check_scores(tgt_rows(out), batch * n, k).float().view(batch, n, k)
                 drops[:, :, start:start + n] = (base.unsqueeze(1) - scores).transpose(1, 2)
         finally:
@@ -188,6 +203,9 @@ def occlusion(model: nn.Module, inputs: torch.Tensor, target: Any = None, *,
 
     sums = _spread(drops.view(batch * k, *windows), ind)  # (B*K, *grid)
     counts = _spread(torch.ones((1,) + windows, device=x.device), ind)[0]  # (*grid)
-    maps = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    maps = sums / counts  # every position is covered (counts >= 1)
     return Occlusion(maps=maps.view(batch, k, *grid), grid=drops.view(batch, k, *windows),
                      scores=base, counts=counts.round().long(), patch=patch, stride=stride)
+
+
+occlusion = occlusion_sensitivity  # its former name (``mmexplain.occlusion`` is this module)

@@ -41,8 +41,9 @@ def logits_of(outputs: Any) -> torch.Tensor:
 class IndexTarget:
     """Scores = logits[b, index[b, k]] for a (B, K) or broadcast (1, K) index."""
 
-    def __init__(self, index: torch.Tensor) -> None:
+    def __init__(self, index: torch.Tensor, given: torch.Tensor | None = None) -> None:
         self.index = index  # (B, K) or (1, K), long
+        self.given = index if given is None else given  # as the caller gave it, for messages
         self.num_targets = index.shape[1]
 
     def __call__(self, outputs: Any) -> torch.Tensor:
@@ -51,27 +52,56 @@ class IndexTarget:
             raise bad_value("outputs", "logits of shape (B, num_classes) for an index target",
                             logits)
         index = self.index.to(logits.device).expand(logits.shape[0], -1)
-        if int(index.max()) >= logits.shape[1] or int(index.min()) < -logits.shape[1]:
-            raise bad_value("target", f"class indices in [0, {logits.shape[1]})",
-                            f"indices {self.index.flatten().tolist()[:10]}", raw=True)
-        return logits.gather(1, index % logits.shape[1])  # (B, K)
+        classes = logits.shape[1]
+        if int(index.max()) >= classes or int(index.min()) < 0:
+            given = self.given.flatten().tolist()
+            wrong = [i for i in given if not 0 <= i < classes]
+            among = "" if len(wrong) == len(given) else f" among {_listed(given)}"
+            raise bad_value("target", f"class indices in [0, {classes}) (the model has "
+                            f"{classes} classes; negative indices do not count from the end)",
+                            f"{_listed(wrong)}{among}", raw=True)
+        return logits.gather(1, index)  # (B, K)
 
     def expand(self, k: int) -> "IndexTarget":
         """The target for the head run on B*K rows (row b*K+j is input b)."""
         if self.index.shape[0] == 1:
             return self
-        return IndexTarget(self.index.repeat_interleave(k, dim=0))
+        return IndexTarget(self.index.repeat_interleave(k, dim=0), self.given)
+
+
+def _listed(values: list[int], most: int = 10) -> str:
+    return str(values[:most])[:-1] + (", ...]" if len(values) > most else "]")
+
+
+def _ranked(outputs: Any) -> torch.Tensor:
+    """The logits (B, num_classes), or one score per input (B,), for target=None."""
+    logits = logits_of(outputs)
+    if logits.dim() not in (1, 2):
+        raise bad_value("outputs", "scores (B,) or logits (B, num_classes) for target=None "
+                        "(pass a callable target to pick scores from other outputs)",
+                        describe(logits), raw=True)
+    return logits
 
 
 class TopPrediction:
-    """Each input's highest-scoring class (K = 1)."""
+    """Each input's highest-scoring class (K = 1); a model with one score per
+    input (outputs (B,)) is explained on that score."""
 
     num_targets = 1
 
     def __call__(self, outputs: Any) -> torch.Tensor:
-        logits = logits_of(outputs)
+        logits = _ranked(outputs)
+        if logits.dim() == 1:  # (B,): one score per input
+            return logits.unsqueeze(1)
         top = logits.detach().argmax(dim=1, keepdim=True)  # (B, 1)
         return logits.gather(1, top)
+
+    @staticmethod
+    def fixed(outputs: Any) -> "IndexTarget | TopPrediction":
+        """The top classes of these outputs as an IndexTarget (for (B,) scores: itself)."""
+        logits = _ranked(outputs)
+        return TopPrediction() if logits.dim() == 1 else IndexTarget(
+            logits.argmax(dim=1, keepdim=True))
 
 
 def as_target(target: Any, batch_size: int) -> Target:

@@ -302,7 +302,7 @@ def test_bad_arguments_name_what_was_expected(tiny2d: TinyNet) -> None:
                                          "received str 'deconv'"):
         GuidedBackprop(tiny2d, mode="deconv")
     with pytest.raises(InputTypeError, match="inputs: expected a tensor of pixels"):
-        GuidedBackprop(tiny2d)((torch.randn(1, 3, 5, 5),), target=0)
+        GuidedBackprop(tiny2d)("cat.png", target=0)  # (a tuple: the positional inputs)
     with pytest.raises(InputError, match="inputs: expected a floating-point tensor"):
         GuidedBackprop(tiny2d)(torch.zeros(1, 3, 5, 5, dtype=torch.long), target=0)
     with pytest.raises(InputError, match="class indices in \\[0, 6\\)"):
