@@ -102,21 +102,50 @@ class LlavaNext(Llava):
         return tuple(int(n) for n in get_anyres_image_grid_shape(
             size, config.image_grid_pinpoints, config.vision_config.image_size))
 
-    def _vision_batch(self, inputs: Any, context: Mapping[str, Any]
-                      ) -> tuple[torch.Tensor, dict[str, Any]]:
-        sizes = context.get("image_sizes")
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 5 or sizes is None:
-            raise bad_value("inputs", "tiles (B, tiles, 3, S, S) from prepare_image, with "
-                            "image_sizes= in the context", inputs)
+    def prepare_image(self, image: np.ndarray, prompt: str | None = None
+                      ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
+        """As the base, with the tiles as channels: inputs (1, tiles*3, S, S) (one image
+        tensor, as tasks take them); the image's size is in the context and remembered
+        for calls without it (``answer``, ``answer_task``)."""
+        inputs, shown, context = super().prepare_image(image, prompt)
+        self._sizes = context["image_sizes"].detach().cpu()
+        return inputs.flatten(1, 2), shown, context
+
+    def _tile_pixels(self, inputs: Any) -> torch.Tensor:
+        """(B, tiles, 3, S, S) or (B, tiles*3, S, S) -> (B, tiles, 3, S, S)."""
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 4 and inputs.shape[1] % 3 == 0:
+            return inputs.unflatten(1, (-1, 3))
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 5:
+            raise bad_value("inputs", "tiles (B, tiles, 3, S, S) or (B, tiles*3, S, S) from "
+                            "prepare_image", inputs)
+        return inputs
+
+    def _image_sizes(self, inputs: torch.Tensor, context: Mapping[str, Any]) -> torch.Tensor:
+        sizes = context.get("image_sizes", getattr(self, "_sizes", None))
+        if sizes is None:
+            raise bad_value("image_sizes", "the images' (height, width) from prepare_image",
+                            None)
         sizes = torch.as_tensor(sizes).view(-1, 2)
+        if sizes.shape[0] == 1 and inputs.shape[0] > 1:
+            sizes = sizes.expand(inputs.shape[0], 2)
         if sizes.shape[0] != inputs.shape[0] or not bool((sizes == sizes[0]).all()):
             raise InputError(f"image_sizes: expected one size shared by the {inputs.shape[0]} "
                              f"images of a batch (the same tiles), received {sizes.tolist()}")
+        return sizes
+
+    def _vision_batch(self, inputs: Any, context: Mapping[str, Any]
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        inputs = self._tile_pixels(inputs)
+        sizes = self._image_sizes(inputs, context)
         nph, npw = self._tiles(sizes[0].tolist())
         tiles = 1 + nph * npw
         pixels = inputs[:, :tiles].flatten(0, 1)  # (B*tiles, 3, S, S)
         return pixels, {"batch": inputs.shape[0], "tiles": tiles, "size": tuple(inputs.shape[3:]),
                         "original": tuple(int(s) for s in sizes[0]), "grid": (nph, npw)}
+
+    def _model_pixels(self, inputs: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+        pixels = self._tile_pixels(inputs)
+        return {"pixel_values": pixels, "image_sizes": self._image_sizes(pixels, context)}
 
     def _grid(self, layer: str, tokens: torch.Tensor, meta: Mapping[str, Any]) -> TokenGrid:
         side = meta["size"][0] // self._patch()
@@ -137,9 +166,6 @@ class LlavaNext(Llava):
             features, sizes, vision_feature_select_strategy=(
                 self.model.config.vision_feature_select_strategy),
             image_newline=inner.image_newline)
-
-    def _generate_kwargs(self, context: Mapping[str, Any]) -> dict[str, Any]:
-        return {}
 
     def _shown(self, image: np.ndarray, inputs: torch.Tensor) -> np.ndarray:
         return image  # the tiles' grid is cropped to the original image

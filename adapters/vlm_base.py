@@ -387,19 +387,20 @@ class VisionLanguageAdapter(Adapter):
         if ids is None:
             raise bad_value("input_ids", "the prompt's token ids from prepare_image", None)
         kwargs = {k: v for k, v in context.items() if k not in ("tokens", "mask", "answers")}
-        kwargs.update(self._generate_kwargs(context))
+        kwargs.update(self._model_pixels(inputs, kwargs))
         image_id = getattr(self.model.config, "image_token_id", None)
         if image_id is not None:  # an image token in the text would take an image's place
             kwargs.setdefault("suppress_tokens", [int(image_id)])
-        sequences = self.model.generate(pixel_values=inputs, max_new_tokens=max_new_tokens,
-                                        do_sample=False, **kwargs)
+        sequences = self.model.generate(max_new_tokens=max_new_tokens, do_sample=False,
+                                        **kwargs)
         new = sequences[:, ids.shape[1]:]
         if self.pad_id is not None and new.numel():
             new = new.masked_fill(~sequence_mask(new, self.eos_id, None), self.pad_id)
         return new
 
-    def _generate_kwargs(self, context: Mapping[str, Any]) -> dict[str, Any]:
-        return {}
+    def _model_pixels(self, inputs: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+        """The model's own image arguments for ``generate`` (pixel_values, ...)."""
+        return {"pixel_values": inputs}
 
     def tokenize(self, texts: Sequence[str], **context: Any) -> torch.Tensor:
         """Texts -> (N, T) token ids: each text's tokens then the end token, padded."""

@@ -70,3 +70,54 @@ def build_llava(folder: Path, image_size: int = 28, layers: int = 1) -> Path:
                                   vision_feature_select_strategy="default", chat_template=CHAT,
                                   num_additional_image_tokens=1)
     return _save(folder, model, processor)
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]  # tiles of 28 px: 1x2, 2x1, 2x2
+
+
+def build_llava_next(folder: Path, layers: int = 1) -> Path:
+    """LlavaNextForConditionalGeneration: CLIP tiles of 28 px (patch 7), anyres 1x2/2x1/2x2."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = _llava_tok()
+    img, = _ids(tok, "<image>")
+    config = tf.LlavaNextConfig(vision_config={"model_type": "clip_vision_model",
+                                               **_clip_vision(28)},
+                                text_config=_llama_text(tok, layers), image_token_id=img,
+                                image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                                vision_feature_select_strategy="default")
+    model = tf.LlavaNextForConditionalGeneration(config)
+    _generation_ids(model, tok)
+    images = tf.LlavaNextImageProcessor(size={"shortest_edge": 28},
+                                        crop_size={"height": 28, "width": 28},
+                                        image_grid_pinpoints=PINPOINTS)
+    processor = tf.LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=7,
+                                      vision_feature_select_strategy="default",
+                                      chat_template=CHAT, num_additional_image_tokens=1)
+    return _save(folder, model, processor)
+
+
+def build_llava_onevision(folder: Path, layers: int = 1) -> Path:
+    """LlavaOnevisionForConditionalGeneration: SigLIP tiles of 28 px (patch 7), anyres_max_9."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = _llava_tok()
+    img, vid = _ids(tok, "<image>", "<video>")
+    vision = {"model_type": "siglip_vision_model", **_clip_vision(28)}
+    vision.pop("projection_dim")
+    config = tf.LlavaOnevisionConfig(vision_config=vision, text_config=_llama_text(tok, layers),
+                                     image_token_id=img, video_token_id=vid,
+                                     image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
+                                     vision_feature_select_strategy="full")
+    model = tf.LlavaOnevisionForConditionalGeneration(config)
+    _generation_ids(model, tok)
+    images = tf.LlavaOnevisionImageProcessor(size={"height": 28, "width": 28},
+                                             image_grid_pinpoints=PINPOINTS)
+    video = tf.LlavaOnevisionVideoProcessor(size={"height": 28, "width": 28})
+    processor = tf.LlavaOnevisionProcessor(image_processor=images, tokenizer=tok,
+                                           video_processor=video, num_image_tokens=16,
+                                           vision_feature_select_strategy="full",
+                                           chat_template=CHAT)
+    return _save(folder, model, processor)

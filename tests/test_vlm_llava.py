@@ -1,0 +1,214 @@
+"""LLaVA-1.5, LLaVA-Next and LLaVA-OneVision: tiny random-weight folders loaded by path.
+
+Per-token maps of the adapter equal maps computed through the model's own forward
+(a hook at the layer, one autograd.grad per token, the token-grid reshape), the plain
+engine by layer name (LLaVA-1.5), and single-token runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mmexplain as mx
+from mmexplain.adapters import get_adapter
+from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
+from mmexplain.errors import InputError
+from vlm_tiny_a import build_llava, build_llava_next, build_llava_onevision, image
+
+BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
+            "llava-onevision": build_llava_onevision}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def adapters(folders):
+    return {name: get_adapter(name, path=folder) for name, folder in folders.items()}
+
+
+class Steps:
+    """log p(tokens[:, t]) at the given steps: K targets."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+        self.num_targets = len(self.steps)
+
+    def __call__(self, out):
+        return out.token_logprobs()[:, self.steps]
+
+    def expand(self, k):
+        return self
+
+
+def _prepared(adapter, size=(40, 56), tokens=5):
+    inputs, shown, context = adapter.prepare_image(image(*size), prompt="what is this ?")
+    generated = adapter.generate(inputs, max_new_tokens=tokens, **context)
+    return inputs, shown, context, generated
+
+
+def _model_inputs(adapter, inputs, context, tokens):
+    ids = torch.cat([context["input_ids"], tokens[:, :-1]], dim=1)
+    extra = adapter._model_pixels(inputs, context)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+
+
+def _reference_maps(adapter, layer, inputs, context, tokens, grid_of):
+    """Grad-CAM (eq. 1-2) per token through the model's own forward and a hook."""
+    model = adapter.model
+    captured = {}
+
+    def hook(module, args, out):
+        leaf = out.detach().requires_grad_(True)
+        captured["a"] = leaf
+        return leaf
+
+    handle = model.get_submodule(layer).register_forward_hook(hook, prepend=True)
+    try:
+        with torch.enable_grad():
+            logits = model(**_model_inputs(adapter, inputs, context, tokens)).logits
+    finally:
+        handle.remove()
+    steps = tokens.shape[1]
+    lp = logits[:, -steps:].float().log_softmax(-1).gather(2, tokens.unsqueeze(2))[0, :, 0]
+    leaf = captured["a"]
+    acts = grid_of(leaf.detach().reshape(1, -1, leaf.shape[-1])).float()
+    maps = []
+    for t in range(steps):
+        (grad,) = torch.autograd.grad(lp[t], leaf, retain_graph=True)
+        g = grid_of(grad.reshape(1, -1, grad.shape[-1])).float()
+        weights = g.mean(dim=(2, 3), keepdim=True)  # Grad-CAM eq. 1
+        maps.append(torch.relu((weights * acts).sum(1)))  # eq. 2
+    return torch.stack(maps, dim=1), lp.detach()
+
+
+def _grid_of(adapter, name, layer, inputs, context):
+    patch = adapter.model.config.vision_config.patch_size
+    prefix = 1 if (layer != adapter.projector_path
+                   and adapter.model.config.vision_config.model_type == "clip_vision_model") else 0
+    if name == "llava":
+        side = inputs.shape[-1] // patch
+        return raster_grid((side, side), prefix)
+    side = 28 // patch
+    sizes = context["image_sizes"][0].tolist()
+    return anyres_grid(side, adapter._tiles(sizes), sizes, prefix=prefix)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_per_token_maps_equal_the_models_own_forward(adapters, name):
+    adapter = adapters[name]
+    inputs, _, context, tokens = _prepared(adapter)
+    for layer in (adapter.layers[0], adapter.default_layer):
+        expl = mx.GradCAM(adapter, layer=layer, strategy="loop")(
+            inputs, target=Steps(range(tokens.shape[1])), tokens=tokens, **context)
+        grid = _grid_of(adapter, name, layer, inputs, context)
+        ref, lp = _reference_maps(adapter, layer, inputs, context, tokens, grid)
+        assert expl.maps.dtype == torch.float32 and expl.maps.shape == ref.shape
+        assert torch.allclose(expl.scores, lp[None], atol=1e-5)
+        assert torch.allclose(expl.maps, ref, atol=1e-5, rtol=1e-4), layer
+        assert float(ref.abs().sum()) > 0
+    if name != "llava":  # anyres: the grid is the tiles joined and cropped to 40 x 56 px
+        assert expl.maps.shape[2:] == (6, 8)
+
+
+def test_llava_equals_plain_engine_by_layer_name_and_single_tokens(adapters):
+    adapter = adapters["llava"]
+    inputs, _, context, tokens = _prepared(adapter)
+    steps = tokens.shape[1]
+    expl = mx.GradCAM(adapter, strategy="loop")(inputs, target=Steps(range(steps)),
+                                                  tokens=tokens, **context)
+    grid = raster_grid((4, 4))
+    plain_inputs = _model_inputs(adapter, inputs, context, tokens)
+
+    def target(out):
+        lp = out.logits[:, -steps:].float().log_softmax(-1)
+        return lp.gather(2, tokens.unsqueeze(2))[:, :, 0]
+
+    plain = mx.GradCAM(adapter.model, layer="model.multi_modal_projector", reshape=grid,
+                       strategy="loop")(plain_inputs, target=target)
+    assert torch.allclose(expl.maps, plain.maps, atol=1e-5, rtol=1e-4)
+    for t in (0, steps - 1):
+        one = mx.GradCAM(adapter, strategy="loop")(inputs, target=Steps([t]), tokens=tokens,
+                                                     **context)
+        assert torch.allclose(one.maps[:, 0], expl.maps[:, t], atol=1e-6)
+    expanded = mx.GradCAM(adapter, strategy="expand")(inputs, target=Steps(range(steps)),
+                                                        tokens=tokens, **context)
+    assert torch.allclose(expanded.maps, expl.maps, atol=1e-5, rtol=1e-4)
+
+
+def test_caption_capability_words_and_shown(adapters):
+    from mmexplain.adapters.capabilities import Answer, Caption, require
+
+    adapter = adapters["llava"]
+    require(adapter, Caption, "test")
+    require(adapter, Answer, "test")
+    inputs, shown, context, tokens = _prepared(adapter, tokens=4)
+    assert inputs.shape == (1, 3, 28, 28) and shown.shape == (28, 28, 3)
+    assert shown.dtype == np.uint8
+    words = adapter.word_groups(tokens[0])
+    text = adapter.decode(tokens)[0]
+    assert " ".join(w for w, _ in words) == text
+    ids = adapter.tokenize(["red dog"])
+    assert ids[0, -1].item() == adapter.eos_id and adapter.decode(ids) == ["red dog"]
+    assert adapter.word_groups(ids[0]) == [("red", [0]), ("dog", [1])]
+
+
+@pytest.mark.parametrize("name", ["llava", "llava-next"])
+def test_answer_scores_are_summed_token_logprobs(adapters, name):
+    adapter = adapters[name]
+    inputs, _, context, _ = _prepared(adapter)
+    question = "what color is it ?"
+    ctx, target = adapter.answer_task(question, ["red", "blue dog"])
+    expl = mx.GradCAM(adapter, strategy="loop")(inputs, target=target, **ctx)
+    assert expl.maps.shape[:2] == (1, 2)
+    _, _, qctx = adapter.prepare_image(image(40, 56), prompt=question)
+    for c, text in enumerate(["red", "blue dog"]):
+        tokens = adapter.tokenize([text])
+        with torch.no_grad():
+            acts = adapter.encode(inputs, **qctx)
+            seq = adapter.head(acts, tokens=tokens, **qctx)
+        assert abs(float(seq.token_logprobs().sum()) - float(expl.scores[0, c])) < 1e-4
+    (answer, score), = adapter.answer(inputs, question)[0]
+    assert isinstance(answer, str) and score < 0
+
+
+def test_bf16_model_gives_float32_maps_close_to_float32(folders, adapters):
+    adapter = adapters["llava"]
+    inputs, _, context, tokens = _prepared(adapter, tokens=3)
+    ref = mx.GradCAM(adapter, strategy="loop")(inputs, target=Steps([0, 1]), tokens=tokens,
+                                                 **context)
+    half = get_adapter("llava", path=folders["llava"])
+    half.model.to(torch.bfloat16)
+    inputs16, _, context16 = half.prepare_image(image(40, 56), prompt="what is this ?")
+    assert inputs16.dtype == torch.bfloat16
+    expl = mx.GradCAM(half, strategy="loop")(inputs16, target=Steps([0, 1]), tokens=tokens,
+                                              **context16)
+    assert expl.maps.dtype == torch.float32 and torch.isfinite(expl.maps).all()
+    scale = float(ref.maps.abs().max())
+    assert float((expl.maps - ref.maps).abs().max()) < 0.1 * scale
+
+
+def test_prompts_without_one_image_slot_and_wrong_folders_are_named(folders, adapters):
+    adapter = adapters["llava"]
+    with pytest.raises(InputError, match="prompt: expected a prompt with one image slot"):
+        adapter.prepare_image(image(), prompt="<image> <image> what ?")
+    template = adapter.processor.chat_template
+    adapter.processor.chat_template = None
+    try:
+        with pytest.raises(InputError, match="prompt: expected a prompt with the image slot"):
+            adapter.prepare_image(image(), prompt="what is this ?")
+        inputs, _, context = adapter.prepare_image(image(), prompt="USER: <image> what ?")
+        assert int((context["input_ids"] == adapter.model.config.image_token_id).sum()) == 16
+    finally:
+        adapter.processor.chat_template = template
+    with pytest.raises(InputError, match="llava-next"):
+        get_adapter("llava", path=folders["llava-next"])
+    with pytest.raises(InputError, match="path: expected a local folder"):
+        get_adapter("llava", path=folders["llava"] / "absent")
+    with pytest.raises(InputError, match="layer: expected one of the target layers"):
+        adapter.at_layer("model.vision_tower.encoder.layers.1")  # after LLaVA's feature layer
