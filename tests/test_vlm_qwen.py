@@ -68,3 +68,136 @@ def test_window_grid_round_trip_and_errors():
         window_grid((12, 8), window_index[:-1])
     with pytest.raises(ValueError, match="grid: expected a patch grid whose sides are multiples"):
         window_grid((11, 8), window_index)
+
+
+# --------------------------------------------------------------------------- the adapters
+
+import mmexplain as mx  # noqa: E402
+from mmexplain.adapters import get_adapter  # noqa: E402
+from mmexplain.adapters.qwen_vl import qwen_grid  # noqa: E402
+from mmexplain.errors import InputError  # noqa: E402
+from mmexplain.tasks.caption import WordLogProbs  # noqa: E402
+
+FAMILIES = {"qwen2-vl": tiny.build_qwen2_vl, "qwen2.5-vl": tiny.build_qwen2_5_vl}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen")
+    return {name: build(root / name) for name, build in FAMILIES.items()}
+
+
+@pytest.fixture(scope="module")
+def prepared(folders):
+    """name -> (adapter, inputs, shown, context, generated tokens (1, 4))."""
+    out = {}
+    for name, folder in folders.items():
+        adapter = get_adapter(name, path=folder)
+        inputs, shown, context = adapter.prepare_image(tiny.image(), "describe the image")
+        tokens = adapter.generate(inputs, max_new_tokens=4, **context)
+        out[name] = (adapter, inputs, shown, context, tokens)
+    return out
+
+
+def _reference(adapter, inputs, context, tokens, layer):
+    model = adapter.model
+    full = torch.cat([context["input_ids"], tokens[:, :-1]], 1)
+    types = torch.cat([context["mm_token_type_ids"], torch.zeros_like(tokens[:, :-1])], 1)
+    prompt = context["input_ids"].shape[1]
+
+    def forward():
+        out = model(input_ids=full, attention_mask=torch.ones_like(full),
+                    mm_token_type_ids=types, **inputs)
+        return out.logits[:, prompt - 1:]
+
+    return tiny.hook_reference(model, layer, forward, tokens,
+                               qwen_grid(model, inputs["image_grid_thw"], layer))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("layer", ["model.visual.blocks.0", "model.visual.merger"])
+def test_per_token_maps_equal_the_plain_engine_by_layer_name(prepared, name, layer):
+    """Every generated token's map from the adapter (one forward, K backwards) equals
+    Grad-CAM by the model's module name (hook, the model's own forward, the token grid:
+    merge order / window order restored), and equals a single-token run."""
+    adapter, inputs, shown, context, tokens = prepared[name]
+    steps = tokens.shape[1]
+    expl = mx.GradCAM(adapter, layer=layer, strategy="loop")(
+        inputs, target=WordLogProbs(list(range(steps))), tokens=tokens, **context)
+    grid = (10, 14) if layer.endswith("blocks.0") else (5, 7)
+    assert expl.maps.shape == (1, steps, *grid) and shown.shape == (40, 56, 3)
+    maps, logprobs = _reference(adapter, inputs, context, tokens, layer)
+    scale = maps.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(expl.maps[0], maps, atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(expl.scores[0], logprobs, atol=1e-5, rtol=1e-5)
+    single = mx.GradCAM(adapter, layer=layer)(inputs, target=WordLogProbs([steps - 1]),
+                                              tokens=tokens, **context)
+    torch.testing.assert_close(single.maps[0, 0], expl.maps[0, -1], atol=1e-6 * scale,
+                               rtol=1e-4)
+
+
+def test_expanded_rows_equal_the_loop(prepared):
+    """The engine's expanded strategy (the vision blocks after the layer on B*K rows)
+    gives the loop's maps at a vision block of Qwen2.5-VL (windows rebuilt for B*K)."""
+    adapter, inputs, _, context, tokens = prepared["qwen2.5-vl"]
+    target = WordLogProbs([0, 2])
+    cams = [mx.GradCAM(adapter, layer="model.visual.blocks.0", strategy=s)(
+        inputs, target=target, tokens=tokens, **context) for s in ("loop", "expand")]
+    torch.testing.assert_close(cams[0].maps, cams[1].maps, atol=1e-9, rtol=1e-4)
+
+
+def test_caption_capability_formats(prepared):
+    adapter, inputs, _, context, tokens = prepared["qwen2-vl"]
+    from mmexplain.adapters.capabilities import Answer, Caption, Split
+
+    assert isinstance(adapter, Caption) and isinstance(adapter, Answer)
+    assert isinstance(adapter, Split) and adapter.default_layer == "model.visual.merger"
+    forced = adapter.tokenize(["red dog", "a big blue ball"])
+    eos = adapter.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = adapter.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    words = adapter.tokenizer.convert_tokens_to_ids(["red", "dog"])
+    assert forced[0].tolist() == [*words, eos, pad, pad]
+    assert adapter.decode(forced) == ["red dog", "a big blue ball"]
+    assert adapter.word_groups(forced[1]) == [("a", [0]), ("big", [1]), ("blue", [2]),
+                                              ("ball", [3])]
+    text = adapter.tokenizer.decode(context["input_ids"][0])
+    assert text.startswith("<|vision_start|>") and text.count("<|image_pad|>") == 35
+
+
+def test_answer_scores_sum_the_answer_tokens(prepared):
+    """answer_task's target gives log p(answer) = the sum of its tokens' log-probs (the
+    head's SequenceOutput on the same prompt), for forced answers too."""
+    adapter, inputs, _, _, _ = prepared["qwen2.5-vl"]
+    question = "what is the color ?"
+    q_inputs, _, q_context = adapter.prepare_image(tiny.image(), question)
+    ctx, target = adapter.answer_task(question, ["red", "blue ball"])
+    expl = mx.GradCAM(adapter)(q_inputs, target=target, **ctx)
+    assert expl.maps.shape == (1, 2, 5, 7)
+    for c, answer in enumerate(["red", "blue ball"]):
+        tokens = adapter.tokenize([answer])
+        seq_scores = mx.GradCAM(adapter)(q_inputs, target=WordLogProbs(
+            list(range(tokens.shape[1]))), tokens=tokens, **q_context).scores
+        torch.testing.assert_close(expl.scores[0, c], seq_scores.sum(), atol=1e-4, rtol=1e-5)
+    own = adapter.answer(q_inputs, question, **q_context)
+    assert len(own) == 1 and isinstance(own[0][0][0], str) and own[0][0][1] <= 0
+
+
+def test_prompts_the_processor_cannot_place_an_image_in(prepared):
+    adapter = prepared["qwen2-vl"][0]
+    with pytest.raises(InputError, match="prompt: expected a prompt with the image token "
+                       "'<\\|image_pad\\|>'"):
+        adapter.prepare_image(tiny.image(), "<|im_start|>user describe<|im_end|>")
+    with pytest.raises(InputError, match="prompt: expected a prompt with one image slot"):
+        adapter.prepare_image(tiny.image(), "<|image_pad|> and <|image_pad|>")
+    with pytest.raises(InputError, match="image: expected an RGB picture"):
+        adapter.prepare_image(np.zeros((8, 8), np.uint8))
+
+
+def test_a_folder_of_the_other_family_is_named(folders):
+    with pytest.raises(InputError, match="qwen2_5_vl.*qwen2.5-vl"):
+        get_adapter("qwen2-vl", path=folders["qwen2.5-vl"])
+    from mmexplain.adapters.families import family_of
+
+    assert family_of(folders["qwen2-vl"], task="caption") == "qwen2-vl"
+    assert family_of(folders["qwen2.5-vl"], task="vqa") == "qwen2.5-vl"

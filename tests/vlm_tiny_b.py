@@ -261,3 +261,41 @@ def build_git(folder: Path, layers: int = 1) -> Path:
     images = tf.CLIPImageProcessor(size={"shortest_edge": 16},
                                    crop_size={"height": 16, "width": 16})
     return _save(folder, model, tf.GitProcessor(images, tok))
+
+
+# --------------------------------------------------------------------------- references
+
+
+def hook_reference(model, layer: str, forward, tokens: torch.Tensor, grid, method="gradcam"):
+    """Per-token Grad-CAM maps of ``tokens`` (1, T) the plain way, by layer name: a forward
+    hook on the model's module ``layer`` keeps its output, ``forward()`` runs the model's
+    own forward teacher-forced and returns the logits (1, T, V) that predict the T tokens,
+    one ``autograd.grad`` per token, the tokens put on the grid by ``grid`` (a TokenGrid:
+    the module's output (rows, N, C) read as one input's (1, rows*N, C)) and the method
+    from the registry. -> (maps (T, *grid), token log-probs (T,))."""
+    from mmexplain.methods import get_method
+
+    kept = {}
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out.retain_grad()
+        kept["a"] = out
+
+    handle = model.get_submodule(layer).register_forward_hook(hook)
+    try:
+        logits = forward()
+    finally:
+        handle.remove()
+    logprobs = logits[0].float().log_softmax(-1).gather(1, tokens[0].unsqueeze(1)).squeeze(1)
+    acts = kept["a"]
+    steps = tokens.shape[1]
+    grads = [torch.autograd.grad(logprobs[k], acts, retain_graph=True)[0] for k in range(steps)]
+
+    def on_grid(t: torch.Tensor) -> torch.Tensor:
+        return grid(t.reshape(1, -1, t.shape[-1])).float()
+
+    a = on_grid(acts.detach())
+    g = torch.cat([on_grid(x) for x in grads])
+    maps, _ = get_method(method).explain(a.expand(steps, *a.shape[1:]), g)
+    return maps, logprobs.detach()
