@@ -234,20 +234,25 @@ def _named_tensors(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
 def check_finite(inputs: Any, context: Mapping[str, Any] | None = None,
                  arg: str = "inputs") -> None:
     """Refuse NaN or inf in the inputs and keyword inputs (their floating-point tensors):
-    an InputError naming the input, how many of its values are non-finite, and the rows."""
+    an InputError naming the input, how many of its values are non-finite, and the rows.
+    A tensor named like a mask may hold -inf/inf (additive attention masks), never NaN."""
     named = _named_tensors(arg, inputs)
     for key, value in (context or {}).items():
         named += _named_tensors(str(key), value)
     for name, t in named:
         if not (t.is_floating_point() or t.is_complex()):
             continue
-        bad = ~torch.isfinite(t)
+        mask = "mask" in name.lower()
+        bad = torch.isnan(t) if mask else ~torch.isfinite(t)
         count = int(bad.sum())
         if count:
-            rows = bad.flatten(1).any(1).nonzero().flatten().tolist() if t.dim() > 1 else []
+            rows = (bad.reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
+                    if t.dim() else [])
             where = f" in rows {rows[:10]}{' ...' if len(rows) > 10 else ''}" if rows else ""
-            raise bad_value(name, "finite values", f"{describe(t)} with {count} of its "
-                            f"{t.numel()} values non-finite (NaN or inf){where}", raw=True)
+            kind = "NaN" if mask else "non-finite (NaN or inf)"
+            raise bad_value(name, "finite values" if not mask else "no NaN",
+                            f"{describe(t)} with {count} of its {t.numel()} values {kind}{where}",
+                            raw=True)
 
 
 def call_model(model: Callable[..., Any], inputs: Any, context: Mapping[str, Any]) -> Any:
@@ -493,7 +498,7 @@ def grads_batched(leaf: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Ten
 
 
 def grads_looped(leaf: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The same by K backward passes (``retain_graph`` but for the last): (B, K, *leaf.shape[1:])."""
+    """The same by K backward passes (``retain_graph`` but the last): (B, K, *leaf.shape[1:])."""
     grads = [_grad(scores[:, j].sum(), leaf, retain_graph=j < k - 1) for j in range(k)]
     return torch.stack(grads, dim=1)
 

@@ -150,9 +150,10 @@ class _First(nn.Module):
 
 def test_tuple_outputs_without_a_usable_reshape_are_clear_errors() -> None:
     net, x = TupleNet(), torch.randn(1, 3, 5, 5)
-    with pytest.raises(InputTypeError, match=r"output of layer 'block': expected a tensor \(B, "
-                                             r"C, \*grid\); pass reshape= \(a function of the "
-                                             r"layer's output, e.g. reshape=lambda out: out\[0\]\)"):
+    with pytest.raises(InputTypeError, match=r"output of layer 'block': expected a tensor "
+                                             r"\(B, C, \*grid\); pass reshape= \(a function of "
+                                             r"the layer's output, e.g. reshape=lambda out: "
+                                             r"out\[0\]\)"):
         mx.GradCAM(net, "block")(x, target=0)
     with pytest.raises(InputError, match=r"reshape: expected a function that reads one "
                                          r"floating-point tensor of the output of layer 'block' "
@@ -430,6 +431,12 @@ def test_non_finite_keyword_and_positional_inputs_are_named(two: tuple) -> None:
 
     with pytest.raises(InputError, match=message.format("b")):
         mx.GradCAM(Adapter())(a, target=0, b=bad)
+    # an additive attention mask may hold -inf, never NaN
+    engine.check_finite(a, {"attention_mask": torch.tensor([[0.0, -float("inf")]] * 2)})
+    with pytest.raises(InputError, match=r"attention_mask: expected no NaN, received tensor of "
+                                         r"shape \(2, 2\) and dtype torch.float32 with 1 of its 4 "
+                                         r"values NaN in rows \[1\]$"):
+        engine.check_finite(a, {"attention_mask": torch.tensor([[0.0, 0.0], [float("nan"), 0]])})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mx.GradCAM(Adapter())(a, target=0, b=b)  # finite: no complaint
