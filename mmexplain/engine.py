@@ -21,6 +21,7 @@ All three give the same maps (tests/test_engine.py checks it).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import math
@@ -298,36 +299,47 @@ def is_adapter(obj: Any) -> bool:
 # no repetition), and ``outputs`` what the model returned for those rows.
 
 
-def _tensor_paths(value: Any, path: tuple[int, ...] = ()) -> list[tuple[tuple[int, ...], Any]]:
-    """(path, tensor) for every tensor in nested tuples/lists."""
+def _tensor_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], Any]]:
+    """(path, tensor) for every tensor in nested tuples/lists/dicts (a ModelOutput too)."""
     if isinstance(value, torch.Tensor):
         return [(path, value)]
-    if isinstance(value, (tuple, list)):
-        return [item for i, v in enumerate(value) for item in _tensor_paths(v, path + (i,))]
-    return []
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, (tuple, list)):
+        items = enumerate(value)
+    else:
+        return []
+    return [item for key, v in items for item in _tensor_paths(v, path + (key,))]
 
 
-def _at(value: Any, path: tuple[int, ...]) -> Any:
-    for i in path:
-        value = value[i]
+def _at(value: Any, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        value = value[key]
     return value
 
 
-def _replace_at(value: Any, path: tuple[int, ...], new: Any) -> Any:
-    """A copy of nested tuples/lists ``value`` with ``new`` at ``path`` (named tuples kept)."""
+def _replace_at(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    """A copy of nested tuples/lists/dicts ``value`` with ``new`` at ``path`` (named tuples
+    and mapping types such as a ModelOutput kept)."""
     if not path:
         return new
+    inner = _replace_at(value[path[0]], path[1:], new)
+    if isinstance(value, Mapping):
+        out = copy.copy(value)
+        out[path[0]] = inner
+        return out
     items = list(value)
-    items[path[0]] = _replace_at(items[path[0]], path[1:], new)
+    items[path[0]] = inner
     return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
 
 
 class _HookRunner:
     """Any nn.Module, through a forward hook on the target layer.
 
-    A layer returning a tuple (an LSTM, a transformer block) is explained at the
-    tensor that ``reshape`` reads from it (``reshape=lambda out: out[0]``): that
-    tensor becomes A, the rest of the tuple goes on unchanged (repeated with the rows).
+    A layer returning a tuple, dict or ModelOutput (an LSTM, a transformer block)
+    is explained at the tensor that ``reshape`` reads from it (``reshape=lambda
+    out: out[0]``): that tensor becomes A, the rest goes on unchanged (its tensors
+    with B rows repeated with the engine's expanded rows).
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module,
@@ -335,10 +347,10 @@ class _HookRunner:
         self.model = model
         self.layer_name, self.layer = resolve_layer(model, layer)
         self.reshape = reshape
-        self._path: tuple[int, ...] = ()  # where A sits in a tuple output
+        self._path: tuple[Any, ...] = ()  # where A sits in a tuple output
         self._template: Any = None  # that output (B rows), for grid_view
 
-    def _picked(self, output: Any) -> tuple[int, ...]:
+    def _picked(self, output: Any) -> tuple[Any, ...]:
         """The path of the one tensor of a tuple output that ``reshape`` reads."""
         name = f"output of layer {self.layer_name!r}"
         if self.reshape is None:
@@ -362,7 +374,7 @@ class _HookRunner:
                 f"reshape: expected a function that reads one floating-point tensor of the "
                 f"{name} (a {type(output).__name__} holding {len(probes)}), received one "
                 f"that reads {len(used)} of them")
-        self._template = _replace_at(output, used[0], None)
+        self._template = output
         return used[0]
 
     def run(self, inputs: Any, context: Mapping[str, Any], k: int) -> tuple[torch.Tensor, Any]:

@@ -114,6 +114,39 @@ def test_reshape_picks_the_tensor_of_a_layer_returning_a_tuple(strategy: str) ->
     torch.testing.assert_close(got.activations, ref.activations)
 
 
+class DictNet(nn.Module):
+    """The TupleNet's layer returning a dict, then a ModelOutput."""
+
+    def __init__(self, net: TupleNet, kind: str) -> None:
+        super().__init__()
+        self.net, self.kind = net, kind
+        self.block = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, side = self.net.block(x)
+        if self.kind == "dict":
+            out = self.block({"side": side, "features": a})
+        else:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            out = self.block(BaseModelOutput(last_hidden_state=a, hidden_states=(side,)))
+        a, side = (out["features"], out["side"]) if self.kind == "dict" else (
+            out.last_hidden_state, out.hidden_states[0])
+        return self.net.fc(torch.relu(a).flatten(1)) + 0.1 * side[:, None]
+
+
+@pytest.mark.parametrize("kind", ["dict", "model-output"])
+def test_reshape_picks_the_tensor_of_a_layer_returning_a_mapping(kind: str) -> None:
+    torch.manual_seed(1)
+    net, x = TupleNet(), torch.randn(2, 3, 5, 5)
+    ref = mx.GradCAM(net, "block.conv", strategy="loop")(x, target=[1, 4])
+    pick = (lambda out: out["features"]) if kind == "dict" else (lambda out: out[0])
+    for strategy in ("expand", "batched"):
+        got = mx.GradCAM(DictNet(net, kind), "block", reshape=pick, strategy=strategy)(
+            x, target=[1, 4])
+        torch.testing.assert_close(got.maps, ref.maps)
+
+
 class TokenBlock(nn.Module):
     """Tokens (B, 4, 2) and an attention-like second output, as a transformer block returns."""
 
