@@ -303,3 +303,77 @@ def window_grid(grid: Sequence[int], window_index: torch.Tensor, merge: int = 2,
 
 __all__ = ["TokenGrid", "anyres_grid", "grid_from_size", "merge_grid", "pixel_shuffle_grid",
            "raster_grid", "tokens_grid", "unpad_box", "window_grid"]
+
+
+# --------------------------------------------------------------------------- 3-D grids
+# Video transformers (adapters/video_hf.py, torchvision MViT): the (t, h, w) grid of a
+# clip's tokens. Time-major tokens (VideoMAE, ViViT tubelets, MViT: the order of a
+# Conv3d output's flatten) are raster_grid((t, h, w), prefix); the others are below.
+
+
+def time_fastest_grid(grid: Sequence[int], prefix: int = 0, length: int | None = None
+                      ) -> TokenGrid:
+    """``prefix`` context tokens, then for each patch n (row-major) its t frames:
+    cell (t, i, j) at position prefix + (i w + j) T + t. TimeSformer's order (its
+    embeddings reshape (B, T, N, C) -> (B, N, T, C) -> (B, N*T, C) after the CLS token)."""
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != 3 or min(grid) < 1:
+        raise bad_value("grid", "a 3-D grid (t, h, w) of positive sizes", grid)
+    if not isinstance(prefix, int) or prefix < 0:
+        raise bad_value("prefix", "a non-negative int", prefix)
+    t, h, w = grid
+    position = prefix + torch.arange(h * w * t).view(h * w, t)  # [patch n, frame t]
+    return TokenGrid(grid, position.t().reshape(-1), length)
+
+
+class FrameTokens:
+    """Frames run as the batch (X-CLIP's vision encoder: rows b*T + t hold frame t of
+    clip b, each with its own prefix tokens) <-> one (t, h, w) grid per clip.
+
+        grid = FrameTokens(frames=8, per_frame=raster_grid((7, 7), prefix=1))
+        acts = grid(tokens)                    (B*T, L, C) -> (B, C, T, h, w)
+        back = grid.to_tokens(acts, tokens)    (R, C, T, h, w) -> (R*T, L, C), R = B*K
+    """
+
+    def __init__(self, frames: int, per_frame: TokenGrid) -> None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise bad_value("frames", "a positive number of frames per clip", frames)
+        if not isinstance(per_frame, TokenGrid) or len(per_frame.grid) != 2:
+            raise bad_type("per_frame", "a 2-D TokenGrid (one frame's tokens)", per_frame)
+        self.frames = frames
+        self.per_frame = per_frame
+        self.grid = (frames, *per_frame.grid)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.to_grid(tokens)
+
+    def _clips(self, tokens: torch.Tensor) -> int:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 \
+                or tokens.shape[0] % self.frames:
+            raise bad_value("tokens", f"per-frame tokens (B*T, L, C) with T = {self.frames}",
+                            tokens)
+        return tokens.shape[0] // self.frames
+
+    def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B*T, L, C) -> (B, C, T, h, w)."""
+        batch = self._clips(tokens)
+        cells = self.per_frame.to_grid(tokens)  # (B*T, C, h, w)
+        return cells.view(batch, self.frames, *cells.shape[1:]).transpose(1, 2)
+
+    def to_tokens(self, acts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(R, C, T, h, w) -> (R*T, L, C): each clip's frames as rows, the context tokens
+        taken from ``tokens`` (B*T rows; R = B*K rows repeat each clip's K times)."""
+        batch = self._clips(tokens)
+        if not isinstance(acts, torch.Tensor) or tuple(acts.shape[2:]) != self.grid \
+                or acts.shape[0] % batch:
+            raise bad_value("acts", f"activations (R, C, {', '.join(map(str, self.grid))}) "
+                            f"with R a multiple of the {batch} clips", acts)
+        rows = acts.shape[0]
+        if rows != batch:
+            tokens = tokens.view(batch, self.frames, *tokens.shape[1:]) \
+                .repeat_interleave(rows // batch, dim=0).flatten(0, 1)
+        frames = acts.transpose(1, 2).flatten(0, 1)  # (R*T, C, h, w)
+        return self.per_frame.to_tokens(frames, tokens)
+
+
+__all__ += ["FrameTokens", "time_fastest_grid"]
