@@ -38,10 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmexplain.adapters import register_adapter
-from mmexplain.adapters.families import register_family
 from mmexplain.adapters.tokengrid import TokenGrid, merge_grid, raster_grid, window_grid
-from mmexplain.adapters.vlm_base import VisionLanguageAdapter, _rows, build, device_of, dtype_of
+from mmexplain.adapters.vlm_base import (VisionLanguageAdapter, _rows, device_of, dtype_of,
+                                         register_families)
 from mmexplain.errors import InputError, bad_value
 
 MERGER = "model.visual.merger"
@@ -301,22 +300,9 @@ def _vision_inputs(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return pixels, thw
 
 
-def _factory(cls: type[QwenVL]):
-    def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
-             layer: str | None = None, rows: int | None = None) -> QwenVL:
-        return build(cls, path, model, processor, layer=layer, rows=rows)
-
-    make.__doc__ = f"{cls.__doc__.splitlines()[0]} from a local folder (path=) or objects."
-    return make
-
-
-qwen2_vl = register_adapter("qwen2-vl")(_factory(QwenVL))
-qwen2_5_vl = register_adapter("qwen2.5-vl")(_factory(Qwen25VL))
-
 #: config keys (architecture class names and model_types) -> adapter names
 FAMILY_KEYS = {"Qwen2VLForConditionalGeneration": "qwen2-vl", "qwen2_vl": "qwen2-vl",
-               "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl", "qwen2_5_vl": "qwen2.5-vl"}
-for _key, _name in FAMILY_KEYS.items():
-    register_family(_key, _name, tasks=("caption", "vqa"))
+              "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl", "qwen2_5_vl": "qwen2.5-vl"}
+FACTORIES = register_families([QwenVL, Qwen25VL], FAMILY_KEYS)
 
-__all__ = ["Qwen25VL", "QwenVL", "qwen2_5_vl", "qwen2_vl", "qwen_grid"]
+__all__ = ["FACTORIES", "Qwen25VL", "QwenVL", "qwen_grid", "slot_prompt"]

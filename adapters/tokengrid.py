@@ -301,8 +301,29 @@ def window_grid(grid: Sequence[int], window_index: torch.Tensor, merge: int = 2,
     return TokenGrid(grid, prefix + _order_of(blocks[window_index]))
 
 
+# --------------------------------------------------------------------------- Idefics3 tiles
+
+
+def split_grid(tile: Sequence[int], tiles: Sequence[int], length: int | None = None
+               ) -> TokenGrid:
+    """Idefics3 / SmolVLM image splitting: the rows x cols tiles of one image one after
+    another (row-major), each tile's tokens row-major over ``tile`` (h, w), joined into
+    the (rows*h, cols*w) grid of the whole resized image. Tokens after the tiles (the
+    downscaled global image the processor appends) are context.
+    """
+    h, w = (int(t) for t in tile)
+    rows, cols = (int(t) for t in tiles)
+    if min(h, w, rows, cols) < 1:
+        raise bad_value("tiles", "positive tile sizes (h, w) and counts (rows, cols)",
+                        f"tile {tuple(tile)}, tiles {tuple(tiles)}", raw=True)
+    y = torch.arange(rows * h).view(-1, 1)
+    x = torch.arange(cols * w).view(1, -1)
+    position = ((y // h) * cols + x // w) * (h * w) + (y % h) * w + x % w
+    return TokenGrid((rows * h, cols * w), position.flatten(), length)
+
+
 __all__ = ["TokenGrid", "anyres_grid", "grid_from_size", "merge_grid", "pixel_shuffle_grid",
-           "raster_grid", "tokens_grid", "unpad_box", "window_grid"]
+           "raster_grid", "split_grid", "tokens_grid", "unpad_box", "window_grid"]
 
 
 # --------------------------------------------------------------------------- 3-D grids

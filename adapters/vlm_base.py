@@ -549,5 +549,28 @@ def build(cls: type[VisionLanguageAdapter], path: Any, model: nn.Module | None,
     return cls(model, processor, source=source, **options)
 
 
+def register_families(classes: Sequence[type[VisionLanguageAdapter]],
+                      keys: Mapping[str, str], tasks: Sequence[str] = ("caption", "vqa")
+                      ) -> dict[str, Any]:
+    """Register each class's factory under its ``name`` (``path=`` or ``model=`` and
+    ``processor=``, ``layer=``, ``rows=``) and the config ``keys`` (architecture class
+    names and model_types -> adapter names) as families; -> {name: factory}."""
+    from mmexplain.adapters import register_adapter
+    from mmexplain.adapters.families import register_family
+
+    factories = {}
+    for cls in classes:
+        def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
+                 layer: str | None = None, rows: int | None = None,
+                 _cls: type[VisionLanguageAdapter] = cls) -> VisionLanguageAdapter:
+            return build(_cls, path, model, processor, layer=layer, rows=rows)
+
+        make.__doc__ = f"{cls.__doc__.splitlines()[0]} from a local folder (path=) or objects."
+        factories[cls.name] = register_adapter(cls.name)(make)
+    for key, name in keys.items():
+        register_family(key, name, tasks=tasks)
+    return factories
+
+
 __all__ = ["VisionLanguageAdapter", "build", "device_of", "dtype_of", "load_processor",
-           "pixels_to_image", "word_groups"]
+           "pixels_to_image", "register_families", "word_groups"]

@@ -299,3 +299,26 @@ def hook_reference(model, layer: str, forward, tokens: torch.Tensor, grid, metho
     g = torch.cat([on_grid(x) for x in grads])
     maps, _ = get_method(method).explain(a.expand(steps, *a.shape[1:]), g)
     return maps, logprobs.detach()
+
+
+def check_per_token_maps(adapter, inputs, context, tokens, layer, forward, grid, shape):
+    """The adapter's maps of every token of ``tokens`` (one forward, K backwards, through
+    the engine) equal :func:`hook_reference` (``forward``, ``grid`` as there) and a
+    single-token run of the last token; the maps have the grid ``shape``."""
+    import mmexplain as mx
+    from mmexplain.tasks.caption import WordLogProbs
+
+    steps = tokens.shape[1]
+    expl = mx.GradCAM(adapter, layer=layer, strategy="loop")(
+        inputs, target=WordLogProbs(list(range(steps))), tokens=tokens, **context)
+    assert tuple(expl.maps.shape) == (1, steps, *shape)
+    maps, logprobs = hook_reference(adapter.model, layer, forward, tokens, grid)
+    scale = maps.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(expl.maps[0], maps, atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(expl.scores[0], logprobs, atol=1e-5, rtol=1e-5)
+    single = mx.GradCAM(adapter, layer=layer)(inputs, target=WordLogProbs([steps - 1]),
+                                              tokens=tokens, **context)
+    torch.testing.assert_close(single.maps[0, 0], expl.maps[0, -1], atol=1e-6 * scale,
+                               rtol=1e-4)
+    return expl
