@@ -15,7 +15,8 @@ import mmexplain as mx
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
-from vlm_tiny_a import build_llava, build_llava_next, build_llava_onevision, image
+from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, image,
+                        model_inputs, reference_maps)
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
             "llava-onevision": build_llava_onevision}
@@ -32,59 +33,10 @@ def adapters(folders):
     return {name: get_adapter(name, path=folder) for name, folder in folders.items()}
 
 
-class Steps:
-    """log p(tokens[:, t]) at the given steps: K targets."""
-
-    def __init__(self, steps):
-        self.steps = list(steps)
-        self.num_targets = len(self.steps)
-
-    def __call__(self, out):
-        return out.token_logprobs()[:, self.steps]
-
-    def expand(self, k):
-        return self
-
-
 def _prepared(adapter, size=(40, 56), tokens=5):
     inputs, shown, context = adapter.prepare_image(image(*size), prompt="what is this ?")
     generated = adapter.generate(inputs, max_new_tokens=tokens, **context)
     return inputs, shown, context, generated
-
-
-def _model_inputs(adapter, inputs, context, tokens):
-    ids = torch.cat([context["input_ids"], tokens[:, :-1]], dim=1)
-    extra = adapter._model_pixels(inputs, context)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
-
-
-def _reference_maps(adapter, layer, inputs, context, tokens, grid_of):
-    """Grad-CAM (eq. 1-2) per token through the model's own forward and a hook."""
-    model = adapter.model
-    captured = {}
-
-    def hook(module, args, out):
-        leaf = out.detach().requires_grad_(True)
-        captured["a"] = leaf
-        return leaf
-
-    handle = model.get_submodule(layer).register_forward_hook(hook, prepend=True)
-    try:
-        with torch.enable_grad():
-            logits = model(**_model_inputs(adapter, inputs, context, tokens)).logits
-    finally:
-        handle.remove()
-    steps = tokens.shape[1]
-    lp = logits[:, -steps:].float().log_softmax(-1).gather(2, tokens.unsqueeze(2))[0, :, 0]
-    leaf = captured["a"]
-    acts = grid_of(leaf.detach().reshape(1, -1, leaf.shape[-1])).float()
-    maps = []
-    for t in range(steps):
-        (grad,) = torch.autograd.grad(lp[t], leaf, retain_graph=True)
-        g = grid_of(grad.reshape(1, -1, grad.shape[-1])).float()
-        weights = g.mean(dim=(2, 3), keepdim=True)  # Grad-CAM eq. 1
-        maps.append(torch.relu((weights * acts).sum(1)))  # eq. 2
-    return torch.stack(maps, dim=1), lp.detach()
 
 
 def _grid_of(adapter, name, layer, inputs, context):
@@ -107,7 +59,7 @@ def test_per_token_maps_equal_the_models_own_forward(adapters, name):
         expl = mx.GradCAM(adapter, layer=layer, strategy="loop")(
             inputs, target=Steps(range(tokens.shape[1])), tokens=tokens, **context)
         grid = _grid_of(adapter, name, layer, inputs, context)
-        ref, lp = _reference_maps(adapter, layer, inputs, context, tokens, grid)
+        ref, lp = reference_maps(adapter, layer, inputs, context, tokens, grid)
         assert expl.maps.dtype == torch.float32 and expl.maps.shape == ref.shape
         assert torch.allclose(expl.scores, lp[None], atol=1e-5)
         assert torch.allclose(expl.maps, ref, atol=1e-5, rtol=1e-4), layer
@@ -123,7 +75,7 @@ def test_llava_equals_plain_engine_by_layer_name_and_single_tokens(adapters):
     expl = mx.GradCAM(adapter, strategy="loop")(inputs, target=Steps(range(steps)),
                                                   tokens=tokens, **context)
     grid = raster_grid((4, 4))
-    plain_inputs = _model_inputs(adapter, inputs, context, tokens)
+    plain_inputs = model_inputs(adapter, inputs, context, tokens)
 
     def target(out):
         lp = out.logits[:, -steps:].float().log_softmax(-1)

@@ -15,8 +15,9 @@ import torch
 
 from vlm_tiny_b import HIDDEN, SEED, _ids, _save, image, word_tokenizer
 
-__all__ = ["build_clip", "build_gemma3", "build_llava", "build_llava_next",
-           "build_llava_onevision", "build_paligemma", "build_siglip", "image"]
+__all__ = ["Steps", "build_clip", "build_gemma3", "build_llava", "build_llava_next",
+           "build_llava_onevision", "build_paligemma", "build_siglip", "image", "model_inputs",
+           "reference_maps"]
 
 LLAVA_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
 CHAT = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
@@ -121,3 +122,149 @@ def build_llava_onevision(folder: Path, layers: int = 1) -> Path:
                                            vision_feature_select_strategy="full",
                                            chat_template=CHAT)
     return _save(folder, model, processor)
+
+
+def _siglip_vision(image_size: int = 28, patch: int = 7, layers: int = 2) -> dict:
+    vision = {"model_type": "siglip_vision_model", **_clip_vision(image_size, patch, layers)}
+    vision.pop("projection_dim")
+    return vision
+
+
+def _gemma_text(tok, model_type: str, layers: int = 1) -> dict:
+    pad, bos, eos = _ids(tok, "<pad>", "<bos>", "<eos>")
+    return dict(model_type=model_type, vocab_size=len(tok), hidden_size=HIDDEN,
+                intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+
+def _gemma_generation(model, tok) -> None:
+    pad, bos, eos = _ids(tok, "<pad>", "<bos>", "<eos>")
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = bos
+
+
+def build_paligemma(folder: Path, image_size: int = 28, layers: int = 1) -> Path:
+    """PaliGemmaForConditionalGeneration: SigLIP (patch 7, 2 blocks), 1 Gemma layer."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = word_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos="<bos>",
+                         eos="<eos>", pad="<pad>")
+    seq = (image_size // 7) ** 2
+    images = tf.SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    images.image_seq_length = seq
+    processor = tf.PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds loc/seg
+    img, = _ids(tok, "<image>")
+    vision = _siglip_vision(image_size)
+    vision["projection_dim"] = HIDDEN
+    config = tf.PaliGemmaConfig(vision_config=vision, text_config=_gemma_text(tok, "gemma", layers),
+                                image_token_id=img, projection_dim=HIDDEN, hidden_size=HIDDEN)
+    model = tf.PaliGemmaForConditionalGeneration(config)
+    _gemma_generation(model, tok)
+    return _save(folder, model, processor)
+
+
+GEMMA3_CHAT = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+               "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+               "{% endfor %}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _named_tokenizer(specials: list[str], named: dict[str, str]):
+    """:func:`word_tokenizer` whose extra special tokens have names (``tok.boi_token``)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlm_tiny_b import WORDS
+
+    words = list(dict.fromkeys([*specials, *WORDS, "user", "model"]))  # no repeated word
+    vocab = {t: i for i, t in enumerate(words)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>",
+                                  extra_special_tokens=named)
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok
+
+
+def build_gemma3(folder: Path, image_size: int = 28, layers: int = 1) -> Path:
+    """Gemma3ForConditionalGeneration: SigLIP 4x4 patches pooled to 2x2 image tokens."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>",
+                "<image_soft_token>", "<start_of_turn>", "<end_of_turn>"]
+    tok = _named_tokenizer(specials, {"boi_token": "<start_of_image>",
+                                      "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"})
+    boi, eoi, soft, end = _ids(tok, "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+                               "<end_of_turn>")
+    text = _gemma_text(tok, "gemma3_text", layers)
+    text.update(sliding_window=64, rope_parameters=None)
+    config = tf.Gemma3Config(vision_config=_siglip_vision(image_size), text_config=text,
+                             mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi,
+                             image_token_index=soft)
+    model = tf.Gemma3ForConditionalGeneration(config)
+    _gemma_generation(model, tok)
+    images = tf.Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
+    processor = tf.Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4,
+                                   chat_template=GEMMA3_CHAT)
+    return _save(folder, model, processor)
+
+
+# --------------------------------------------------------------------------- references
+
+
+class Steps:
+    """log p(tokens[:, t]) at the given steps: K targets."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+        self.num_targets = len(self.steps)
+
+    def __call__(self, out):
+        return out.token_logprobs()[:, self.steps]
+
+    def expand(self, k):
+        return self
+
+
+def model_inputs(adapter, inputs, context, tokens):
+    ids = torch.cat([context["input_ids"], tokens[:, :-1]], dim=1)
+    extra = {**adapter._model_pixels(inputs, context),
+             **adapter._model_kwargs(context, ids.shape[0], tokens.shape[1])}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extra}
+
+
+def reference_maps(adapter, layer, inputs, context, tokens, grid_of):
+    """Grad-CAM (eq. 1-2) per token through the model's own forward and a hook."""
+    model = adapter.model
+    captured = {}
+
+    def hook(module, args, out):
+        leaf = out.detach().requires_grad_(True)
+        captured["a"] = leaf
+        return leaf
+
+    handle = model.get_submodule(layer).register_forward_hook(hook, prepend=True)
+    try:
+        with torch.enable_grad():
+            logits = model(**model_inputs(adapter, inputs, context, tokens)).logits
+    finally:
+        handle.remove()
+    steps = tokens.shape[1]
+    lp = logits[:, -steps:].float().log_softmax(-1).gather(2, tokens.unsqueeze(2))[0, :, 0]
+    leaf = captured["a"]
+    acts = grid_of(leaf.detach().reshape(1, -1, leaf.shape[-1])).float()
+    maps = []
+    for t in range(steps):
+        (grad,) = torch.autograd.grad(lp[t], leaf, retain_graph=True)
+        g = grid_of(grad.reshape(1, -1, grad.shape[-1])).float()
+        weights = g.mean(dim=(2, 3), keepdim=True)  # Grad-CAM eq. 1
+        maps.append(torch.relu((weights * acts).sum(1)))  # eq. 2
+    return torch.stack(maps, dim=1), lp.detach()
