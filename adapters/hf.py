@@ -314,9 +314,9 @@ class HFVisionAdapter(Adapter):
     def encode(self, pixel_values: torch.Tensor, **_: Any) -> torch.Tensor:
         """pixel_values (B, 3, H, W) -> A (B, D, h, w): patch tokens after ``self.layer``.
 
-        Keeps the prefix tokens (B, P, D) of this call for :meth:`head`. A is float32
-        whatever the model's dtype (fp16 / bf16 models: the head casts it back), so
-        the gradients at A, and the maps, are float32.
+        Keeps the prefix tokens (B, P, D) of this call for :meth:`head`. A of fp16 /
+        bf16 models is float32 (the head casts it back), so the gradients at A, and
+        the maps, are float32.
         """
         size = self.image_size if not self.interpolate_pos_encoding else None
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or \
@@ -339,7 +339,8 @@ class HFVisionAdapter(Adapter):
             raise bad_value("pixel_values", f"images whose {h}x{w} patches match the "
                             f"{hidden.shape[1]} tokens of the encoder", pixel_values)
         self._prefix = hidden[:, :prefix].detach()
-        return vit_token_grid(hidden, prefix, (h, w)).float()  # (B, D, h, w)
+        acts = vit_token_grid(hidden, prefix, (h, w))  # (B, D, h, w)
+        return acts.float() if acts.dtype in (torch.float16, torch.bfloat16) else acts
 
     def vision_tail(self, acts: torch.Tensor) -> torch.Tensor:
         """A (R, D, h, w) -> the vision encoder's output tokens (R, P + h*w, D).
@@ -395,8 +396,12 @@ class HFVisionAdapter(Adapter):
                             "as processor=) to prepare images", None)
         device = next(self.model.parameters()).device
         shape = describe(images[0] if isinstance(images, list) and images else images)
+        arrays = images if isinstance(images, list) else [images]
+        # (H, W, 3) arrays: said so, or a processor takes a 3-row picture for channels-first
+        layout = ({"input_data_format": "channels_last"} if all(
+            getattr(a, "ndim", 0) == 3 and a.shape[-1] == 3 for a in arrays) else {})
         try:
-            px = processor(images=images, return_tensors="pt")["pixel_values"]
+            px = processor(images=images, return_tensors="pt", **layout)["pixel_values"]
         except Exception as exc:  # noqa: BLE001 - the processors raise many kinds
             raise InputError(f"image: expected an image the model's processor "
                              f"({type(processor).__name__}) accepts, received {shape}: "
@@ -481,7 +486,8 @@ class HFVisionAdapter(Adapter):
 
         A token starts a new word when the tokenizer's text of the tokens so far grows
         by a piece that begins with a space (WordPiece, byte-level BPE and SentencePiece
-        alike); steps after the end token, padding and special tokens are left out.
+        alike), or switches between punctuation and letters/digits ("dog?" is two
+        words); steps after the end token, padding and special tokens are left out.
         Without a tokenizer every token is a word, named by its id.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
@@ -495,13 +501,16 @@ class HFVisionAdapter(Adapter):
         if tok is None:
             return [(f"#{ids[t]}", [t]) for t in steps]
         groups: list[list[int]] = []
-        before = ""
+        before, word_kind = "", True
         for i, t in enumerate(steps):
             text = tok.decode([ids[s] for s in steps[:i + 1]], skip_special_tokens=True,
                               clean_up_tokenization_spaces=False)
             piece = text[len(before):] if text.startswith(before) else ""
-            if not groups or piece[:1].isspace():
+            # a space starts a word; so does punctuation after letters and letters after it
+            kind = any(c.isalnum() for c in piece)
+            if not groups or piece[:1].isspace() or (piece and kind != word_kind):
                 groups.append([t])
+                word_kind = kind
             else:
                 groups[-1].append(t)
             before = text

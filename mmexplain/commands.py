@@ -96,7 +96,13 @@ def build_adapter(name: str, weights: str | None, layer: str | None, device: str
     from mmexplain.adapters import get_adapter
 
     kwargs = {k: v for k, v in options.items() if v is not None}
-    if weights is not None:
+    folder = weights is not None and weights != "random" and Path(weights).is_dir()
+    if folder:  # a Hugging Face model folder: the adapters of its family load it by path
+        from mmexplain.adapters.families import check_family
+
+        check_family(weights, name, arg="--weights")
+        kwargs["path"] = weights
+    elif weights is not None:
         kwargs["weights"] = False if weights == "random" else weights
     if layer is not None:
         kwargs["layer"] = layer
@@ -106,6 +112,10 @@ def build_adapter(name: str, weights: str | None, layer: str | None, device: str
         if "unexpected keyword argument" not in str(exc):
             raise
         bad = re.search(r"argument '(\w+)'", str(exc))
+        if bad and bad.group(1) == "path":
+            raise InputError(f"--weights: expected a weight file for model {name!r} (folders "
+                             f"are for Hugging Face models), received the folder {weights!r}"
+                             ) from exc
         option = "--" + (bad.group(1).replace("_", "-") if bad else "?")
         raise InputError(f"{option}: expected an option that model {name!r} takes, received "
                          f"{option} for {name!r}, which has no such setting") from exc
@@ -136,27 +146,36 @@ def read_image(path: str | Path) -> np.ndarray:
                          f"{exc}") from exc
 
 
-def _image_input(adapter: Any, image: np.ndarray, size: int | None, device: torch.device
-                 ) -> tuple[torch.Tensor, np.ndarray]:
-    """(model input (1, 3, h, w), the picture the maps go over (h, w, 3) uint8).
+def _folder_family(args: argparse.Namespace, task: str) -> bool:
+    """With ``--weights DIR`` (a Hugging Face model folder) and no ``--model``, the
+    model is the adapter of the folder's family (config.json); True for a folder."""
+    if args.weights is None or args.weights == "random":
+        return False
+    if not Path(args.weights).exists():
+        raise InputError(f"--weights: expected a weight file or a Hugging Face model folder, "
+                         f"received {args.weights!r}: there is no such file or folder")
+    if not Path(args.weights).is_dir():
+        return False
+    if args.model is None:
+        from mmexplain.adapters.families import family_of
 
-    With a ``preprocess`` the adapter's own pipeline is used; otherwise (the
-    captioner and VQA adapters normalise inside the model) the image is resized
-    to ``size`` x ``size`` (default: the adapter's ``image_size``, else 224) and
-    given in [0, 1].
-    """
-    preprocess = getattr(adapter, "preprocess", None)
-    if preprocess is not None:
-        x, shown = preprocess.image(image)
-        return x.unsqueeze(0).to(device), shown
-    import torch.nn.functional as F
+        args.model = family_of(args.weights, task=task, arg="--weights")
+    return True
 
-    side = size or getattr(adapter, "image_size", None) or 224
-    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = F.interpolate(u8, size=(side, side), mode="bilinear", antialias=True,
-                      align_corners=False).clamp(0, 255).round() / 255.0
-    shown = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
-    return x.to(device), shown
+
+def _capable(adapter: Any, capability: str, command: str) -> Any:
+    """``adapter`` if it offers ``capability``, else the InputError naming it."""
+    from mmexplain.adapters import capabilities
+
+    proto = capabilities.CAPABILITIES[capability][0]
+    return capabilities.require(adapter, proto, f"mmexplain {command}")
+
+
+def _prepared(adapter: Any, image: np.ndarray, prompt: str | None, size: int | None
+              ) -> tuple[Any, np.ndarray, dict[str, Any]]:
+    """The model's ``prepare_image`` (with ``--size`` where one was given)."""
+    extra = {"size": size} if size is not None else {}
+    return adapter.prepare_image(image, prompt, **extra)
 
 
 def _device_of(adapter: Any) -> torch.device:
@@ -193,7 +212,7 @@ class Classify:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("input", metavar="IMAGE", help="image file")
-        _add_common(parser, "resnet18")
+        _add_common(parser, None)
         parser.add_argument("--classes", default=None,
                             help="comma-separated class names or indices (default: the top ones)")
         parser.add_argument("--top", type=int, default=1,
@@ -207,12 +226,16 @@ class Classify:
         from mmexplain.tasks.classify import class_indices, explain_image
 
         image = read_image(args.input)
-        adapter = build_adapter(args.model, args.weights, args.layer, args.device,
-                                size=args.size, num_classes=args.num_classes)
+        folder = _folder_family(args, "classify")
+        args.model = args.model or "resnet18"
+        options = {} if folder else dict(size=args.size, num_classes=args.num_classes)
+        adapter = _capable(build_adapter(args.model, args.weights, args.layer, args.device,
+                                         **options), "classify", "classify")
         print(_weights_line(adapter))
-        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
+        x, shown = adapter.preprocess.image(image)
+        x = x.unsqueeze(0).to(_device_of(adapter))
         expl, labels = explain_image(adapter, x, _split(args.classes), args.method, top=args.top)
-        classes = class_indices(labels[0], getattr(adapter, "categories", None))
+        classes = class_indices(labels[0], adapter.categories)
         return _write_image_results(args, adapter, expl, labels[0], shown,
                                     {"classes": np.array([classes])})
 
@@ -226,6 +249,8 @@ def _language_adapter(args: argparse.Namespace, task: str) -> Any:
     world's tiny vocabulary, said so."""
     from mmexplain.adapters import list_adapters
 
+    if _folder_family(args, task):
+        return build_adapter(args.model, args.weights, args.layer, args.device)
     if args.model is None:
         args.model, why = SHIPPED[task], "is not registered"
         if args.model in list_adapters():
@@ -258,9 +283,15 @@ class Caption:
         _add_common(parser, None)
         parser.add_argument("--caption", default=None,
                             help="caption to explain (default: the model's own caption)")
-        parser.add_argument("--words", default=None,
-                            help="'visual' or comma-separated words of the caption to explain "
-                            "one by one (default: the whole caption's log-probability)")
+        parser.add_argument("--words", default="all",
+                            help="'all' (default: one map per word), 'visual', 'caption' (one "
+                            "map of the whole caption's log-probability) or comma-separated "
+                            "words of the caption to explain one by one")
+        parser.add_argument("--prompt", default=None,
+                            help="text the model reads before its caption (models that take "
+                            "one: BLIP 'a picture of', a VQA model's question)")
+        parser.add_argument("--max-tokens", type=int, default=20,
+                            help="most tokens of the generated caption (default 20)")
         parser.add_argument("--size", type=int, default=None,
                             help="image side in pixels (default: the model's, else 224)")
 
@@ -268,13 +299,17 @@ class Caption:
     def run(args: argparse.Namespace) -> int:
         from mmexplain.tasks.caption import explain_caption
 
+        if args.max_tokens < 1:
+            raise bad_value("--max-tokens", "a positive number of tokens", args.max_tokens)
         image = read_image(args.input)
-        adapter = _language_adapter(args, "caption")
+        adapter = _capable(_language_adapter(args, "caption"), "caption", "caption")
         print(_weights_line(adapter))
-        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
-        words: Any = args.words if args.words in (None, "visual") else _split(args.words)
-        expl, labels = explain_caption(adapter, x, args.caption, words, args.method)
-        caption = labels[0] if args.words is None else " ".join(labels)
+        x, shown, context = _prepared(adapter, image, args.prompt, args.size)
+        words: Any = (None if args.words == "caption" else args.words
+                      if args.words in ("all", "visual") else _split(args.words))
+        expl, labels = explain_caption(adapter, x, args.caption, words, args.method,
+                                       max_len=args.max_tokens, context=context)
+        caption = labels[0] if words is None else " ".join(labels)
         print(f"caption: {args.caption or caption}")
         return _write_image_results(args, adapter, expl, labels, shown,
                                     {"caption": str(args.caption or caption)})
@@ -289,7 +324,8 @@ class VQA:
         _add_common(parser, None)
         parser.add_argument("--question", required=True, help="the question")
         parser.add_argument("--answers", default=None,
-                            help="comma-separated answers to explain (default: the top ones)")
+                            help="comma-separated answers to explain beside the model's own "
+                            "(forced answers: 'what if it said yellow?')")
         parser.add_argument("--top", type=int, default=1,
                             help="explain the model's top K answers when --answers is not given")
         parser.add_argument("--size", type=int, default=None,
@@ -300,12 +336,16 @@ class VQA:
         from mmexplain.tasks.vqa import explain_vqa
 
         image = read_image(args.input)
-        adapter = _language_adapter(args, "vqa")
+        adapter = _capable(_language_adapter(args, "vqa"), "answer", "vqa")
         print(_weights_line(adapter))
-        x, shown = _image_input(adapter, image, args.size, _device_of(adapter))
-        expl, labels = explain_vqa(adapter, x, args.question, _split(args.answers), args.method,
-                                   top=args.top)
+        x, shown, _ = _prepared(adapter, image, args.question, args.size)
+        own = [a for a, _ in adapter.answer(x, args.question, top=args.top)[0] if str(a).strip()]
         print(f"question: {args.question}")
+        print(f"model's answer: {', '.join(map(str, own)) or '(none: an empty text)'}")
+        answers = own + [a for a in _split(args.answers) or [] if a not in own]
+        if not answers:
+            raise bad_value("--answers", "answers to explain (the model gave none)", None)
+        expl, labels = explain_vqa(adapter, x, args.question, answers, args.method)
         return _write_image_results(args, adapter, expl, labels, shown,
                                     {"question": args.question})
 

@@ -320,7 +320,8 @@ def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[s
     offers beam search); a string or word list explains that caption.
     ``words``: None explains log p(caption) (K = 1); "all", "visual" or a list of
     words / word positions explains log p(word) of each (K maps, one backward), a
-    word of several subword tokens by the sum of their log-probabilities.
+    word of several subword tokens by the sum of their log-probabilities ("all" on
+    a caption without words explains log p(caption)).
     ``context``: what ``adapter.prepare_image`` gave beside the inputs (a prompt's ids).
     ``options`` go to the explainer (``counterfactual``, ``strategy``, ...).
     Returns (Explanation with maps (1, K, h, w), the K labels: the caption
@@ -339,10 +340,10 @@ def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[s
         tokens = adapter.tokenize([text], **context)
     tokens = tokens.to(images.device)
     cam = make_cam(adapter, method, layer, **options)
-    if words is None:
+    groups = adapter.word_groups(tokens[0]) if words is not None else []
+    if words is None or (words == "all" and not groups):  # no words: the caption's end
         expl = cam(images, target=CaptionLogProb(), tokens=tokens, **context)
         return expl, adapter.decode(tokens)[:1]
-    groups = adapter.word_groups(tokens[0])
     chosen = pick_words(groups, words)
     if not chosen:
         raise bad_value("words", "at least one word to explain", f"none in caption "

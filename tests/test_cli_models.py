@@ -153,11 +153,15 @@ def test_caption_and_vqa_commands_with_the_stand_in_models(tmp_path, capsys) -> 
                "what color is the circle ?", "--answers", "red,blue", "--out", str(tmp_path)])
     assert rc == 0
     saved = np.load(tmp_path / "cat_dog_vqa-lstm_gradcam.npz")
-    assert saved["labels"].tolist() == ["red", "blue"] and saved["maps"].shape[:2] == (1, 2)
+    labels = saved["labels"].tolist()  # the model's own answer, then the forced ones
+    assert {"red", "blue"} <= set(labels) and len(set(labels)) == len(labels) <= 3
+    assert saved["maps"].shape[:2] == (1, len(labels))
     assert str(saved["question"]) == "what color is the circle ?"
     # no --model: the shipped shapes captioner, or the stand-in when it cannot be built
     assert main(["caption", str(path), "--size", "64", "--out", str(tmp_path / "default")]) == 0
     out = capsys.readouterr().out
     assert "weights: " in out and "caption: " in out
     (npz,) = (tmp_path / "default").glob("cat_dog_*_gradcam.npz")
-    assert np.load(npz)["maps"].shape[:2] == (1, 1)
+    saved = np.load(npz)  # one map per word of the model's own caption
+    assert saved["labels"].tolist() == str(saved["caption"]).split()
+    assert saved["maps"].shape[:2] == (1, len(saved["labels"]))

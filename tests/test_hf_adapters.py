@@ -25,9 +25,7 @@ from mmexplain.tasks.vqa import AnswerScore
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 40
-START, END, PAD = 1, 2, 0
-SIZE, PATCH = 32, 8  # a 4 x 4 grid of patches
+from hf_tiny import END, PAD, PATCH, SIZE, START, VOCAB, tiny_blip, tiny_ved  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,44 +35,6 @@ def one_thread() -> object:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def vit_config(cls_name: str = "ViTConfig") -> object:
-    return getattr(transformers, cls_name)(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        image_size=SIZE, patch_size=PATCH, initializer_range=0.3)
-
-
-def tiny_ved(encoder: str = "ViTConfig") -> torch.nn.Module:
-    """ViT (or DeiT) encoder + GPT-2 decoder of another width (so enc_to_dec_proj runs)."""
-    decoder = transformers.GPT2Config(
-        n_embd=24, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=32, is_decoder=True,
-        add_cross_attention=True, bos_token_id=START, eos_token_id=END, pad_token_id=PAD,
-        initializer_range=0.3)
-    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
-        vit_config(encoder), decoder)
-    config.decoder_start_token_id, config.eos_token_id, config.pad_token_id = START, END, PAD
-    torch.manual_seed(0)
-    return transformers.VisionEncoderDecoderModel(config=config).eval()
-
-
-def blip_config() -> object:
-    vision = transformers.BlipVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-        image_size=SIZE, patch_size=PATCH, initializer_range=0.3)
-    text = transformers.BlipTextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, encoder_hidden_size=32,
-        bos_token_id=START, sep_token_id=END, eos_token_id=END, pad_token_id=PAD,
-        initializer_range=0.3)
-    return transformers.BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())
-
-
-def tiny_blip(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    cls = (transformers.BlipForConditionalGeneration if kind == "caption"
-           else transformers.BlipForQuestionAnswering)
-    return cls(blip_config()).eval()
 
 
 def images(batch: int = 2) -> torch.Tensor:
