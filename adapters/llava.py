@@ -30,15 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmexplain.adapters import register_adapter
 from mmexplain.adapters.tokengrid import TokenGrid, anyres_grid, tokens_grid
-from mmexplain.adapters.vlm_base import VisionLanguageAdapter, build
+from mmexplain.adapters.vlm_base import VisionLanguageAdapter, register_families, tower_path
 from mmexplain.errors import InputError, bad_value
-
-try:  # adapters/families.py may be absent in an older tree
-    from mmexplain.adapters.families import register_family
-except ImportError:  # pragma: no cover
-    register_family = None
 
 
 class Llava(VisionLanguageAdapter):
@@ -54,11 +48,11 @@ class Llava(VisionLanguageAdapter):
         if not isinstance(layer, int):
             raise bad_value("vision_feature_layer", "one layer index in the model's config "
                             "(several layers concatenated are not supported)", layer)
-        blocks = len(self.vision.get_submodule(_encoder(self.vision)).layers)
+        blocks = len(self.vision.get_submodule(tower_path(self.vision, "encoder")).layers)
         return layer if layer >= 0 else blocks + 1 + layer  # hidden_states[0]: embeddings
 
     def _feature_stages(self) -> tuple[str, ...]:
-        encoder = f"{self.vision_path}.{_encoder(self.vision)}"
+        encoder = f"{self.vision_path}.{tower_path(self.vision, 'encoder')}"
         return tuple(f"{encoder}.layers.{i}" for i in range(self._feature_layer()))
 
     def _select(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -184,31 +178,6 @@ class LlavaOnevision(LlavaNext):
             vision_aspect_ratio=self.model.config.vision_aspect_ratio)
 
 
-def _encoder(vision: nn.Module) -> str:
-    """'encoder' or 'vision_model.encoder': where a CLIP / SigLIP tower keeps its blocks."""
-    for name in ("encoder", "vision_model.encoder"):
-        try:
-            vision.get_submodule(name)
-            return name
-        except AttributeError:
-            continue
-    raise bad_value("model", "a CLIP- or SigLIP-style vision tower (encoder.layers)",
-                    type(vision).__name__, raw=True)
-
-
-def _factory(cls: type[Llava]):
-    def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
-             layer: str | None = None, rows: int | None = None, **options: Any) -> Llava:
-        return build(cls, path, model, processor, layer=layer, rows=rows, **options)
-
-    make.__doc__ = f"{cls.__doc__.splitlines()[0]} from a local folder (path=) or objects."
-    return make
-
-
-llava = register_adapter("llava")(_factory(Llava))
-llava_next = register_adapter("llava-next")(_factory(LlavaNext))
-llava_onevision = register_adapter("llava-onevision")(_factory(LlavaOnevision))
-
 #: config keys (architecture class names and model_types) -> adapter names
 FAMILY_KEYS = {
     "LlavaForConditionalGeneration": "llava", "llava": "llava",
@@ -216,8 +185,8 @@ FAMILY_KEYS = {
     "LlavaOnevisionForConditionalGeneration": "llava-onevision",
     "llava_onevision": "llava-onevision",
 }
-if register_family is not None:
-    for _key, _name in FAMILY_KEYS.items():
-        register_family(_key, _name, tasks=("caption", "vqa"))
+FACTORIES = register_families((Llava, LlavaNext, LlavaOnevision), FAMILY_KEYS)
+llava, llava_next, llava_onevision = (FACTORIES[c.name] for c in (Llava, LlavaNext,
+                                                                     LlavaOnevision))
 
 __all__ = ["Llava", "LlavaNext", "LlavaOnevision", "llava", "llava_next", "llava_onevision"]

@@ -29,17 +29,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
-from mmexplain.adapters import register_adapter
 from mmexplain.adapters.tokengrid import TokenGrid, tokens_grid
-from mmexplain.adapters.vlm_base import VisionLanguageAdapter, build
+from mmexplain.adapters.vlm_base import VisionLanguageAdapter, register_families, tower_path
 from mmexplain.errors import bad_type, bad_value
-
-try:  # adapters/families.py may be absent in an older tree
-    from mmexplain.adapters.families import register_family
-except ImportError:  # pragma: no cover
-    register_family = None
 
 
 class PaliGemma(VisionLanguageAdapter):
@@ -57,14 +50,7 @@ class PaliGemma(VisionLanguageAdapter):
         return (*(f"{encoder}.layers.{i}" for i in range(blocks)), norm)
 
     def _encoder_path(self) -> str:
-        for name in ("encoder", "vision_model.encoder"):
-            try:
-                self.vision.get_submodule(name)
-                return f"{self.vision_path}.{name}"
-            except AttributeError:
-                continue
-        raise bad_value("model", "a SigLIP vision tower (encoder.layers)",
-                        type(self.vision).__name__, raw=True)
+        return f"{self.vision_path}.{tower_path(self.vision, 'encoder')}"
 
     def _grid(self, layer: str, tokens: torch.Tensor, meta: Mapping[str, Any]) -> TokenGrid:
         if layer == self.projector_path and self._pooled():
@@ -119,25 +105,12 @@ class Gemma3(PaliGemma):
     format_prompt = VisionLanguageAdapter.format_prompt  # the chat template places the image
 
 
-def _factory(cls: type[PaliGemma]):
-    def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
-             layer: str | None = None, rows: int | None = None) -> PaliGemma:
-        return build(cls, path, model, processor, layer=layer, rows=rows)
-
-    make.__doc__ = f"{cls.__doc__.splitlines()[0]} from a local folder (path=) or objects."
-    return make
-
-
-paligemma = register_adapter("paligemma")(_factory(PaliGemma))
-gemma3 = register_adapter("gemma3")(_factory(Gemma3))
-
 #: config keys (architecture class names and model_types) -> adapter names
 FAMILY_KEYS = {
     "PaliGemmaForConditionalGeneration": "paligemma", "paligemma": "paligemma",
     "Gemma3ForConditionalGeneration": "gemma3", "gemma3": "gemma3",
 }
-if register_family is not None:
-    for _key, _name in FAMILY_KEYS.items():
-        register_family(_key, _name, tasks=("caption", "vqa"))
+FACTORIES = register_families((PaliGemma, Gemma3), FAMILY_KEYS)
+paligemma, gemma3 = FACTORIES["paligemma"], FACTORIES["gemma3"]
 
 __all__ = ["Gemma3", "PaliGemma", "gemma3", "paligemma"]

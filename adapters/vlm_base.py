@@ -172,7 +172,7 @@ class VisionLanguageAdapter(Adapter):
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vision = self.vision
-        embeddings = vision.get_submodule(_under(vision, "embeddings"))
+        embeddings = vision.get_submodule(tower_path(vision, "embeddings"))
         pixel_values = pixel_values.to(device_of(embeddings), dtype_of(embeddings))
         hidden = embeddings(pixel_values)
         pre = getattr(vision, "pre_layrnorm", None)  # CLIP's norm before the blocks
@@ -474,7 +474,7 @@ def _first_id(name: str, *configs: Any) -> int | None:
     return None
 
 
-def _under(module: nn.Module, name: str) -> str:
+def tower_path(module: nn.Module, name: str) -> str:
     """``name`` or ``vision_model.<name>``: the tower's submodule, whichever it has."""
     for candidate in (name, f"vision_model.{name}"):
         try:
@@ -553,7 +553,7 @@ def register_families(classes: Sequence[type[VisionLanguageAdapter]],
                       keys: Mapping[str, str], tasks: Sequence[str] = ("caption", "vqa")
                       ) -> dict[str, Any]:
     """Register each class's factory under its ``name`` (``path=`` or ``model=`` and
-    ``processor=``, ``layer=``, ``rows=``) and the config ``keys`` (architecture class
+    ``processor=``, ``layer=``, ``rows=``, and the class's own options) and the config ``keys`` (architecture class
     names and model_types -> adapter names) as families; -> {name: factory}."""
     from mmexplain.adapters import register_adapter
     from mmexplain.adapters.families import register_family
@@ -562,8 +562,9 @@ def register_families(classes: Sequence[type[VisionLanguageAdapter]],
     for cls in classes:
         def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
                  layer: str | None = None, rows: int | None = None,
-                 _cls: type[VisionLanguageAdapter] = cls) -> VisionLanguageAdapter:
-            return build(_cls, path, model, processor, layer=layer, rows=rows)
+                 _cls: type[VisionLanguageAdapter] = cls, **options: Any
+                 ) -> VisionLanguageAdapter:
+            return build(_cls, path, model, processor, layer=layer, rows=rows, **options)
 
         make.__doc__ = f"{cls.__doc__.splitlines()[0]} from a local folder (path=) or objects."
         factories[cls.name] = register_adapter(cls.name)(make)
@@ -573,4 +574,4 @@ def register_families(classes: Sequence[type[VisionLanguageAdapter]],
 
 
 __all__ = ["VisionLanguageAdapter", "build", "device_of", "dtype_of", "load_processor",
-           "pixels_to_image", "register_families", "word_groups"]
+           "pixels_to_image", "register_families", "tower_path", "word_groups"]
