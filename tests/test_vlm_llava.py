@@ -15,22 +15,26 @@ import mmexplain as mx
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
-from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, image,
-                        model_inputs, reference_maps)
+from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, built,
+                        image, model_inputs, reference_maps)
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
             "llava-onevision": build_llava_onevision}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llava")
-    return {name: build(root / name) for name, build in BUILDERS.items()}
+def tiny(tmp_path_factory):
+    return built(tmp_path_factory, BUILDERS, "llava")
 
 
 @pytest.fixture(scope="module")
-def adapters(folders):
-    return {name: get_adapter(name, path=folder) for name, folder in folders.items()}
+def folders(tiny):
+    return tiny["folders"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny):
+    return tiny["adapters"]
 
 
 def _prepared(adapter, size=(40, 56), tokens=5):

@@ -15,20 +15,25 @@ import mmexplain as mx
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import raster_grid
 from mmexplain.errors import InputError
-from vlm_tiny_a import Steps, build_gemma3, build_paligemma, image, model_inputs, reference_maps
+from vlm_tiny_a import (Steps, build_gemma3, build_paligemma, built, image, model_inputs,
+                        reference_maps)
 
 BUILDERS = {"paligemma": build_paligemma, "gemma3": build_gemma3}
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("paligemma")
-    return {name: build(root / name) for name, build in BUILDERS.items()}
+def tiny(tmp_path_factory):
+    return built(tmp_path_factory, BUILDERS, "paligemma")
 
 
 @pytest.fixture(scope="module")
-def adapters(folders):
-    return {name: get_adapter(name, path=folder) for name, folder in folders.items()}
+def folders(tiny):
+    return tiny["folders"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny):
+    return tiny["adapters"]
 
 
 def _prepared(adapter, tokens=5):

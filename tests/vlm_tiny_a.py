@@ -15,7 +15,7 @@ import torch
 
 from vlm_tiny_b import HIDDEN, SEED, _ids, _save, image, word_tokenizer
 
-__all__ = ["Steps", "build_clip", "build_gemma3", "build_llava", "build_llava_next",
+__all__ = ["Steps", "build_clip", "built", "build_gemma3", "build_llava", "build_llava_next",
            "build_llava_onevision", "build_paligemma", "build_siglip", "image", "model_inputs",
            "reference_maps"]
 
@@ -44,8 +44,9 @@ def _llava_tok():
                           extra=("USER", "ASSISTANT"))
 
 
-def _generation_ids(model, tok) -> None:
-    pad, bos, eos = _ids(tok, "<pad>", "<s>", "</s>")
+def _generation_ids(model, tok, names: tuple[str, str, str] = ("<pad>", "<s>", "</s>")) -> None:
+    """The generation config's pad, start and end ids: the tokens ``names``."""
+    pad, bos, eos = _ids(tok, *names)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     model.generation_config.bos_token_id = bos
@@ -138,13 +139,6 @@ def _gemma_text(tok, model_type: str, layers: int = 1) -> dict:
                 bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
 
 
-def _gemma_generation(model, tok) -> None:
-    pad, bos, eos = _ids(tok, "<pad>", "<bos>", "<eos>")
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
-    model.generation_config.bos_token_id = bos
-
-
 def build_paligemma(folder: Path, image_size: int = 28, layers: int = 1) -> Path:
     """PaliGemmaForConditionalGeneration: SigLIP (patch 7, 2 blocks), 1 Gemma layer."""
     import transformers as tf
@@ -162,7 +156,7 @@ def build_paligemma(folder: Path, image_size: int = 28, layers: int = 1) -> Path
     config = tf.PaliGemmaConfig(vision_config=vision, text_config=_gemma_text(tok, "gemma", layers),
                                 image_token_id=img, projection_dim=HIDDEN, hidden_size=HIDDEN)
     model = tf.PaliGemmaForConditionalGeneration(config)
-    _gemma_generation(model, tok)
+    _generation_ids(model, tok, ("<pad>", "<bos>", "<eos>"))
     return _save(folder, model, processor)
 
 
@@ -210,7 +204,7 @@ def build_gemma3(folder: Path, image_size: int = 28, layers: int = 1) -> Path:
                              mm_tokens_per_image=4, boi_token_index=boi, eoi_token_index=eoi,
                              image_token_index=soft)
     model = tf.Gemma3ForConditionalGeneration(config)
-    _gemma_generation(model, tok)
+    _generation_ids(model, tok, ("<pad>", "<bos>", "<eos>"))
     images = tf.Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
     processor = tf.Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4,
                                    chat_template=GEMMA3_CHAT)
@@ -232,6 +226,16 @@ class Steps:
 
     def expand(self, k):
         return self
+
+
+def built(tmp_path_factory, builders: dict, name: str) -> dict:
+    """Every builder's folder under one temporary folder, and an adapter of each."""
+    from mmexplain.adapters import get_adapter
+
+    root = tmp_path_factory.mktemp(name)
+    folders = {key: build(root / key) for key, build in builders.items()}
+    return {"folders": folders, "adapters": {key: get_adapter(key, path=folder)
+                                             for key, folder in folders.items()}}
 
 
 def model_inputs(adapter, inputs, context, tokens):
