@@ -248,3 +248,46 @@ def re_search(pattern: str, text: str) -> bool:
     import re
 
     return re.search(pattern, text) is not None
+
+
+README_FOLDERS = {"blip-image-captioning-base": "blip-caption", "blip-vqa-base": "blip-vqa",
+                  "vit-gpt2-image-captioning": "hf-vision-encoder-decoder"}
+
+
+def readme_commands() -> list[tuple[str, str]]:
+    """(adapter name, command) of every row of the README's Hugging Face table whose
+    family is one of this module's."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Hugging Face vision-language models", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[2].startswith("`mmexplain "):
+            continue
+        names = re.findall(r"`([a-z0-9.-]+)`", cells[1])
+        if names and names[0] in hf_tiny.FAMILIES:
+            rows.append((names[0], cells[2].strip("`")))
+    return rows
+
+
+def test_the_readme_lists_every_family_of_this_module() -> None:
+    assert {name for name, _ in readme_commands()} == set(hf_tiny.FAMILIES)
+
+
+@pytest.mark.parametrize("name, command", readme_commands())
+def test_each_readme_command_runs_on_the_tiny_folders(name, command, saved, tmp_path,
+                                                      capsys) -> None:
+    import shlex
+
+    argv = shlex.split(command)[1:]
+    argv = [str(saved[README_FOLDERS[a]]) if a in README_FOLDERS else
+            str(saved["image"]) if a == "photo.jpg" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path)]) == 0, capsys.readouterr().err
+    (npz,) = tmp_path.glob(f"photo_{name}_gradcam.npz")
+    labels = np.load(npz)["labels"].tolist()
+    assert labels and np.load(npz)["maps"].shape[:2] == (1, len(labels))
+    assert len(list(tmp_path.glob("*.png"))) == len(labels)
+    if argv[0] == "vqa":
+        assert labels[-2:] == ["red", "yellow"]
