@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         big = _big(image)
         for m in methods:
             expl = cams[m]["cap"](image, target=WordLogProbs(positions), tokens=tokens)
-            maps = resize_grid(expl.maps, size)[0]  # (K, H, W)
+            maps = P.evidence(resize_grid(expl.maps, size)[0])  # (K, H, W)
             hits = metrics.pointing_game(maps, word_masks, tolerance=TOLERANCE)
             tally.add(m, "word_pointing", hits.float().tolist())
             tally.add(m, "word_rank_correlation",
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         big = _big(image)
         for m in methods:
             expl = cams[m]["vqa"](image, target=AnswerScore(targets), **ctx)
-            maps = resize_grid(expl.maps, size)[0]  # (2, H, W)
+            maps = P.evidence(resize_grid(expl.maps, size)[0])  # (2, H, W)
             if mask is not None and given == truth:
                 tally.add(m, "vqa_pointing",
                           float(metrics.pointing_game(maps[0], mask, tolerance=TOLERANCE)))
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         frames = []
         for m in methods:
             expl = cams[m]["c3d"](clip, target=action.view(1, 1))
-            maps = resize_grid(expl.maps, vsize)[0, 0]  # (T, H, W)
+            maps = P.evidence(resize_grid(expl.maps, vsize)[0, 0])  # (T, H, W)
             hits = metrics.pointing_game(maps, clips.actor_masks[i], tolerance=TOLERANCE)
             tally.add(m, "action_pointing", hits.float().tolist())
             if i < min(args.show, 4):

@@ -163,12 +163,20 @@ class CaptionTask(ClassTask):
 
 def explain(task: ClassTask, x: torch.Tensor, classes: Sequence[int], method: str,
             size: Sequence[int] | None = None) -> torch.Tensor:
-    """Maps (K, *grid) of ``classes`` for one input, upsampled to ``size`` if given."""
+    """Maps (K, *grid) of ``classes`` for one input, upsampled to ``size`` if given: the
+    evidence *for* each class, so a signed map (HiResCAM's) keeps its positive part."""
     inputs, target, context = task.problem(x, classes)
     expl: Explanation = make_cam(task.adapter, method)(inputs, target=target, **context)
     if size is not None:
         expl = expl.upsample(tuple(size))
-    return expl.maps.flatten(0, 1)  # (1, K, *grid) or (K, 1, *grid) -> (K, *grid)
+    return evidence(expl.maps.flatten(0, 1))  # (1, K, *grid) or (K, 1, *grid) -> (K, *grid)
+
+
+def evidence(maps: torch.Tensor) -> torch.Tensor:
+    """The positive part of maps, what the measures read (pointing, ratios, E = L o I):
+    unchanged for the ReLU'd maps of Grad-CAM and the others; for a signed map
+    (HiResCAM, relu=False ablations) the regions that raise the score."""
+    return maps.clamp(min=0)
 
 
 # --------------------------------------------------------------------------- protocols
@@ -197,7 +205,7 @@ def word_pointing(adapter: Any, image: torch.Tensor, words: Sequence[str],
     for method in methods:
         expl = make_cam(adapter, method)(image, target=WordLogProbs(list(positions)),
                                          tokens=tokens)
-        maps = expl.upsample(tuple(masks.shape[-2:])).maps[0]  # (K, H, W)
+        maps = evidence(expl.upsample(tuple(masks.shape[-2:])).maps[0])  # (K, H, W)
         out[method] = [int(h) for h in pointing_game(maps, masks, tolerance).tolist()]
     return out
 
