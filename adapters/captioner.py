@@ -901,9 +901,11 @@ class CaptionerAdapter(TrunkAdapter):
         self._check_context(context, [])
         return self.captions(images, max_len=max_new_tokens, beam_size=beam_size).tokens
 
-    def tokenize(self, texts: str | Sequence[str], **context: Any) -> torch.Tensor:
-        """Captions (strings) -> tokens (B, L), words then <end>; unknown words are an error."""
-        return self.caption_context(texts)["tokens"]
+    def tokenize(self, texts: str | Sequence[str], strict: bool = True, **context: Any
+                 ) -> torch.Tensor:
+        """Captions (strings) -> tokens (B, L), words then <end>; unknown words are an error
+        (``strict=False``: <unk>)."""
+        return self.caption_context(texts, strict=strict)["tokens"]
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token rows (B, T) -> caption texts (up to <end>)."""

@@ -519,12 +519,14 @@ class HFVisionAdapter(Adapter):
         return [(w, g) for w, g in zip(words, groups) if w]
 
     def text_ids(self, texts: str | Sequence[str]) -> torch.Tensor:
-        """Texts -> token ids (N, L): each text's tokens then the end token, padded.
+        """Texts (or word lists) -> token ids (N, L): each text's tokens then the end token,
+        padded.
 
         The form of ``tokens=`` (captions) and ``answers=`` (VQA candidates).
         """
         tokenizer = self._tokenizer()
         texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [" ".join(t) if isinstance(t, (list, tuple)) else t for t in texts]  # words
         if not texts or not all(isinstance(t, str) for t in texts):
             raise bad_type("texts", "a string or a non-empty list of strings", texts)
         if self.eos_id is None:
