@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mmexplain.adapters.qwen_vl import slot_prompt
 from mmexplain.adapters.tokengrid import TokenGrid, raster_grid, split_grid

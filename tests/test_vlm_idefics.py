@@ -13,11 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 import vlm_tiny_b as tiny  # noqa: E402
 
-import mmexplain as mx  # noqa: E402
 from mmexplain.adapters import get_adapter  # noqa: E402
 from mmexplain.adapters.tokengrid import split_grid  # noqa: E402
 from mmexplain.errors import InputError  # noqa: E402
-from mmexplain.tasks.caption import WordLogProbs  # noqa: E402
 
 CONNECTOR = "model.connector"
 
@@ -105,18 +103,8 @@ def test_shown_is_the_resized_image_the_tiles_came_from(prepared):
 
 
 def test_answers_and_forced_answers(prepared):
-    adapter = prepared["idefics3"][0]
-    question = "what is the color ?"
-    inputs, _, context = adapter.prepare_image(tiny.image(), question)
-    ctx, target = adapter.answer_task(question, ["red", "yellow"])
-    expl = mx.GradCAM(adapter)(inputs, target=target, **ctx)
-    assert expl.maps.shape == (1, 2, 4, 4)
-    tokens = adapter.tokenize(["yellow"])
-    own = mx.GradCAM(adapter)(inputs, target=WordLogProbs([0, 1]), tokens=tokens, **context)
-    torch.testing.assert_close(expl.scores[0, 1], own.scores.sum(), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(expl.maps[0, 1], mx.GradCAM(adapter)(
-        inputs, target=target.__class__(torch.tensor([[1]])),
-        **{**ctx, "answers": ctx["answers"]}).maps[0, 0], atol=1e-8, rtol=1e-4)
+    tiny.check_forced_answers(prepared["idefics3"][0], "what is the color ?",
+                              ["red", "yellow"], (4, 4))
 
 
 def test_prompt_errors_and_family(prepared, folders):

@@ -83,8 +83,7 @@ FAMILIES = {"qwen2-vl": tiny.build_qwen2_vl, "qwen2.5-vl": tiny.build_qwen2_5_vl
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen")
-    return {name: build(root / name) for name, build in FAMILIES.items()}
+    return tiny.saved_folders(tmp_path_factory, "qwen", FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -153,19 +152,8 @@ def test_caption_capability_formats(prepared):
 def test_answer_scores_sum_the_answer_tokens(prepared):
     """answer_task's target gives log p(answer) = the sum of its tokens' log-probs (the
     head's SequenceOutput on the same prompt), for forced answers too."""
-    adapter, inputs, _, _, _ = prepared["qwen2.5-vl"]
-    question = "what is the color ?"
-    q_inputs, _, q_context = adapter.prepare_image(tiny.image(), question)
-    ctx, target = adapter.answer_task(question, ["red", "blue ball"])
-    expl = mx.GradCAM(adapter)(q_inputs, target=target, **ctx)
-    assert expl.maps.shape == (1, 2, 5, 7)
-    for c, answer in enumerate(["red", "blue ball"]):
-        tokens = adapter.tokenize([answer])
-        seq_scores = mx.GradCAM(adapter)(q_inputs, target=WordLogProbs(
-            list(range(tokens.shape[1]))), tokens=tokens, **q_context).scores
-        torch.testing.assert_close(expl.scores[0, c], seq_scores.sum(), atol=1e-4, rtol=1e-5)
-    own = adapter.answer(q_inputs, question, **q_context)
-    assert len(own) == 1 and isinstance(own[0][0][0], str) and own[0][0][1] <= 0
+    tiny.check_forced_answers(prepared["qwen2.5-vl"][0], "what is the color ?",
+                              ["red", "blue ball"], (5, 7))
 
 
 def test_prompts_the_processor_cannot_place_an_image_in(prepared):

@@ -229,6 +229,8 @@ def build_blip2(folder: Path, language: str = "opt", layers: int = 1) -> Path:
     model.generation_config.pad_token_id = pad
     if language == "t5":
         model.generation_config.decoder_start_token_id = pad
+        with torch.no_grad():  # random T5 weights predict padding everywhere: not padding
+            model.language_model.lm_head.weight[pad] = 0.0
     else:
         model.generation_config.bos_token_id = eos
     tok.image_token = "<image>"
@@ -322,3 +324,29 @@ def check_per_token_maps(adapter, inputs, context, tokens, layer, forward, grid,
     torch.testing.assert_close(single.maps[0, 0], expl.maps[0, -1], atol=1e-6 * scale,
                                rtol=1e-4)
     return expl
+
+
+def saved_folders(tmp_path_factory, label: str, builds: dict) -> dict:
+    """{key: folder} of every builder in ``builds`` ({key: build(folder)}), under one root."""
+    root = tmp_path_factory.mktemp(label)
+    return {key: build(root / key) for key, build in builds.items()}
+
+
+def check_forced_answers(adapter, question: str, answers: list, shape: tuple) -> None:
+    """answer_task's target scores each answer by the sum of its tokens' log-probs: the
+    same number as the head's per-token scores of that answer given as a caption; the
+    model's own answer comes with a log-probability (<= 0)."""
+    import mmexplain as mx
+    from mmexplain.tasks.caption import WordLogProbs
+
+    inputs, _, context = adapter.prepare_image(image(), question)
+    ctx, target = adapter.answer_task(question, answers)
+    expl = mx.GradCAM(adapter)(inputs, target=target, **ctx)
+    assert tuple(expl.maps.shape) == (1, len(answers), *shape)
+    for c, answer in enumerate(answers):
+        tokens = adapter.tokenize([answer])
+        steps = WordLogProbs(list(range(tokens.shape[1])))
+        seq = mx.GradCAM(adapter)(inputs, target=steps, tokens=tokens, **context)
+        torch.testing.assert_close(expl.scores[0, c], seq.scores.sum(), atol=1e-4, rtol=1e-5)
+    own = adapter.answer(inputs, question, **context)
+    assert len(own) == 1 and isinstance(own[0][0][0], str) and own[0][0][1] <= 0
