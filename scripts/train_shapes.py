@@ -33,6 +33,7 @@ from mmexplain.adapters.shapes import (C3D_DEFAULT_LAYER, C3D_SIZES, CAPTIONER_S
                                       weights_dir)
 from mmexplain.adapters.vqa import LSTMQNormI
 from mmexplain.data import shapes as world_mod
+from mmexplain.distill import maps_at
 from mmexplain.tasks.shapes import caption_accuracy, vqa_accuracy
 
 C3D_CONFIG = dict(num_classes=len(world_mod.ACTIONS), **C3D_SIZES)
@@ -197,21 +198,12 @@ def concept_loss(acts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return on + off + CONCEPT_QUIET * acts[:, k:].mean()
 
 
-def gradcam_map(acts: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of ``score`` (B,) at ``acts`` (B, C, *grid), differentiable (for training):
-    alpha_k = the mean over the grid of d score / d A^k (Grad-CAM eq. 1), the map
-    sum_k alpha_k A^k (eq. 2) *before* its ReLU -> (B, *grid). The engine's Grad-CAM
-    map is its ReLU (tests/test_train_shapes.py checks the two agree)."""
-    grads = torch.autograd.grad(score.sum(), acts, create_graph=True)[0]
-    alpha = grads.mean(dim=tuple(range(2, acts.dim())), keepdim=True)
-    return (alpha * acts).sum(1)
-
-
 def pointing_loss(pre: torch.Tensor, cover: torch.Tensor, space_dims: int = 2,
                   eps: float = 1e-6) -> torch.Tensor:
     """How far a Grad-CAM map is from pointing at its object, for training.
 
-    pre   (B, *grid) maps before the ReLU (:func:`gradcam_map`)
+    pre   (B, *grid) Grad-CAM maps, differentiable (:func:`mmexplain.distill.maps_at`;
+          a map before its ReLU gives the same loss)
     cover (B, *grid) in [0, 1]: the share of each cell the object covers
 
     Each map (each frame of a clip: the last ``space_dims`` axes are one map) is
@@ -320,7 +312,7 @@ def explain_captioner(model: nn.Module, head: world_mod.SceneBatch,
         keep = visual.any(1)
         pos = torch.multinomial(visual.float() + ~keep[:, None], 1, generator=gen)  # (B, 1)
         named = refs[idx].gather(1, pos[:, :, None].expand(-1, -1, refs.shape[2]))[:, 0]
-        explained = gradcam_map(acts, out.token_logprobs_at(pos)[:, 0])
+        explained = maps_at(acts, out.token_logprobs_at(pos)[:, 0])
         cover = object_cover(head.masks[idx], named, tuple(explained.shape[-2:]))
         return nll + EXPLAIN_WEIGHT * pointing_loss(explained[keep], cover[keep])
 
@@ -345,7 +337,7 @@ def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: fl
         logits = model.fuse(model.image_code(fmap),
                             model.question_code(head.questions[idx], head.question_lengths[idx]))
         answers = head.answers[idx]
-        explained = gradcam_map(acts["a"], logits.gather(1, answers[:, None])[:, 0])
+        explained = maps_at(acts["a"], logits.gather(1, answers[:, None])[:, 0])
         objects = head.answer_objects[idx][:, : head.masks.shape[1]]
         cover = object_cover(head.masks[rows], objects, tuple(explained.shape[-2:]))
         keep = about[idx]
@@ -500,7 +492,7 @@ def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
         grid = acts["a"].shape[-3:]  # conv3b: (T/2, H/4, W/4)
         actor = nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), grid)  # cell coverage
         target = actor * nn.functional.one_hot(actions, n_actions).float()[:, :, None, None, None]
-        explained = gradcam_map(acts["a"], logits.gather(1, actions[:, None])[:, 0])
+        explained = maps_at(acts["a"], logits.gather(1, actions[:, None])[:, 0])
         return (loss + concept_loss(acts["a"], target)
                 + EXPLAIN_WEIGHT * pointing_loss(explained, actor[:, 0]))  # per frame
 

@@ -97,13 +97,16 @@ def test_masks_riding_as_a_fourth_channel_are_mirrored_with_their_clip() -> None
     assert torch.equal(joint[:, 3:].bool(), masks)
 
 
-def test_training_gradcam_is_the_engines_gradcam_before_its_relu() -> None:
-    """The explanation supervision trains the map the engine computes: ReLU(gradcam_map)
-    equals mx.GradCAM on the same model, layer and target (the shapes C3D at conv3b)."""
+def test_training_gradcam_is_the_engines_gradcam() -> None:
+    """The explanation supervision trains the map the engine computes: the script's
+    differentiable map (mmexplain.distill.maps_at, the one implementation) equals
+    mx.GradCAM on the same model, layer and target (the shapes C3D at conv3b), and it is
+    differentiable with respect to the layers after conv3b too."""
     import mmexplain as mx
     from mmexplain.adapters.c3d import C3D
 
     script = load_script()
+    assert not hasattr(script, "gradcam_map")  # no second implementation in the script
     torch.manual_seed(0)
     model = C3D(**script.C3D_CONFIG).eval()
     clips = torch.randn(2, 3, 16, 64, 64)
@@ -111,12 +114,17 @@ def test_training_gradcam_is_the_engines_gradcam_before_its_relu() -> None:
     acts = {}
     hook = model.conv3b.register_forward_hook(lambda m, a, o: acts.__setitem__("a", o))
     logits = model(clips)
-    pre = script.gradcam_map(acts["a"], logits.gather(1, target[:, None])[:, 0])
+    explained = script.maps_at(acts["a"], logits.gather(1, target[:, None])[:, 0])
     hook.remove()
     want = mx.GradCAM(model, layer="conv3b")(clips, target=target[:, None]).maps[:, 0]
-    assert pre.shape == want.shape == (2, 8, 16, 16)
-    assert (pre < 0).any() and (pre > 0).any()  # the ReLU matters here
-    torch.testing.assert_close(torch.relu(pre), want, rtol=1e-4, atol=1e-6 * float(want.max()))
+    assert explained.shape == want.shape == (2, 8, 16, 16)
+    assert (want == 0).any() and (want > 0).any()  # the ReLU matters here
+    torch.testing.assert_close(explained.detach(), want, rtol=1e-4,
+                               atol=1e-6 * float(want.max()))
+    after = dict(model.named_parameters())[next(n for n, _ in model.named_parameters()
+                                               if n.startswith("conv4"))]
+    grad = torch.autograd.grad(explained.sum(), after)[0]  # through dS/dA: create_graph
+    assert float(grad.abs().max()) > 0
 
 
 def test_pointing_loss_is_zero_on_the_object_and_pays_for_a_peak_off_it() -> None:
