@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -111,17 +111,9 @@ def resized_image(image: Any, side: int, device: torch.device | None = None
     """An (H, W, 3) uint8 image -> (model input (1, 3, side, side) in [0, 1], the picture
     as the model sees it (side, side, 3) uint8): antialiased bilinear resizing, whole
     image, aspect not kept (for models that normalise inside, as the captioners do)."""
-    import numpy as np
-    import torch.nn.functional as F
+    from mmexplain.data.images import image_pixels
 
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or \
-            image.shape[2] != 3:
-        raise bad_value("image", "an (H, W, 3) uint8 RGB image", image)
-    if isinstance(side, bool) or not isinstance(side, int) or side < 1:
-        raise bad_value("size", "a positive image side in pixels", side)
-    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = F.interpolate(u8, size=(side, side), mode="bilinear", antialias=True,
-                      align_corners=False).clamp(0, 255).round() / 255.0
+    x = image_pixels(image, side)
     shown = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
     return (x.to(device) if device is not None else x), shown
 
@@ -134,6 +126,34 @@ def check_layer(layer: str, layers: Iterable[str], owner: str) -> None:
     close = difflib.get_close_matches(str(layer), layers, n=5, cutoff=0.3) or layers[-5:]
     raise InputError(f"layer: expected one of the target layers of {owner}, received "
                      f"{layer!r}; closest available: {', '.join(repr(n) for n in close)}")
+
+
+# --------------------------------------------------------------------------- staged models
+# One helper for every model run as named steps split at a layer: the CNN trunks
+# (StagedTrunk), the torchvision / C3D adapters (adapters/tv.py) and the Hugging Face
+# vision encoders (adapters/hf.py).
+
+Step = tuple[str, Callable[..., Any]]
+
+
+def split_after(names: Sequence[str], layer: str) -> int:
+    """Index of the first step after ``layer``: after the step named ``layer``, or after the
+    last step inside it (``layer4`` ends after ``layer4.1``)."""
+    inside = [i for i, n in enumerate(names) if n == layer or n.startswith(layer + ".")]
+    if not inside:
+        check_layer(layer, names, owner="the staged model")
+    return inside[-1] + 1
+
+
+def run_steps(steps: Sequence[Step], x: Any, start: int = 0, stop: int | None = None,
+              kwargs: Sequence[Mapping[str, Any]] | None = None) -> Any:
+    """Run ``steps[start:stop]`` in order on ``x`` (each with its ``kwargs``, if given); a
+    step returning a tuple passes its first item on (transformers 4.x encoder layers)."""
+    stop = len(steps) if stop is None else stop
+    for i in range(start, stop):
+        out = steps[i][1](x, **(kwargs[i] if kwargs is not None else {}))
+        x = out[0] if isinstance(out, (tuple, list)) else out
+    return x
 
 
 class StagedTrunk(nn.Module):
@@ -154,8 +174,6 @@ class StagedTrunk(nn.Module):
     def run(self, x: torch.Tensor, start: str | None = None, stop: str | None = None
             ) -> torch.Tensor:
         names = self.names
-        first = 0 if start is None else names.index(start) + 1
-        last = len(names) if stop is None else names.index(stop) + 1
-        for name in names[first:last]:
-            x = self.stages[name](x)
-        return x
+        first = 0 if start is None else split_after(names, start)
+        last = len(names) if stop is None else split_after(names, stop)
+        return run_steps(list(self.stages.items()), x, first, last)

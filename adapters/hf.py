@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.base import Adapter, SequenceOutput
+from mmexplain.adapters.base import Adapter, SequenceOutput, run_steps
 from mmexplain.adapters.captioner import caption_mask
 from mmexplain.adapters.families import register_family
 from mmexplain.engine import expand_context
@@ -305,11 +305,10 @@ class HFVisionAdapter(Adapter):
     # -- the vision encoder, split at self.layer --------------------------------------------
 
     def _run(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Run the stages ``start:stop`` (encoder layers, final norm) on tokens (R, L, D)."""
-        for module, kwargs in zip(self._stages()[start:stop], self._stage_kwargs[start:stop]):
-            out = module(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out  # 4.x layers: tuples
-        return hidden
+        """Run the stages ``start:stop`` (encoder layers, final norm) on tokens (R, L, D)
+        (4.x layers return tuples: their first item goes on)."""
+        steps = list(zip(self.layers, self._stages()))
+        return run_steps(steps, hidden, start, stop, kwargs=self._stage_kwargs)
 
     def encode(self, pixel_values: torch.Tensor, **_: Any) -> torch.Tensor:
         """pixel_values (B, 3, H, W) -> A (B, D, h, w): patch tokens after ``self.layer``.

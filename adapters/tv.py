@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.base import Adapter, check_layer
+from mmexplain.adapters.base import Adapter, Step, check_layer, run_steps, split_after
 from mmexplain.adapters.captioner import find_torchvision_weights, load_state, read_checkpoint
 from mmexplain.data.video import Preprocess
 from mmexplain.errors import bad_type, bad_value
@@ -166,9 +166,6 @@ def supported_architectures() -> list[str]:
     return sorted(n for n in names if family_of(n) is not None)
 
 
-Step = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
-
-
 def build_steps(model: nn.Module, recipe: Recipe) -> tuple[list[Step], int]:
     """(steps, number of trunk steps) of ``model`` following ``recipe``."""
     steps: list[Step] = []
@@ -247,9 +244,7 @@ class StagedAdapter(Adapter):
 
     def _split(self) -> int:
         """Index of the first step after the target layer."""
-        last = [i for i, (n, _) in enumerate(self.steps)
-                if n == self.layer or n.startswith(self.layer + ".")]
-        return last[-1] + 1
+        return split_after([n for n, _ in self.steps], self.layer)
 
     def check_inputs(self, x: Any) -> torch.Tensor:
         dims = 5 if self.video else 4
@@ -266,17 +261,12 @@ class StagedAdapter(Adapter):
 
     def encode(self, inputs: torch.Tensor, **context: Any) -> torch.Tensor:
         x = self.check_inputs(inputs)
-        for _, step in self.steps[:self._split()]:
-            x = step(x)
-        return x  # (B, C, *grid) at self.layer
+        return run_steps(self.steps, x, 0, self._split())  # (B, C, *grid) at self.layer
 
     def head(self, acts: torch.Tensor, **context: Any) -> torch.Tensor:
         # a copy: an in-place first step (ReLU(inplace=True)) must not write into the
         # engine's leaf A
-        x = acts.clone()
-        for _, step in self.steps[self._split():]:
-            x = step(x)
-        return x  # (rows, num_classes) logits
+        return run_steps(self.steps, acts.clone(), self._split())  # (rows, num_classes) logits
 
 
 def preprocess_of(entry: Any, video: bool) -> Preprocess:
