@@ -17,7 +17,7 @@ itself is context: ``cam(images, target=CaptionLogProb(), tokens=tokens)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +44,27 @@ very just also as than then while
 
 
 
-def one_image(image: Any) -> torch.Tensor:
-    """A single image (3, H, W) or (1, 3, H, W) -> (1, 3, H, W)."""
+def one_image(image: Any) -> Any:
+    """A single image (3, H, W) or (1, 3, H, W) -> (1, 3, H, W); the inputs of one image
+    as a model's ``prepare_image`` gives them (tiles (1, n, 3, H, W), or a dict whose
+    first tensor has one row, e.g. Qwen2-VL's {image_grid_thw, pixel_values}) as they are."""
     if isinstance(image, torch.Tensor) and image.dim() == 3:
         image = image.unsqueeze(0)
-    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != 1 or \
+    if isinstance(image, Mapping) and image:
+        first = next(iter(image.values()))
+        if isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == 1:
+            return image
+    if not isinstance(image, torch.Tensor) or image.dim() < 4 or image.shape[0] != 1 or \
             not image.is_floating_point():
-        raise bad_value("image", "one float image (3, H, W) or (1, 3, H, W)", image)
+        raise bad_value("image", "one float image (3, H, W) or (1, 3, H, W), or one image's "
+                        "inputs from the model's prepare_image", image)
     return image
+
+
+def input_device(inputs: Any) -> torch.device:
+    """The device of a tensor, or of the first tensor of a dict of inputs."""
+    values = inputs.values() if isinstance(inputs, Mapping) else [inputs]
+    return next(v.device for v in values if isinstance(v, torch.Tensor))
 
 
 def sequence_of(outputs: Any) -> SequenceOutput:
@@ -196,7 +209,7 @@ def caption_words(vocab: Vocabulary, caption: str | Sequence[str],
     """Tokens of ``caption`` and the positions of the words to explain.
 
     ``words``: "visual" (every word that is not punctuation or in ``stopwords``),
-    None (no words), or a list of words (a word asked for twice takes its next
+    "all", None (no words), or a list of words (a word asked for twice takes its next
     occurrence) and/or positions. Words of the caption or of ``words`` that are
     not in the vocabulary, and asked-for words not in the caption, raise an
     error naming them.
@@ -207,35 +220,13 @@ def caption_words(vocab: Vocabulary, caption: str | Sequence[str],
         raise bad_value("caption", "a caption with at least one word", caption)
     vocab.check_words(toks, "caption")
     tokens = torch.tensor([vocab.encode(toks, end=True)], dtype=torch.long)  # (1, L)
-    if words is None:
-        positions: list[int] = []
-    elif isinstance(words, str) and words == "visual":
-        positions = [i for i, w in enumerate(toks)
-                     if w not in stopwords and w not in SPECIALS and any(c.isalnum() for c in w)]
-    elif isinstance(words, str):
-        raise bad_value("words", "'visual', None or a list of words/positions", words)
-    else:
-        asked = list(words)
-        vocab.check_words([w for w in asked if isinstance(w, str)], "words")
-        positions, used, absent = [], set(), []
-        for w in asked:
-            if isinstance(w, int) and not isinstance(w, bool):
-                if not 0 <= w < len(toks):
-                    raise bad_value("words", f"positions in [0, {len(toks)}) of the caption "
-                                    f"{toks}", w)
-                positions.append(w)
-            elif isinstance(w, str):
-                free = [i for i, t in enumerate(toks) if t == w and i not in used]
-                if not free:
-                    absent.append(w)
-                    continue
-                positions.append(free[0])
-                used.add(free[0])
-            else:
-                raise bad_type("words", "words (str) or positions (int)", w)
-        if absent:
-            raise InputError(f"words: expected words of the caption {' '.join(toks)!r}, "
-                             f"received {', '.join(repr(w) for w in absent)}, not in it")
+    positions: list[int] = []
+    if words is not None:
+        if not isinstance(words, str):
+            vocab.check_words([w for w in words if isinstance(w, str)], "words")
+        groups = [(t, [i]) for i, t in enumerate(toks)]  # one token per word
+        chosen = pick_words(groups, words, stopwords | frozenset(SPECIALS))
+        positions = [steps[0] for _, steps in chosen]
     return CaptionWords(tokens, positions, [toks[i] for i in positions])
 
 
@@ -383,7 +374,7 @@ def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[s
     else:
         text = caption if isinstance(caption, str) else " ".join(caption)
         tokens = adapter.tokenize([text], **context)
-    tokens = tokens.to(images.device)
+    tokens = tokens.to(input_device(images))
     cam = make_cam(adapter, method, layer, **options)
     groups = adapter.word_groups(tokens[0]) if words is not None else []
     if words is None or (words == "all" and not groups):  # no words: the caption's end
