@@ -363,6 +363,10 @@ class Video:
                             help="video files (anything av decodes), folders of videos or glob "
                             "patterns")
         _add_common(parser, "r3d_18")
+        parser.set_defaults(model=None)  # --weights DIR alone: the folder's family
+        parser.add_argument("--texts", default=None,
+                            help="X-CLIP: comma-separated texts to match the video against "
+                            "(its targets; --actions picks among them)")
         parser.add_argument("--window", type=int, default=None,
                             help="frames per window (default: the model's clip length, e.g. 16)")
         parser.add_argument("--stride", type=int, default=None,
@@ -405,11 +409,14 @@ class Video:
                 raise bad_value(arg, "a positive number", value)
         paths = expand_video_inputs(args.input)
         out = _out_dir(args)
+        if not _folder_family(args, "video") and args.model is None:
+            args.model = "r3d_18"
         suffix = f"_{_slug(args.model)}_{_slug(args.method)}"
-        jobs = _video_jobs(args, [(p, out / (s + suffix)) for p, s in zip(paths, output_stems(paths))])
+        jobs = _video_jobs(args, [(p, out / (s + suffix))
+                                  for p, s in zip(paths, output_stems(paths))])
         adapter = build_adapter(args.model, args.weights, args.layer, args.device,
                                 size=args.size, width=args.width, num_classes=args.num_classes,
-                                labels=args.labels)
+                                labels=args.labels, texts=_split(args.texts))
         print(_weights_line(adapter))
         window = args.window or getattr(adapter, "clip_length", None) or 16
         fixed = getattr(adapter, "input_grid", None)
@@ -459,7 +466,8 @@ def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window:
 
     def batches() -> Any:
         chunk: list[Any] = []
-        for clip in stream_windows(path, window, args.stride, args.max_windows):
+        for clip in stream_windows(path, window, args.stride, args.max_windows,
+                                   transform=adapter.preprocess.frame):
             chunk.append(clip)
             if len(chunk) == args.batch_size:
                 yield _window_batch(adapter, chunk, device)
@@ -491,8 +499,9 @@ def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window:
 
 def _window_batch(adapter: Any, clips: Sequence[Any], device: torch.device
                   ) -> tuple[list[tuple[int, ...]], float, torch.Tensor]:
-    """(frame indices per window, fps, model input (b, 3, T, h, w)); pinned for a GPU."""
-    x, _ = adapter.preprocess.clips(clips)
+    """(frame indices per window, fps, model input (b, 3, T, h, w)) from windows of frames
+    already resized and cropped; pinned for a GPU."""
+    x = torch.stack([adapter.preprocess.normalize(c.frames).transpose(0, 1) for c in clips])
     if device.type == "cuda":
         x = x.pin_memory()
     return [c.indices for c in clips], clips[0].fps, x
@@ -565,7 +574,7 @@ def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float
     n = stitched.num_frames
 
     def panels(chunk: list[np.ndarray], start: int) -> np.ndarray:
-        shown = adapter.preprocess.geometry(torch.from_numpy(np.stack(chunk))).numpy()
+        shown = np.stack(chunk)  # (n, h, w, 3) as the model saw them
         end = start + len(chunk)
         out = []
         for k in range(maps.shape[0]):
@@ -579,9 +588,9 @@ def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float
 
     with VideoWriter(mp4, fps) as writer:
         chunk, start = [], 0
-        for frame in iter_frames(path, stop=n):
+        for frame in iter_frames(path, stop=n, transform=adapter.preprocess.frame):
             chunk.append(frame)
-            if len(chunk) == 32:
+            if len(chunk) == 16:
                 writer.write(panels(chunk, start))
                 start, chunk = start + len(chunk), []
         if chunk:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -149,12 +149,16 @@ def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
         container.close()
 
 
-def iter_frames(path: str | os.PathLike[str], stop: int | None = None) -> Iterator[np.ndarray]:
+def iter_frames(path: str | os.PathLike[str], stop: int | None = None,
+                transform: Callable[[np.ndarray], np.ndarray] | None = None
+                ) -> Iterator[np.ndarray]:
     """Decode the frames of ``path`` one at a time, (H, W, 3) uint8 RGB, in order.
 
     Only the frame being handed out is held: memory does not grow with the
-    video's length. ``stop``: decode frames 0 .. stop - 1 only. Errors name the
-    file (corrupt stream, no frame at all, a frame size that changes).
+    video's length. ``stop``: decode frames 0 .. stop - 1 only. ``transform``:
+    applied to each frame as it is decoded (e.g. :meth:`Preprocess.frame`, so
+    only model-sized frames are held). Errors name the file (corrupt stream, no
+    frame at all, a frame size that changes).
     """
     import av
 
@@ -173,7 +177,7 @@ def iter_frames(path: str | os.PathLike[str], stop: int | None = None) -> Iterat
                 elif rgb.shape != first:
                     raise _video_error(p, "the frame size changes within the stream")
                 count += 1
-                yield rgb
+                yield rgb if transform is None else transform(rgb)
         except av.error.FFmpegError as exc:
             raise _video_error(p, f"the video stream is corrupt ({exc.strerror or exc})") from exc
         if first is None:
@@ -299,13 +303,17 @@ def sliding_clips(video: Video, length: int = 16, stride: int | None = None,
 
 
 def stream_windows(path: str | os.PathLike[str], length: int = 16, stride: int | None = None,
-                   max_clips: int | None = None, tail: bool = True) -> Iterator[Clip]:
+                   max_clips: int | None = None, tail: bool = True,
+                   transform: Callable[[np.ndarray], np.ndarray] | None = None
+                   ) -> Iterator[Clip]:
     """The windows of :func:`sliding_clips` (``tail=True``: the end-aligned last window
     included), decoded as they are needed.
 
     Only the last ``length`` decoded frames are held (one window): memory does not
-    grow with the video's length. The number of frames is known only at the end of
-    the stream, so the tail window comes last; a video shorter than ``length``
+    grow with the video's length; with ``transform`` (e.g. :meth:`Preprocess.frame`)
+    each frame is transformed once as it is decoded, so the windows hold transformed
+    frames and overlapping windows do not resize a frame twice. The number of frames
+    is known only at the end of the stream, so the tail window comes last; a video shorter than ``length``
     raises the same error as :func:`sliding_clips` once its end is reached.
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -316,7 +324,7 @@ def stream_windows(path: str | os.PathLike[str], length: int = 16, stride: int |
     source = str(info.path)
     held: deque[np.ndarray] = deque(maxlen=length)
     start, emitted, covered, count = 0, 0, 0, 0  # covered: frames 0 .. covered - 1 explained
-    for i, frame in enumerate(iter_frames(path)):
+    for i, frame in enumerate(iter_frames(path, transform=transform)):
         held.append(frame)
         count = i + 1
         if i == start + length - 1:  # held = frames start .. i
@@ -506,6 +514,11 @@ class Preprocess:
                       antialias=self.antialias)
         x = TF.center_crop(x, list(self.crop))  # (N, 3, h, w)
         return x.permute(0, 2, 3, 1).contiguous()  # (N, h, w, 3)
+
+    def frame(self, frame: np.ndarray) -> np.ndarray:
+        """One decoded frame (H, W, 3) uint8 -> resized and cropped (h, w, 3) uint8, as
+        :meth:`geometry` does it for a batch (``iter_frames(..., transform=pre.frame)``)."""
+        return self.geometry(torch.from_numpy(np.ascontiguousarray(frame))[None])[0].numpy()
 
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """``uint8`` (N, h, w, 3) -> float (N, 3, h, w): (u / 255 - mean) / std."""
