@@ -318,7 +318,7 @@ class VisionLanguageAdapter(Adapter):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise bad_value("image", "an RGB picture (H, W, 3)", image)
         text = self.format_prompt(self.default_prompt if prompt is None else prompt)
-        out = self._process(image, text)
+        out = self._process(image if image.flags.writeable else image.copy(), text)
         inputs = out.pop("pixel_values")
         vision_device = device_of(self.vision)
         inputs = inputs.to(vision_device, dtype_of(self.vision))

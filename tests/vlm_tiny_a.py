@@ -272,3 +272,51 @@ def reference_maps(adapter, layer, inputs, context, tokens, grid_of):
         weights = g.mean(dim=(2, 3), keepdim=True)  # Grad-CAM eq. 1
         maps.append(torch.relu((weights * acts).sum(1)))  # eq. 2
     return torch.stack(maps, dim=1), lp.detach()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def run_cli(*argv: object) -> int:
+    """``mmexplain ARGV`` as a user runs it: the exit code."""
+    from mmexplain.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def cli_results(out: Path, npz_name: str) -> tuple[dict, list[str]]:
+    """The .npz a command wrote (as a dict of arrays) and the PNG files beside it."""
+    import numpy as np
+
+    with np.load(out / npz_name) as data:
+        arrays = {key: data[key] for key in data.files}
+    return arrays, sorted(p.name for p in out.glob("*.png"))
+
+
+def check_caption_command(adapter, folder: Path, picture: Path, out: Path, prompt: str) -> None:
+    """``mmexplain caption`` end to end: one PNG per word of the model's caption, the .npz's
+    words and maps (1, K, *grid) those of the adapter run by hand."""
+    import numpy as np
+    from PIL import Image
+
+    code = run_cli("caption", picture, "--weights", folder, "--out", out, "--prompt", prompt,
+                   "--max-tokens", 4)
+    assert code == 0
+    inputs, _, context = adapter.prepare_image(np.asarray(Image.open(picture).convert("RGB")),
+                                               prompt)
+    tokens = adapter.generate(inputs, max_new_tokens=4, **context)
+    words = [w for w, _ in adapter.word_groups(tokens[0])]
+    arrays, pngs = cli_results(out, f"{picture.stem}_{adapter.name}_gradcam.npz")
+    assert list(arrays["labels"]) == words and len(pngs) == len(words)
+    grid = tuple(adapter.encode(inputs, **context).shape[2:])
+    assert arrays["maps"].shape == (1, len(words), *grid)
+
+
+def check_vqa_command(adapter, folder: Path, picture: Path, out: Path) -> None:
+    """``mmexplain vqa --answers``: the model's answer then each forced one, one PNG each."""
+    code = run_cli("vqa", picture, "--weights", folder, "--out", out, "--question",
+                   "what color is it ?", "--answers", "red,blue dog")
+    assert code == 0
+    arrays, pngs = cli_results(out, f"{picture.stem}_{adapter.name}_gradcam.npz")
+    assert list(arrays["labels"][1:]) == ["red", "blue dog"] and len(pngs) == 3
+    assert arrays["maps"].shape[:2] == (1, 3) and arrays["scores"].shape == (1, 3)
