@@ -13,7 +13,7 @@ stands in, and the command says so.
 
 Every command takes ``--model`` (a registry name), ``--weights`` (a local
 file; "random" for random weights; default: the model's own lookup, e.g. the
-torch cache), ``--layer``, ``--method gradcam|gradcam++``, ``--out DIR`` and
+torch cache), ``--layer``, ``--method`` (any registered method), ``--out DIR`` and
 ``--device``, prints which weights were used and what it wrote, and writes the
 maps as ``.npz`` (the engine's raw maps (B, K, *grid), their scores and labels)
 beside the pictures:
@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmexplain.data.images import read_image
+from mmexplain.engine import device_of
 from mmexplain.errors import InputError, MMExplainError, bad_value
-
-_METHODS = ("gradcam", "gradcam++")
 
 # The shipped shapes-world models, and the random-weight stand-ins used until they exist.
 SHIPPED = {"caption": "shapes-captioner", "vqa": "shapes-vqa"}
@@ -63,7 +63,10 @@ def _add_common(parser: argparse.ArgumentParser, default_model: str | None) -> N
                         help="local weight file; 'random' for random weights (default: the "
                         "model's own lookup, e.g. the torch cache, else random)")
     parser.add_argument("--layer", default=None, help="target layer (default: the model's)")
-    parser.add_argument("--method", choices=_METHODS, default="gradcam")
+    from mmexplain.methods import list_methods
+
+    parser.add_argument("--method", choices=list_methods(), default="gradcam",
+                        help="a registered method (mmexplain.methods.list_methods())")
     parser.add_argument("--out", default=None,
                         help="output folder (default: mmexplain-out/<command>)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -130,22 +133,6 @@ def _weights_line(adapter: Any) -> str:
     return f"weights: {getattr(adapter, 'weights_source', 'unknown')}"
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, or an error naming the file and the problem."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image: expected an image file, received {str(p)!r}: "
-                         "the file does not exist")
-    try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"image: expected an image file PIL can read, received {str(p)!r}: "
-                         f"{exc}") from exc
-
-
 def _folder_family(args: argparse.Namespace, task: str) -> bool:
     """With ``--weights DIR`` (a Hugging Face model folder) and no ``--model``, the
     model is the adapter of the folder's family (config.json); True for a folder."""
@@ -176,11 +163,6 @@ def _prepared(adapter: Any, image: np.ndarray, prompt: str | None, size: int | N
     """The model's ``prepare_image`` (with ``--size`` where one was given)."""
     extra = {"size": size} if size is not None else {}
     return adapter.prepare_image(image, prompt, **extra)
-
-
-def _device_of(adapter: Any) -> torch.device:
-    param = next(adapter.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labels: Sequence[str],
@@ -233,7 +215,7 @@ class Classify:
                                          **options), "classify", "classify")
         print(_weights_line(adapter))
         x, shown = adapter.preprocess.image(image)
-        x = x.unsqueeze(0).to(_device_of(adapter))
+        x = x.unsqueeze(0).to(device_of(adapter))
         expl, labels = explain_image(adapter, x, _split(args.classes), args.method, top=args.top)
         classes = class_indices(labels[0], adapter.categories)
         return _write_image_results(args, adapter, expl, labels[0], shown,
@@ -462,7 +444,7 @@ def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window:
     from mmexplain.tasks.classify import class_indices
     from mmexplain.tasks.video import StitchedMaps, explain_clip
 
-    device = _device_of(adapter)
+    device = device_of(adapter)
 
     def batches() -> Any:
         chunk: list[Any] = []

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmexplain import metrics
-from mmexplain import protocols as P
+from mmexplain.tasks import protocols as P
 from mmexplain.engine import make_cam, resize_grid
 from mmexplain.errors import bad_value
 from mmexplain.methods import chosen_methods, get_method, list_methods
@@ -84,53 +84,101 @@ def _covered(map_: torch.Tensor, masks: torch.Tensor) -> int:
     return int(sum(bool((map_[m] >= COVER * peak).any()) for m in masks))
 
 
-def run(args: argparse.Namespace) -> int:
-    from mmexplain.adapters import get_adapter
-    from mmexplain.data import shapes as W
-    from mmexplain.render import Report, overlay, overlay_clip, tile, to_uint8_image, write_mp4
-    from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs
-    from mmexplain.tasks.shapes import action_accuracy, caption_accuracy, vqa_accuracy
-    from mmexplain.tasks.vqa import AnswerScore
+@dataclass
+class Demo:
+    """What every section of the demo shares: the world's data, the models, the explainers
+    of every method, the report being written and the per-method tally."""
 
+    args: argparse.Namespace
+    methods: list[str]
+    out: Path
+    world: Any
+    scenes: Any
+    clips: Any
+    models: dict[str, Any]
+    cams: dict[str, dict[str, Any]]
+    report: Any
+    tally: Tally = field(default_factory=Tally)
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        return tuple(self.scenes.images.shape[-2:])
+
+    def short(self, method: str) -> str:
+        return get_method(method).short
+
+
+def run(args: argparse.Namespace) -> int:
     for arg in ("images", "clips", "show"):
         if getattr(args, arg) < (1 if arg != "show" else 0):
             raise bad_value(f"--{arg}", "a positive number", getattr(args, arg))
     start = time.time()
+    demo = _setup(args)
+    checks = _model_checks(demo)
+    _caption_section(demo)
+    records = demo.world.images(len(demo.scenes))
+    regions = [e for scene in records
+               for e in P.shapes_regions(demo.models["cap"], scene, methods=demo.methods)]
+    faithful = {"vqa": [e for scene in records for e in
+                        P.shapes_faithfulness(demo.models["vqa"], scene, methods=demo.methods)],
+                "clip": [e for clip in demo.world.clips(len(demo.clips)) for e in
+                         P.clip_faithfulness(demo.models["c3d"], clip, methods=demo.methods)]}
+    _vqa_section(demo)
+    _video_section(demo)
+    figures = _figures(demo, checks, regions, faithful)
+    figures["seconds"] = round(time.time() - start, 1)
+    _write(demo, figures, checks)
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> Demo:
+    from mmexplain.adapters import get_adapter
+    from mmexplain.data import shapes as W
+    from mmexplain.render import Report
+
     methods = chosen_methods(args.method)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = W.ShapesWorld(seed=args.seed)
-    scenes = world.image_batch(args.images)
-    clips = world.clip_batch(args.clips)
-    cap = get_adapter("shapes-captioner")
-    vqa = get_adapter("shapes-vqa")
-    c3d = get_adapter("shapes-c3d")
-    from mmexplain.adapters.shapes import CLIP_MEAN, CLIP_STD
+    models = {"cap": get_adapter("shapes-captioner"), "vqa": get_adapter("shapes-vqa"),
+              "c3d": get_adapter("shapes-c3d")}
+    cams = {m: {kind: make_cam(model, m) for kind, model in models.items()} for m in methods}
+    report = Report("mmexplain demo: what the shapes-world models look at")
+    return Demo(args, methods, out, world, world.image_batch(args.images),
+                world.clip_batch(args.clips), models, cams, report)
 
-    size = tuple(scenes.images.shape[-2:])
+
+def _model_checks(demo: Demo) -> dict[str, float]:
+    from mmexplain.tasks.shapes import action_accuracy, caption_accuracy, vqa_accuracy
+
+    scenes, clips = demo.scenes, demo.clips
     checks = {
-        "caption_visual_words_correct": caption_accuracy(cap.model, scenes),
-        "vqa_accuracy": vqa_accuracy(vqa.model, scenes),
-        "action_accuracy": action_accuracy(c3d.model, clips),
+        "caption_visual_words_correct": caption_accuracy(demo.models["cap"].model, scenes),
+        "vqa_accuracy": vqa_accuracy(demo.models["vqa"].model, scenes),
+        "action_accuracy": action_accuracy(demo.models["c3d"].model, clips),
     }
     print(f"models: caption visual words {checks['caption_visual_words_correct']:.0%} correct, "
           f"VQA {checks['vqa_accuracy']:.0%} accurate, actions "
           f"{checks['action_accuracy']:.0%} recognised ({len(scenes)} scenes, {len(clips)} clips)")
-    tally = Tally()
-    report = Report("mmexplain demo: what the shapes-world models look at")
-    report.text(f"{len(scenes)} generated scenes and {len(clips)} clips (world seed "
-                f"{args.seed}, never seen in training). Maps are measured against the exact "
-                f"object masks; pointing tolerance {TOLERANCE} px (the paper's 15 px at 224 px, "
-                "scaled to 64 px). The three models were trained with explanation "
-                "supervision (GAIN, Li et al. 2018: their Grad-CAM maps pulled towards the "
-                "objects' masks), so their evidence is known to lie on the objects; "
-                "Grad-CAM++ was never trained for.")
-    cams = {m: {"cap": make_cam(cap, m), "vqa": make_cam(vqa, m), "c3d": make_cam(c3d, m)}
-            for m in methods}
+    demo.report.text(
+        f"{len(scenes)} generated scenes and {len(clips)} clips (world seed "
+        f"{demo.args.seed}, never seen in training), explained with "
+        + ", ".join(get_method(m).label for m in demo.methods) + ". Maps are measured against "
+        f"the exact object masks; pointing tolerance {TOLERANCE} px (the paper's 15 px at 224 "
+        "px, scaled to 64 px). The three models were trained with explanation supervision "
+        "(GAIN, Li et al. 2018: their Grad-CAM maps pulled towards the objects' masks), so "
+        "their evidence is known to lie on the objects; the other methods were never "
+        "trained for.")
+    return checks
 
-    # ---------------------------------------------------------------- captions: per-word maps
-    report.section("Captioning: one map per visual word (Grad-CAM paper, sec. 8.1.1)")
-    shown = 0
+
+def _caption_section(demo: Demo) -> None:
+    """One map per visual word of each scene's caption (Grad-CAM paper, sec. 8.1.1)."""
+    from mmexplain.render import overlay, tile, to_uint8_image
+    from mmexplain.tasks.caption import WordLogProbs
+
+    demo.report.section("Captioning: one map per visual word (Grad-CAM paper, sec. 8.1.1)")
+    scenes, cap, shown = demo.scenes, demo.models["cap"], 0
     for i in range(len(scenes)):
         image = scenes.images[i:i + 1]
         tokens = scenes.captions[i:i + 1, 1:]  # words then <end>
@@ -140,112 +188,123 @@ def run(args: argparse.Namespace) -> int:
             continue
         word_masks = torch.stack([scenes.masks[i][refs[t]].any(0) for t in positions])  # (K,H,W)
         words = cap.vocab.words(tokens[0, positions].tolist())
-        panels, labels = [], []
-        big = _big(image)
-        for m in methods:
-            expl = cams[m]["cap"](image, target=WordLogProbs(positions), tokens=tokens)
-            maps = P.evidence(resize_grid(expl.maps, size)[0])  # (K, H, W)
-            hits = metrics.pointing_game(maps, word_masks, tolerance=TOLERANCE)
-            tally.add(m, "word_pointing", hits.float().tolist())
-            tally.add(m, "word_rank_correlation",
-                      metrics.rank_correlation(maps, word_masks.float()).tolist())
-            for k, t in enumerate(positions):  # several instances named by one word
-                n_inst = int(refs[t].sum())
-                if n_inst > 1:
-                    inst = scenes.masks[i][refs[t]]
-                    tally.add(m, "instances_covered", _covered(maps[k], inst) / n_inst)
-            if shown < args.show:
+        panels, labels, big = [], [], _big(image)
+        for m in demo.methods:
+            expl = demo.cams[m]["cap"](image, target=WordLogProbs(positions), tokens=tokens)
+            maps = P.evidence(resize_grid(expl.maps, demo.size)[0])  # (K, H, W)
+            _tally_words(demo, m, maps, word_masks, [scenes.masks[i][refs[t]] for t in positions])
+            if shown < demo.args.show:
                 panels += [to_uint8_image(big[0])] + [overlay(big[0], maps[k])
                                                       for k in range(len(positions))]
-                labels += [get_method(m).short] + [f"{get_method(m).short}: {w}" for w in words]
-        if shown < args.show:
+                labels += [demo.short(m)] + [f"{demo.short(m)}: {w}" for w in words]
+        if shown < demo.args.show:
             caption = " ".join(cap.vocab.words(tokens[0].tolist())).replace(" <end>", "")
             generated = cap.captions(image).texts[0]
-            report.image(tile(panels, ncols=len(positions) + 1, labels=labels),
-                         caption=f"caption: “{caption}” — the model says: “{generated}”")
+            demo.report.image(tile(panels, ncols=len(positions) + 1, labels=labels),
+                              caption=f"caption: “{caption}” — the model says: “{generated}”")
             shown += 1
 
-    # ---------------------------------------------------------------- regions, faithfulness
-    records = world.images(len(scenes))
-    regions = [e for scene in records for e in P.shapes_regions(cap, scene, methods=methods)]
-    faithful = {"vqa": [e for scene in records
-                        for e in P.shapes_faithfulness(vqa, scene, methods=methods)],
-                "clip": [e for clip in world.clips(len(clips))
-                         for e in P.clip_faithfulness(c3d, clip, methods=methods)]}
 
-    # ---------------------------------------------------------------- VQA
-    report.section("VQA: the model's answer and a forced alternative (sec. 8.2)")
-    shown = 0
+def _tally_words(demo: Demo, m: str, maps: torch.Tensor, word_masks: torch.Tensor,
+                 instances: list[torch.Tensor]) -> None:
+    """Pointing and rank correlation per word; coverage of the words naming several objects."""
+    hits = metrics.pointing_game(maps, word_masks, tolerance=TOLERANCE)
+    demo.tally.add(m, "word_pointing", hits.float().tolist())
+    demo.tally.add(m, "word_rank_correlation",
+                   metrics.rank_correlation(maps, word_masks.float()).tolist())
+    for k, inst in enumerate(instances):  # several instances named by one word
+        if inst.shape[0] > 1:
+            demo.tally.add(m, "instances_covered", _covered(maps[k], inst) / inst.shape[0])
+
+
+def _vqa_section(demo: Demo) -> None:
+    """The model's answer and a forced alternative (sec. 8.2)."""
+    from mmexplain.data import shapes as W
+    from mmexplain.render import overlay, tile, to_uint8_image
+    from mmexplain.tasks.vqa import AnswerScore
+
+    demo.report.section("VQA: the model's answer and a forced alternative (sec. 8.2)")
+    scenes, vqa, shown = demo.scenes, demo.models["vqa"], 0
     for q in range(len(scenes.questions)):
         i = int(scenes.question_image[q])
         image = scenes.images[i:i + 1]
         ctx = {"question": scenes.questions[q:q + 1],
                "question_lengths": scenes.question_lengths[q:q + 1]}
         with torch.no_grad():
-            logits = vqa.model(image, **ctx)
-        given = int(logits.argmax(1))
+            given = int(vqa.model(image, **ctx).argmax(1))
         truth = int(scenes.answers[q])
         alt = _alternative(truth, given, W)
-        targets = [given, alt]
         objects = scenes.answer_objects[q, : int(scenes.num_objects[i])]
         mask = scenes.masks[i, : objects.shape[0]][objects].any(0) if objects.any() else None
-        panels, labels = [], []
-        big = _big(image)
-        for m in methods:
-            expl = cams[m]["vqa"](image, target=AnswerScore(targets), **ctx)
-            maps = P.evidence(resize_grid(expl.maps, size)[0])  # (2, H, W)
+        panels, labels, big = [], [], _big(image)
+        for m in demo.methods:
+            expl = demo.cams[m]["vqa"](image, target=AnswerScore([given, alt]), **ctx)
+            maps = P.evidence(resize_grid(expl.maps, demo.size)[0])  # (2, H, W)
             if mask is not None and given == truth:
-                tally.add(m, "vqa_pointing",
-                          float(metrics.pointing_game(maps[0], mask, tolerance=TOLERANCE)))
-                tally.add(m, "vqa_rank_correlation",
-                          float(metrics.rank_correlation(maps[0], P.blurred(mask))))
-            if shown < args.show and mask is not None:
+                demo.tally.add(m, "vqa_pointing",
+                               float(metrics.pointing_game(maps[0], mask, tolerance=TOLERANCE)))
+                demo.tally.add(m, "vqa_rank_correlation",
+                               float(metrics.rank_correlation(maps[0], P.blurred(mask))))
+            if shown < demo.args.show and mask is not None:
                 panels += [overlay(big[0], maps[0]), overlay(big[0], maps[1])]
-                labels += [f"{get_method(m).short}: {W.ANSWERS[given]}", f"{get_method(m).short}: {W.ANSWERS[alt]}?"]
-        if shown < args.show and panels:
+                labels += [f"{demo.short(m)}: {W.ANSWERS[given]}",
+                           f"{demo.short(m)}: {W.ANSWERS[alt]}?"]
+        if shown < demo.args.show and panels:
             question = " ".join(vqa.question_vocab.words(
                 scenes.questions[q, : int(scenes.question_lengths[q])].tolist()))
-            report.image(tile([to_uint8_image(big[0])] + panels, ncols=len(panels) + 1,
-                              labels=["image"] + labels),
-                         caption=f"Q: “{question}” — the model answers “{W.ANSWERS[given]}” "
-                                 f"(truth: “{W.ANSWERS[truth]}”); forced: “{W.ANSWERS[alt]}”")
+            demo.report.image(tile([to_uint8_image(big[0])] + panels, ncols=len(panels) + 1,
+                                   labels=["image"] + labels),
+                              caption=f"Q: “{question}” — the model answers “{W.ANSWERS[given]}”"
+                                      f" (truth: “{W.ANSWERS[truth]}”); forced: "
+                                      f"“{W.ANSWERS[alt]}”")
             shown += 1
 
-    # ---------------------------------------------------------------- video
-    report.section("Actions: spatiotemporal maps of a C3D (T×H×W)")
+
+def _video_section(demo: Demo) -> None:
+    """Spatiotemporal maps of the C3D for each clip's true action, methods side by side."""
+    from mmexplain.adapters.shapes import CLIP_MEAN, CLIP_STD
+    from mmexplain.data import shapes as W
+    from mmexplain.render import overlay_clip, write_mp4
+
+    demo.report.section("Actions: spatiotemporal maps of a C3D (T×H×W)")
+    clips = demo.clips
     videos = (clips.videos - CLIP_MEAN) / CLIP_STD
     vsize = tuple(clips.videos.shape[-3:])
     for i in range(len(clips)):
-        clip = videos[i:i + 1]
         action = clips.actions[i:i + 1]
         frames = []
-        for m in methods:
-            expl = cams[m]["c3d"](clip, target=action.view(1, 1))
+        for m in demo.methods:
+            expl = demo.cams[m]["c3d"](videos[i:i + 1], target=action.view(1, 1))
             maps = P.evidence(resize_grid(expl.maps, vsize)[0, 0])  # (T, H, W)
             hits = metrics.pointing_game(maps, clips.actor_masks[i], tolerance=TOLERANCE)
-            tally.add(m, "action_pointing", hits.float().tolist())
-            if i < min(args.show, 4):
+            demo.tally.add(m, "action_pointing", hits.float().tolist())
+            if i < min(demo.args.show, 4):
                 frames.append(overlay_clip(_big(clips.videos[i]), maps))
         if frames:
-            both = np.concatenate(frames, axis=2)  # methods side by side
-            path = out / f"clip{i}.mp4"
-            write_mp4(both, path, fps=8)
-            report.video(path, caption=f"“{W.ACTIONS[int(action)]}” — "
-                                       + " | ".join(get_method(m).label for m in methods))
+            path = demo.out / f"clip{i}.mp4"
+            write_mp4(np.concatenate(frames, axis=2), path, fps=8)  # methods side by side
+            demo.report.video(path, caption=f"“{W.ACTIONS[int(action)]}” — "
+                                            + " | ".join(get_method(m).label
+                                                         for m in demo.methods))
 
-    # ---------------------------------------------------------------- figures
-    figures: dict[str, Any] = {"checks": checks, "tolerance_px": TOLERANCE, "seed": args.seed,
-                               "scenes": len(scenes), "clips": len(clips), "methods": {}}
+
+def _figures(demo: Demo, checks: dict[str, float], regions: list[Any],
+             faithful: dict[str, list[Any]]) -> dict[str, Any]:
+    """Every measured figure, per method."""
+    methods = demo.methods
+    figures: dict[str, Any] = {"checks": checks, "tolerance_px": TOLERANCE,
+                               "seed": demo.args.seed, "scenes": len(demo.scenes),
+                               "clips": len(demo.clips), "methods": {}}
+    summaries = {kind: P.summarize_faithfulness(entries, methods)
+                 for kind, entries in faithful.items()}
+    region = P.summarize_regions(regions, methods)
     for m in methods:
         f: dict[str, Any] = {}
-        for key in ("word_pointing", "vqa_pointing", "action_pointing"):
-            f[key] = _mean(tally.get(m, key))
-        for key in ("word_rank_correlation", "vqa_rank_correlation", "instances_covered"):
-            f[key] = _mean(tally.get(m, key))
-        region = P.summarize_regions(regions, methods)[m]
-        f["region_ratio_mean"], f["region_ratio_sem"] = region["mean"], region["sem"]
-        for kind, entries in faithful.items():
-            summary = P.summarize_faithfulness(entries, methods)
+        for key in ("word_pointing", "vqa_pointing", "action_pointing", "word_rank_correlation",
+                    "vqa_rank_correlation", "instances_covered"):
+            f[key] = _mean(demo.tally.get(m, key))
+        f["region_ratio_mean"], f["region_ratio_sem"] = region[m]["mean"], region[m]["sem"]
+        for kind, summary in summaries.items():
             f[f"{kind}_average_drop"] = summary[m]["average_drop"]
             f[f"{kind}_increase_in_confidence"] = summary[m]["increase_in_confidence"]
             pair = {"gradcam": "gradcam++", "gradcam++": "gradcam"}.get(m)
@@ -254,7 +313,12 @@ def run(args: argparse.Namespace) -> int:
             if len(methods) > 2:  # the share of inputs each method wins among all shown
                 f[f"{kind}_win_share"] = summary[m]["win"]
         figures["methods"][m] = f
-    figures["seconds"] = round(time.time() - start, 1)
+    return figures
+
+
+def _write(demo: Demo, figures: dict[str, Any], checks: dict[str, float]) -> None:
+    """The report's figures tables, report.html, figures.json, and the printed summary."""
+    methods, report = demo.methods, demo.report
     rows = [{"figure": k, **{get_method(m).label: figures["methods"][m].get(k) for m in methods}}
             for k in figures["methods"][methods[0]]]
     report.section("Figures")
@@ -262,11 +326,12 @@ def run(args: argparse.Namespace) -> int:
                  "(per word, per answer, per frame). Rank correlation: Spearman with the masks. "
                  "Region ratio: mean activation inside the region's box over outside. Average "
                  "Drop (lower is better), % Increase in Confidence and Win % (higher) with "
-                 "E = L∘I (Grad-CAM++ eq. 25).")
+                 "E = L∘I (Grad-CAM++ eq. 25); Win % is Grad-CAM against Grad-CAM++ (the "
+                 "papers' pair), win share the share of inputs each method wins among all.")
     report.table([{"check": k, "value": v} for k, v in checks.items()],
                  caption="The models work: accuracy on these scenes and clips.")
-    html = report.save(out / "report.html")
-    (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    html = report.save(demo.out / "report.html")
+    (demo.out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     for m in methods:
         f = figures["methods"][m]
         print(f"{get_method(m).label:>10}: pointing words {f['word_pointing']:.0%}, VQA answers "
@@ -275,8 +340,7 @@ def run(args: argparse.Namespace) -> int:
               f"{f.get('region_ratio_mean', float('nan')):.2f}; instances covered "
               f"{f['instances_covered']:.0%}")
     print(f"report: {html.resolve()}")
-    print(f"figures: {(out / 'figures.json').resolve()} ({figures['seconds']} s)")
-    return 0
+    print(f"figures: {(demo.out / 'figures.json').resolve()} ({figures['seconds']} s)")
 
 
 def _mean(values: list[float]) -> float:

@@ -182,6 +182,17 @@ def borrowed(module: nn.Module | None, eval_mode: bool = True) -> Iterator[None]
                 p.requires_grad_(flag)
 
 
+def device_of(model: Any) -> torch.device:
+    """Where a module (or adapter) lives: its first parameter's device, else its first
+    buffer's, else the CPU. The one helper every layer uses."""
+    for get in ("parameters", "buffers"):
+        items = getattr(model, get, None)
+        first = next(items(), None) if callable(items) else None
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
+
+
 def resolve_layer(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
     """A dotted module name or a module of ``model`` -> (name, module)."""
     if isinstance(layer, nn.Module):

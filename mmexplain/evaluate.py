@@ -6,7 +6,7 @@
     torchrun --nproc-per-node 4 -m mmexplain eval faithfulness --dataset shapes-clips
     mmexplain eval occlusion --resume --out runs/occ           # goes on where it stopped
 
-Protocols (``shared/papers/``; the per-input code is :mod:`mmexplain.protocols`):
+Protocols (``shared/papers/``; the per-input code is :mod:`mmexplain.tasks.protocols`):
 
 ==============  =========================================================  =====================
 protocol        measures                                                   datasets (default first)
@@ -58,7 +58,8 @@ from typing import Any
 
 import torch
 
-from mmexplain import protocols as P
+from mmexplain.tasks import protocols as P
+from mmexplain.data.images import image_pixels, read_image
 from mmexplain.errors import InputError, bad_value
 from mmexplain.methods import list_methods
 
@@ -178,22 +179,7 @@ def _world(seed: int) -> Any:
 @lru_cache(maxsize=4)
 def _picture(path: str) -> Any:
     """An image file as uint8 (H, W, 3) (the last few kept: items share images)."""
-    from mmexplain.commands import read_image
-
     return read_image(path)
-
-
-def image_pixels(image: Any, size: int) -> torch.Tensor:
-    """A uint8 (H, W, 3) image resized (whole, aspect not kept) to (1, 3, size, size) in [0, 1].
-
-    Maps over this input, upsampled to (H, W), lie over the original image.
-    """
-    import torch.nn.functional as F
-
-    u8 = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
-    x = F.interpolate(u8, size=(size, size), mode="bilinear", antialias=True,
-                      align_corners=False)
-    return x.clamp(0, 255).round() / 255.0
 
 
 def _image_files(folder: Path) -> list[Path]:

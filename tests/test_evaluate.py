@@ -199,7 +199,7 @@ def test_vqa_hat_and_occlusion_summaries_are_mean_rank_correlations(tmp_path: Pa
     vqa = load_model("shapes-vqa", "random", seed=SEED)
     scene = ShapesWorld(seed=SEED).image(0)
     image = torch.from_numpy(scene.image)[None]
-    from mmexplain.protocols import blurred
+    from mmexplain.tasks.protocols import blurred
 
     rho = []
     for qa in (q for q in scene.qas if q.answer_refs):  # answers about objects only

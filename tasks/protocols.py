@@ -10,7 +10,7 @@ evaluated (a caption word, a question, a region, an image, a clip). The
 papers' numbers with :mod:`mmexplain.metrics`; they are deterministic, so runs
 sharded over processes summarise to the same numbers.
 
-    from mmexplain.protocols import shapes_pointing, summarize_pointing
+    from mmexplain.tasks.protocols import shapes_pointing, summarize_pointing
     entries = shapes_pointing(captioner, world.image(7), methods=("gradcam",))
     summarize_pointing(entries, ("gradcam",))   # {"gradcam": {"hits", "misses", "accuracy"}}
 
@@ -62,7 +62,7 @@ from mmexplain.metrics import (
     win_shares,
 )
 from mmexplain.targets import IndexTarget, logits_of
-from mmexplain.engine import make_cam
+from mmexplain.engine import device_of, make_cam
 from mmexplain.methods import chosen_methods
 from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs
 
@@ -86,11 +86,6 @@ def method_names(method: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- tasks
-
-
-def device_of(adapter: Any) -> torch.device:
-    param = next(adapter.parameters(), None) if hasattr(adapter, "parameters") else None
-    return param.device if param is not None else torch.device("cpu")
 
 
 class ClassTask:
