@@ -486,14 +486,16 @@ class HFVisionAdapter(Adapter):
         A token starts a new word when the tokenizer's text of the tokens so far grows
         by a piece that begins with a space (WordPiece, byte-level BPE and SentencePiece
         alike), or switches between punctuation and letters/digits ("dog?" is two
-        words); steps after the end token, padding and special tokens are left out.
+        words); steps after the end token, padding and special tokens (not the unknown
+        word's) are left out.
         Without a tokenizer every token is a word, named by its id.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             raise bad_value("tokens", "one row of token ids (T,)", tokens)
         mask = sequence_mask(tokens[None].cpu(), self.eos_id, self.pad_id)[0]
         tok = self.tokenizer
-        special = set(getattr(tok, "all_special_ids", ()) or ()) | \
+        special = (set(getattr(tok, "all_special_ids", ()) or ()) - {getattr(tok, "unk_token_id",
+                                                                               None)}) | \
             {i for i in (self.eos_id, self.pad_id, self.start_id) if i is not None}
         ids = tokens.tolist()
         steps = [t for t in range(len(ids)) if bool(mask[t]) and ids[t] not in special]
@@ -502,7 +504,7 @@ class HFVisionAdapter(Adapter):
         groups: list[list[int]] = []
         before, word_kind = "", True
         for i, t in enumerate(steps):
-            text = tok.decode([ids[s] for s in steps[:i + 1]], skip_special_tokens=True,
+            text = tok.decode([ids[s] for s in steps[:i + 1]], skip_special_tokens=False,
                               clean_up_tokenization_spaces=False)
             piece = text[len(before):] if text.startswith(before) else ""
             # a space starts a word; so does punctuation after letters and letters after it
@@ -513,7 +515,7 @@ class HFVisionAdapter(Adapter):
             else:
                 groups[-1].append(t)
             before = text
-        words = [tok.decode([ids[s] for s in g], skip_special_tokens=True,
+        words = [tok.decode([ids[s] for s in g], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False).strip() for g in groups]
         return [(w, g) for w, g in zip(words, groups) if w]
 

@@ -305,8 +305,8 @@ def word_task(adapter: Any, words: Sequence[str], positions: Sequence[int]
     list (e.g. a dataset's tokenized caption), for any model with the Caption capability.
 
     The caption is tokenized by the model (unknown words as its <unk> where it has one);
-    each given word is the model's words (subword groups) it overlaps, log-probabilities
-    summed. A caption the model's words cannot be aligned with is an InputError.
+    each given word is explained by the model's words (subword groups) it makes on its
+    own, log-probabilities summed. A caption the model reads otherwise is an InputError.
     """
     from mmexplain.adapters.capabilities import Caption, require
 
@@ -316,32 +316,19 @@ def word_task(adapter: Any, words: Sequence[str], positions: Sequence[int]
     groups = adapter.word_groups(tokens[0])
     if len(groups) == len(words):  # one model word per given word (<unk> included)
         steps = [groups[p][1] for p in positions]
-    else:
-        steps = [_overlapping(words, groups, p) for p in positions]
+    else:  # the model's words of each given word, counted on the word alone
+        counts = [len(adapter.word_groups(adapter.tokenize([[w]], strict=False)[0]))
+                  for w in words]
+        if sum(counts) != len(groups) or not all(counts[p] for p in positions):
+            raise InputError(f"words: expected a caption the model's tokenizer keeps word "
+                             f"for word, received {' '.join(words)!r}, which it reads as "
+                             f"{' '.join(w for w, _ in groups)!r}")
+        starts = [sum(counts[:p]) for p in range(len(words))]
+        steps = [[t for _, g in groups[starts[p]:starts[p] + counts[p]] for t in g]
+                 for p in positions]
     target = (WordLogProbs([g[0] for g in steps]) if all(len(g) == 1 for g in steps)
               else WordGroupLogProbs(steps))
     return target, {"tokens": tokens}
-
-
-def _overlapping(words: Sequence[str], groups: Sequence[tuple[str, list[int]]],
-                 position: int) -> list[int]:
-    """The token steps of the model's words whose characters (spaces dropped, lower case)
-    overlap those of ``words[position]``."""
-    def spans(items: Sequence[str]) -> list[tuple[int, int]]:
-        out, at = [], 0
-        for item in items:
-            out.append((at, at + len(item)))
-            at += len(item)
-        return out
-
-    given = [w.lower().replace(" ", "") for w in words]
-    model = [w.lower().replace(" ", "") for w, _ in groups]
-    if "".join(given) != "".join(model):
-        raise InputError(f"words: expected a caption the model's tokenizer keeps word for "
-                         f"word, received {' '.join(words)!r}, which it reads as "
-                         f"{' '.join(w for w, _ in groups)!r}")
-    lo, hi = spans(given)[position]
-    return [t for (a, b), (_, g) in zip(spans(model), groups) if a < hi and lo < b for t in g]
 
 
 def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[str] | None = None,

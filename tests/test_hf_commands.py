@@ -291,3 +291,16 @@ def test_each_readme_command_runs_on_the_tiny_folders(name, command, saved, tmp_
     assert len(list(tmp_path.glob("*.png"))) == len(labels)
     if argv[0] == "vqa":
         assert labels[-2:] == ["red", "yellow"]
+
+
+def test_word_task_finds_a_datasets_words_among_the_models_subwords(saved) -> None:
+    from mmexplain.tasks.caption import WordGroupLogProbs, word_task
+
+    adapter = get_adapter("blip-caption", path=saved["blip-caption"])
+    # "circle" = cir ##cle; "near" is not in the vocabulary ([UNK], still a word)
+    target, context = word_task(adapter, ["a", "red", "circle", "near", "a", "dog"], [2, 3, 5])
+    assert isinstance(target, WordGroupLogProbs) and target.groups == [[2, 3], [4], [6]]
+    assert context["tokens"].tolist() == [[6, 7, 8, 18, 4, 6, 20, hf_tiny.END]]
+    # "dog?" is two words of the model: the dataset's word is both
+    target, _ = word_task(adapter, ["a", "dog?", "runs"], [1, 2])
+    assert target.groups == [[1, 2], [3]]
