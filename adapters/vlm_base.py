@@ -503,6 +503,13 @@ def pixels_to_image(pixels: torch.Tensor, image_processor: Any) -> np.ndarray:
     return x.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _added_special(tokenizer: Any, token: int) -> bool:
+    """A special token the tokenizer does not list in ``all_special_ids`` (an added token
+    such as Idefics3's ``<row_1_col_1>``): it decodes to nothing when specials are skipped."""
+    return (tokenizer.decode([token], skip_special_tokens=True) == ""
+            and tokenizer.decode([token]) != "")
+
+
 def word_groups(tokenizer: Any, tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
     """Words of a row of token ids (T,) and their steps; special tokens left out."""
     ids = torch.as_tensor(tokens).flatten().tolist()
@@ -510,7 +517,7 @@ def word_groups(tokenizer: Any, tokens: torch.Tensor) -> list[tuple[str, list[in
     groups: list[tuple[list[int], list[int]]] = []
     text = ""
     for step, token in enumerate(ids):
-        if token in special:
+        if token in special or _added_special(tokenizer, token):
             if token == getattr(tokenizer, "eos_token_id", None):
                 break
             continue
