@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.captioner import load_state
+from mmexplain.adapters.weights import load_state
 from mmexplain.adapters.tv import Recipe, StagedAdapter, build_steps, resolve_weights
 from mmexplain.data.video import Preprocess
 from mmexplain.errors import bad_type, bad_value

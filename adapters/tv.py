@@ -44,7 +44,7 @@ from torch import nn
 
 from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import Adapter, Step, check_layer, run_steps, split_after
-from mmexplain.adapters.captioner import find_torchvision_weights, load_state, read_checkpoint
+from mmexplain.adapters.weights import find_torchvision_weights, load_state, read_checkpoint
 from mmexplain.data.video import Preprocess
 from mmexplain.errors import bad_type, bad_value
 
@@ -68,7 +68,8 @@ def resolve_weights(weights: str | os.PathLike[str] | bool | None, cached: Path 
         return read_checkpoint(cached)[0], f"torch cache {cached}", cached
     return None, RANDOM_NO_FILE, None
 
-VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d")
+VIDEO_MODELS = ("r3d_18", "mc3_18", "r2plus1d_18", "s3d", "mvit_v1_b", "mvit_v2_s", "swin3d_t",
+                "swin3d_s", "swin3d_b")
 
 # --------------------------------------------------------------------------- recipes
 
@@ -89,8 +90,17 @@ def _relu(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.relu(x)
 
 
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 4, 1, 2, 3)  # Swin3D's (B, T, H, W, C) -> (B, C, T, H, W)
+
+
+def _cls_token(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0]  # tokens (B, 1 + N, C) -> the CLS token (B, C)
+
+
 _OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "@flatten": _flatten, "@gap": _gap, "@mean": _grid_mean, "@relu": _relu}
+    "@flatten": _flatten, "@gap": _gap, "@mean": _grid_mean, "@relu": _relu,
+    "@channels_first": _channels_first, "@cls": _cls_token}
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,12 @@ RECIPES: dict[str, Recipe] = {
                          ("@mean", "fc"), "conv5"),
     "mnasnet": Recipe(("layers*",), ("@mean", "classifier"), "last:layers"),
     "squeezenet": Recipe(("features*",), ("classifier", "@flatten"), "last:features"),
+    # video transformers: Swin3D's trunk is channels-last (ChannelsLastAdapter); MViT's
+    # blocks take (tokens, thw) (MViTAdapter); both default to the stage / block before
+    # the last for MViT (only its CLS token reaches the head after the last block)
+    "swin3d": Recipe(("patch_embed", "pos_drop", "features*"),
+                     ("norm", "@channels_first", "avgpool", "@flatten", "head"), "last:features"),
+    "mvit": Recipe(("blocks*",), ("norm", "@cls", "head"), "beforelast:blocks"),
 }
 
 # architecture name -> family, first match wins
@@ -146,6 +162,8 @@ _FAMILIES: tuple[tuple[str, str], ...] = (
     (r"shufflenet_v2_.*$", "shufflenet"),
     (r"mnasnet.*$", "mnasnet"),
     (r"squeezenet.*$", "squeezenet"),
+    (r"swin3d_[tsb]$", "swin3d"),
+    (r"mvit_v[12]_[sb]$", "mvit"),
 )
 
 
@@ -189,6 +207,8 @@ def _resolve_default(model: nn.Module, default: str) -> str:
     children = list(model.get_submodule(name).named_children())
     if kind == "lastrelu":
         children = [(c, m) for c, m in children if isinstance(m, nn.ReLU)]
+    if kind == "beforelast" and len(children) > 1:
+        return f"{name}.{children[-2][0]}"
     return f"{name}.{children[-1][0]}"
 
 
@@ -242,6 +262,11 @@ class StagedAdapter(Adapter):
         self.input_grid = input_grid
         self.weights_source = weights_source
 
+    @staticmethod
+    def fixed_grid(model: nn.Module) -> tuple[int, ...] | None:
+        """The only input size (T, H, W) the architecture accepts, or None (any size)."""
+        return None
+
     def _split(self) -> int:
         """Index of the first step after the target layer."""
         return split_after([n for n, _ in self.steps], self.layer)
@@ -267,6 +292,63 @@ class StagedAdapter(Adapter):
         # a copy: an in-place first step (ReLU(inplace=True)) must not write into the
         # engine's leaf A
         return run_steps(self.steps, acts.clone(), self._split())  # (rows, num_classes) logits
+
+
+class ChannelsLastAdapter(StagedAdapter):
+    """A staged model whose trunk is channels-last, (B, T, H, W, C) (torchvision's Swin3D):
+    ``encode`` gives A as (B, C, T, H, W), ``head`` takes it back; the same maps as the
+    engine's hooks with ``reshape=lambda x: x.permute(0, 4, 1, 2, 3)``."""
+
+    def encode(self, inputs: torch.Tensor, **context: Any) -> torch.Tensor:
+        return _channels_first(super().encode(inputs, **context))
+
+    def head(self, acts: torch.Tensor, **context: Any) -> torch.Tensor:
+        return super().head(acts.permute(0, 2, 3, 4, 1), **context)
+
+
+class MViTAdapter(StagedAdapter):
+    """torchvision MViT v1/v2: ``conv_proj`` and ``pos_encoding``, then blocks that take and
+    return (tokens, (t, h, w)), tokens = CLS then the (t, h, w) grid time-major (the
+    Conv3d output's flatten; pooling blocks shrink the grid). ``encode`` returns the
+    grid (B, C, t, h, w) of the target block's output and keeps its tokens (the CLS
+    token is context, with no map); ``head`` runs the later blocks, ``norm`` and the
+    head on the CLS token. Layers ``blocks.N``; default the block before the last.
+    """
+
+    @staticmethod
+    def fixed_grid(model: nn.Module) -> tuple[int, ...] | None:
+        """(T, H, W) of the clips the position encoding was built for."""
+        stride = model.conv_proj.stride
+        pos = model.pos_encoding
+        return (pos.temporal_size * stride[0], pos.spatial_size[0] * stride[1],
+                pos.spatial_size[1] * stride[2])
+
+    @staticmethod
+    def token_grid(thw: Sequence[int]) -> Any:
+        """A block output's tokens (CLS, then the (t, h, w) grid time-major) <-> (B, C, t, h, w)."""
+        from mmexplain.adapters.tokengrid import raster_grid
+
+        return raster_grid(tuple(thw), prefix=1)
+
+    def encode(self, inputs: torch.Tensor, **context: Any) -> torch.Tensor:
+        m = self.model
+        x = m.pos_encoding(m.conv_proj(self.check_inputs(inputs)).flatten(2).transpose(1, 2))
+        thw = (m.pos_encoding.temporal_size, *m.pos_encoding.spatial_size)
+        for _, block in self.steps[:self._split()]:
+            x, thw = block(x, thw)
+        self._tokens, self._thw = x.detach(), tuple(thw)
+        return self.token_grid(self._thw)(x)  # (B, C, t, h, w)
+
+    def head(self, acts: torch.Tensor, **context: Any) -> torch.Tensor:
+        x, thw = self.token_grid(self._thw).to_tokens(acts, self._tokens), self._thw
+        blocks = [step for name, step in self.steps if name.startswith("blocks.")]
+        for block in blocks[self._split():]:
+            x, thw = block(x, thw)
+        return self.model.head(self.model.norm(x)[:, 0])
+
+
+_ADAPTER_CLASSES: dict[str, type[StagedAdapter]] = {"swin3d": ChannelsLastAdapter,
+                                                     "mvit": MViTAdapter}
 
 
 def preprocess_of(entry: Any, video: bool) -> Preprocess:
@@ -333,10 +415,11 @@ def tv_adapter(arch: str, *, weights: str | os.PathLike[str] | bool | None = Non
     preprocess = preprocess_of(entry, video)
     if size is not None:
         preprocess = preprocess.at_size(size)
-    adapter = StagedAdapter(arch, model, steps, n_trunk, _resolve_default(model, recipe.default),
-                            preprocess, video=video, categories=categories,
-                            clip_length=clip_length_of(entry) if video else None,
-                            weights_source=source)
+    cls = _ADAPTER_CLASSES.get(family, StagedAdapter)
+    adapter = cls(arch, model, steps, n_trunk, _resolve_default(model, recipe.default),
+                  preprocess, video=video, categories=categories,
+                  clip_length=clip_length_of(entry) if video else None,
+                  input_grid=cls.fixed_grid(model), weights_source=source)
     return adapter.at_layer(layer) if layer is not None else adapter
 
 
@@ -348,6 +431,7 @@ def _register_all() -> None:
 
 _register_all()
 
-__all__ = ["RANDOM_ASKED", "RANDOM_NO_FILE", "RECIPES", "Recipe", "StagedAdapter", "resolve_weights",
+__all__ = ["ChannelsLastAdapter", "MViTAdapter", "RANDOM_ASKED", "RANDOM_NO_FILE", "RECIPES",
+           "Recipe", "StagedAdapter", "resolve_weights",
            "VIDEO_MODELS", "build_steps", "clip_length_of", "family_of", "preprocess_of",
            "supported_architectures", "tv_adapter"]

@@ -29,7 +29,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import StagedTrunk
-from mmexplain.adapters.captioner import ImageModel, TrunkAdapter, build_model
+from mmexplain.adapters.trunks import ImageModel, TrunkAdapter
+from mmexplain.adapters.weights import build_model
 from mmexplain.engine import borrowed
 from mmexplain.errors import bad_type, bad_value
 from mmexplain.vocab import Vocabulary

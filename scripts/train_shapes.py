@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmexplain.adapters.captioner import ShowTell, save_checkpoint
+from mmexplain.adapters.captioner import ShowTell
+from mmexplain.adapters.weights import save_checkpoint
 from mmexplain.adapters.shapes import (C3D_DEFAULT_LAYER, C3D_SIZES, CAPTIONER_SIZES,
                                       DEFAULT_LAYER, TRUNK_CHANNELS, VQA_SIZES, shapes_trunk,
                                       weights_dir)

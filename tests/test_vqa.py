@@ -13,7 +13,7 @@ import torch
 
 import mmexplain as mx
 from mmexplain.adapters import get_adapter
-from mmexplain.adapters.captioner import load_state, read_checkpoint, save_checkpoint
+from mmexplain.adapters.weights import load_state, read_checkpoint, save_checkpoint
 from mmexplain.adapters.vqa import VQAAdapter
 from mmexplain.errors import InputError
 from mmexplain.tasks.vqa import AnswerScore, answer_ids, explain_vqa
