@@ -320,3 +320,53 @@ def check_vqa_command(adapter, folder: Path, picture: Path, out: Path) -> None:
     arrays, pngs = cli_results(out, f"{picture.stem}_{adapter.name}_gradcam.npz")
     assert list(arrays["labels"][1:]) == ["red", "blue dog"] and len(pngs) == 3
     assert arrays["maps"].shape[:2] == (1, 3) and arrays["scores"].shape == (1, 3)
+
+
+# --------------------------------------------------------------------------- CLIP / SigLIP
+
+
+def _text_tokenizer(bos: str | None, eos: str, pad: str, length: int):
+    """A word-level tokenizer that wraps each text as the family does (bos? text eos)."""
+    from tokenizers import processors
+
+    specials = list(dict.fromkeys([pad, eos, *([bos] if bos else []), "<unk>"]))
+    tok = word_tokenizer(specials, bos=bos, eos=eos, pad=pad, model_max_length=length)
+    ids = dict(zip(specials, _ids(tok, *specials)))
+    single = f"{bos} $A {eos}" if bos else f"$A {eos}"
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(t, ids[t]) for t in ([bos] if bos else []) + [eos]])
+    return tok
+
+
+def build_clip(folder: Path, image_size: int = 28) -> Path:
+    """CLIPModel: vision patch 7 (3 blocks), text 1 layer, projection 16."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = _text_tokenizer("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", 16)
+    bos, eos = _ids(tok, "<|startoftext|>", "<|endoftext|>")
+    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=48,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    config = tf.CLIPConfig(text_config=text, vision_config=_clip_vision(image_size, layers=3),
+                           projection_dim=16)
+    model = tf.CLIPModel(config)
+    images = tf.CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return _save(folder, model, tf.CLIPProcessor(image_processor=images, tokenizer=tok))
+
+
+def build_siglip(folder: Path, image_size: int = 28) -> Path:
+    """SiglipModel: vision patch 7 (2 blocks) with its attention-pooling head, text 1 layer."""
+    import transformers as tf
+
+    torch.manual_seed(SEED)
+    tok = _text_tokenizer(None, "</s>", "<pad>", 16)
+    text = dict(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=48,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                pad_token_id=_ids(tok, "<pad>")[0], eos_token_id=_ids(tok, "</s>")[0],
+                bos_token_id=_ids(tok, "</s>")[0])
+    config = tf.SiglipConfig(text_config=text, vision_config=_siglip_vision(image_size))
+    model = tf.SiglipModel(config)
+    images = tf.SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    return _save(folder, model, tf.SiglipProcessor(image_processor=images, tokenizer=tok))
