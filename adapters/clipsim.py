@@ -212,22 +212,19 @@ class SiglipSimilarity(ImageTextSimilarity):
                                              truncation=True, return_tensors="pt"))
 
 
-@register_adapter("clip")
-def clip(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
-         layer: str | None = None, texts: Sequence[str] | None = None,
-         template: str | None = None) -> ImageTextSimilarity:
-    """CLIP image-text similarity (CLIPModel): texts as classes, from a local folder."""
-    return build(ImageTextSimilarity, path, model, processor, layer=layer, texts=texts,
-                  template=template)
+def _factory(cls: type[ImageTextSimilarity]):
+    def make(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
+             layer: str | None = None, texts: Sequence[str] | None = None,
+             template: str | None = None) -> ImageTextSimilarity:
+        return build(cls, path, model, processor, layer=layer, texts=texts, template=template)
+
+    make.__doc__ = (f"{cls.model_class} image-text similarity: texts as classes, from a local "
+                    "folder (path=) or objects.")
+    return make
 
 
-@register_adapter("siglip")
-def siglip(path: Any = None, *, model: nn.Module | None = None, processor: Any = None,
-           layer: str | None = None, texts: Sequence[str] | None = None,
-           template: str | None = None) -> SiglipSimilarity:
-    """SigLIP image-text similarity (SiglipModel): texts as classes, from a local folder."""
-    return build(SiglipSimilarity, path, model, processor, layer=layer, texts=texts,
-                  template=template)
+clip = register_adapter("clip")(_factory(ImageTextSimilarity))
+siglip = register_adapter("siglip")(_factory(SiglipSimilarity))
 
 
 try:  # adapters/families.py may be absent in an older tree

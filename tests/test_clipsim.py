@@ -14,7 +14,7 @@ import torch
 import mmexplain as mx
 from mmexplain.adapters.tokengrid import raster_grid
 from mmexplain.errors import InputError
-from vlm_tiny_a import build_clip, build_siglip, built, cli_results, image, run_cli
+from vlm_tiny_a import build_clip, build_siglip, built, cli_results, image, picture_file, run_cli
 
 BUILDERS = {"clip": build_clip, "siglip": build_siglip}
 
@@ -77,10 +77,7 @@ def test_any_text_becomes_a_category_and_bad_templates_are_named(tiny):
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_classify_command_end_to_end(tiny, tmp_path, name):
-    from PIL import Image
-
-    picture = tmp_path / "picture.png"
-    Image.fromarray(image(40, 56)).save(picture)
+    picture = picture_file(tmp_path)
     out = tmp_path / "out"
     code = run_cli("classify", picture, "--weights", tiny["folders"][name], "--out", out,
                    "--classes", "dog,a red ball")

@@ -16,7 +16,7 @@ from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
 from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, built,
-                        image, model_inputs, reference_maps, check_caption_command, check_vqa_command, run_cli)
+                        image, model_inputs, reference_maps, check_commands, check_refusals)
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
             "llava-onevision": build_llava_onevision}
@@ -172,24 +172,8 @@ def test_prompts_without_one_image_slot_and_wrong_folders_are_named(folders, ada
 
 @pytest.mark.parametrize("name", ['llava', 'llava-next', 'llava-onevision'])
 def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
-    from PIL import Image
-
-    picture = tmp_path / "picture.png"
-    Image.fromarray(image(40, 56)).save(picture)
-    check_caption_command(adapters[name], folders[name], picture, tmp_path / "caption",
-                          'what is this ?')
-    check_vqa_command(adapters[name], folders[name], picture, tmp_path / "vqa")
+    check_commands(adapters[name], folders[name], tmp_path)
 
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):
-    from PIL import Image
-
-    picture = tmp_path / "picture.png"
-    Image.fromarray(image(40, 56)).save(picture)
-    first, second = ['llava', 'llava-next']
-    assert run_cli("caption", picture, "--weights", folders[first], "--model", second) == 2
-    assert "--weights: expected a folder of a model" in capsys.readouterr().err
-    assert run_cli("caption", picture, "--weights", tmp_path / "absent") == 2
-    assert run_cli("caption", picture, "--weights", folders[first], "--prompt",
-                   "<image> <image> two slots") == 2
-    assert "prompt: expected a prompt with" in capsys.readouterr().err
+    check_refusals(folders['llava'], 'llava-next', tmp_path, capsys)

@@ -16,7 +16,7 @@ from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import raster_grid
 from mmexplain.errors import InputError
 from vlm_tiny_a import (Steps, build_gemma3, build_paligemma, built, image, model_inputs,
-                        reference_maps, check_caption_command, check_vqa_command, run_cli)
+                        reference_maps, check_commands, check_refusals)
 
 BUILDERS = {"paligemma": build_paligemma, "gemma3": build_gemma3}
 
@@ -120,24 +120,8 @@ def test_prompt_slots_and_folders(folders, adapters):
 
 @pytest.mark.parametrize("name", ['paligemma', 'gemma3'])
 def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
-    from PIL import Image
-
-    picture = tmp_path / "picture.png"
-    Image.fromarray(image(40, 56)).save(picture)
-    check_caption_command(adapters[name], folders[name], picture, tmp_path / "caption",
-                          'what is this ?')
-    check_vqa_command(adapters[name], folders[name], picture, tmp_path / "vqa")
+    check_commands(adapters[name], folders[name], tmp_path)
 
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):
-    from PIL import Image
-
-    picture = tmp_path / "picture.png"
-    Image.fromarray(image(40, 56)).save(picture)
-    first, second = ['paligemma', 'gemma3']
-    assert run_cli("caption", picture, "--weights", folders[first], "--model", second) == 2
-    assert "--weights: expected a folder of a model" in capsys.readouterr().err
-    assert run_cli("caption", picture, "--weights", tmp_path / "absent") == 2
-    assert run_cli("caption", picture, "--weights", folders[first], "--prompt",
-                   "<image> <image> two slots") == 2
-    assert "prompt: expected a prompt with" in capsys.readouterr().err
+    check_refusals(folders['paligemma'], 'gemma3', tmp_path, capsys)

@@ -15,7 +15,7 @@ import torch
 
 from vlm_tiny_b import HIDDEN, SEED, _ids, _save, image, word_tokenizer
 
-__all__ = ["Steps", "build_clip", "built", "build_gemma3", "build_llava", "build_llava_next",
+__all__ = ["Steps", "build_clip", "built", "check_commands", "check_refusals", "picture_file", "build_gemma3", "build_llava", "build_llava_next",
            "build_llava_onevision", "build_paligemma", "build_siglip", "image", "model_inputs",
            "reference_maps"]
 
@@ -320,6 +320,34 @@ def check_vqa_command(adapter, folder: Path, picture: Path, out: Path) -> None:
     arrays, pngs = cli_results(out, f"{picture.stem}_{adapter.name}_gradcam.npz")
     assert list(arrays["labels"][1:]) == ["red", "blue dog"] and len(pngs) == 3
     assert arrays["maps"].shape[:2] == (1, 3) and arrays["scores"].shape == (1, 3)
+
+
+def picture_file(folder: Path) -> Path:
+    """The test picture (40 x 56) saved as a PNG in ``folder``."""
+    from PIL import Image
+
+    picture = folder / "picture.png"
+    Image.fromarray(image(40, 56)).save(picture)
+    return picture
+
+
+def check_commands(adapter, folder: Path, tmp_path: Path) -> None:
+    """caption and vqa end to end on one family's folder."""
+    picture = picture_file(tmp_path)
+    check_caption_command(adapter, folder, picture, tmp_path / "caption", "what is this ?")
+    check_vqa_command(adapter, folder, picture, tmp_path / "vqa")
+
+
+def check_refusals(folder: Path, other: str, tmp_path: Path, capsys) -> None:
+    """A folder run as another family, a missing folder and a prompt with two image slots
+    exit 2 with the argument named."""
+    picture = picture_file(tmp_path)
+    assert run_cli("caption", picture, "--weights", folder, "--model", other) == 2
+    assert "--weights: expected a folder of a model" in capsys.readouterr().err
+    assert run_cli("caption", picture, "--weights", tmp_path / "absent") == 2
+    assert run_cli("caption", picture, "--weights", folder, "--prompt",
+                   "<image> <image> two slots") == 2
+    assert "prompt: expected a prompt with" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- CLIP / SigLIP
