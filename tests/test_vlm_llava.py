@@ -15,6 +15,7 @@ import mmexplain as mx
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
+from vlm_tiny_a import adapters, folders  # noqa: F401 (module fixtures)
 from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, built,
                         image, model_inputs, reference_maps, check_commands, check_refusals)
 
@@ -25,16 +26,6 @@ BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return built(tmp_path_factory, BUILDERS, "llava")
-
-
-@pytest.fixture(scope="module")
-def folders(tiny):
-    return tiny["folders"]
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny):
-    return tiny["adapters"]
 
 
 def _prepared(adapter, size=(40, 56), tokens=5):

@@ -15,6 +15,7 @@ import mmexplain as mx
 from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import raster_grid
 from mmexplain.errors import InputError
+from vlm_tiny_a import adapters, folders  # noqa: F401 (module fixtures)
 from vlm_tiny_a import (Steps, build_gemma3, build_paligemma, built, image, model_inputs,
                         reference_maps, check_commands, check_refusals)
 
@@ -24,16 +25,6 @@ BUILDERS = {"paligemma": build_paligemma, "gemma3": build_gemma3}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return built(tmp_path_factory, BUILDERS, "paligemma")
-
-
-@pytest.fixture(scope="module")
-def folders(tiny):
-    return tiny["folders"]
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny):
-    return tiny["adapters"]
 
 
 def _prepared(adapter, tokens=5):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlm_tiny_b import HIDDEN, SEED, _ids, _save, image, word_tokenizer
@@ -226,6 +227,18 @@ class Steps:
 
     def expand(self, k):
         return self
+
+
+@pytest.fixture(scope="module")
+def folders(tiny):
+    """The test module's tiny model folders by family (its ``tiny`` fixture: :func:`built`)."""
+    return tiny["folders"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny):
+    """An adapter of each of the test module's tiny folders."""
+    return tiny["adapters"]
 
 
 def built(tmp_path_factory, builders: dict, name: str) -> dict:
