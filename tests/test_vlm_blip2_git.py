@@ -103,3 +103,25 @@ def test_a_folder_of_another_family_is_named(folders):
 
     assert family_of(folders["blip2-t5"], task="vqa") == "blip2"
     assert family_of(folders["git"], task="caption") == "git"
+
+
+@pytest.mark.parametrize("key", ["blip2-opt", "git"])
+def test_commands_end_to_end(folders, key, tmp_path):
+    """mmexplain caption / vqa on the saved folders, the family from their config."""
+    tiny.check_commands(folders[key], tmp_path, (4, 4))
+
+
+def test_command_errors(folders, tmp_path, capsys):
+    """BLIP-2's folder with --model git, and a prompt holding the image token: exit 2."""
+    from PIL import Image
+
+    from mmexplain.cli import main
+
+    picture = tmp_path / "photo.png"
+    Image.fromarray(tiny.image()).save(picture)
+    base = ["caption", str(picture), "--weights", str(folders["blip2-t5"]), "--out",
+            str(tmp_path)]
+    assert main([*base, "--model", "git"]) == 2
+    assert "--weights: expected a folder of a model 'git'" in capsys.readouterr().err
+    assert main([*base, "--prompt", "<image> a photo of"]) == 2
+    assert "prompt: expected a text prompt without '<image>'" in capsys.readouterr().err

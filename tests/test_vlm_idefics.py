@@ -116,3 +116,11 @@ def test_prompt_errors_and_family(prepared, folders):
         adapter.prepare_image(tiny.image(), "<image><image> describe")
     with pytest.raises(InputError, match="idefics3"):
         get_adapter("qwen2-vl", path=folders["idefics3"])
+
+
+def test_commands_end_to_end(folders, tmp_path, capsys):
+    """mmexplain caption / vqa on the saved Idefics3 folder (tiles on one 4x4 grid);
+    the folder with --model smolvlm and a templated prompt without <image>: exit 2."""
+    tiny.check_commands(folders["idefics3"], tmp_path, (4, 4))
+    tiny.check_command_errors(folders["idefics3"], "smolvlm", tmp_path,
+                              "User: describe<end_of_utterance>", capsys)

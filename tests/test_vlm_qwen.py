@@ -174,3 +174,12 @@ def test_a_folder_of_the_other_family_is_named(folders):
 
     assert family_of(folders["qwen2-vl"], task="caption") == "qwen2-vl"
     assert family_of(folders["qwen2.5-vl"], task="vqa") == "qwen2.5-vl"
+
+
+def test_commands_end_to_end(folders, tmp_path, capsys):
+    """mmexplain caption / vqa on the saved Qwen2.5-VL folder, the family from its
+    config; Qwen2-VL's folder with --model qwen2.5-vl and a templated prompt without
+    the image slot: exit 2."""
+    tiny.check_commands(folders["qwen2.5-vl"], tmp_path, (5, 7))
+    tiny.check_command_errors(folders["qwen2-vl"], "qwen2.5-vl", tmp_path,
+                              "<|im_start|>user describe<|im_end|>", capsys)

@@ -350,3 +350,63 @@ def check_forced_answers(adapter, question: str, answers: list, shape: tuple) ->
         torch.testing.assert_close(expl.scores[0, c], seq.scores.sum(), atol=1e-4, rtol=1e-5)
     own = adapter.answer(inputs, question, **context)
     assert len(own) == 1 and isinstance(own[0][0][0], str) and own[0][0][1] <= 0
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _results(out: Path) -> tuple[dict, list[Path]]:
+    """The one .npz a command wrote to ``out`` (as a dict) and its PNGs, sorted."""
+    npz = sorted(out.glob("*.npz"))
+    assert len(npz) == 1, npz
+    with np.load(npz[0]) as data:
+        return {k: data[k] for k in data.files}, sorted(out.glob("*.png"))
+
+
+def check_commands(folder: Path, tmp: Path, shape: tuple, vqa: bool = True) -> None:
+    """``mmexplain caption IMG --weights DIR`` and (``vqa``) ``mmexplain vqa IMG --weights DIR
+    --question Q --answers A,B`` through ``mmexplain.cli.main`` as a user runs them, the
+    family read from the folder: exit 0, one PNG per word of the caption / per answer,
+    the .npz's labels and maps (1, K, *shape) right."""
+    from PIL import Image
+
+    from mmexplain.cli import main
+
+    picture = tmp / "photo.png"
+    Image.fromarray(image()).save(picture)
+    rc = main(["caption", str(picture), "--weights", str(folder), "--out", str(tmp / "cap"),
+               "--max-tokens", "4"])
+    assert rc == 0
+    data, pngs = _results(tmp / "cap")
+    labels = [str(x) for x in data["labels"]]
+    assert labels and " ".join(labels) == str(data["caption"])
+    assert len(pngs) == len(labels) and data["maps"].shape == (1, len(labels), *shape)
+    assert all(f"_{k}_" in p.name for k, p in enumerate(pngs))
+    if not vqa:
+        return
+    rc = main(["vqa", str(picture), "--weights", str(folder), "--out", str(tmp / "vqa"),
+               "--question", "what is the color ?", "--answers", "red,blue ball"])
+    assert rc == 0
+    data, pngs = _results(tmp / "vqa")
+    labels = [str(x) for x in data["labels"]]
+    assert labels[-2:] == ["red", "blue ball"] and len(labels) in (2, 3)
+    assert len(pngs) == len(labels) and data["maps"].shape == (1, len(labels), *shape)
+    assert str(data["question"]) == "what is the color ?"
+
+
+def check_command_errors(folder: Path, other: str, tmp: Path, prompt: str, capsys) -> None:
+    """Exit 2 with a message naming the problem: the folder given with another family's
+    ``--model``, and a prompt the processor cannot place the image in."""
+    from PIL import Image
+
+    from mmexplain.cli import main
+
+    picture = tmp / "photo.png"
+    Image.fromarray(image()).save(picture)
+    capsys.readouterr()
+    base = ["caption", str(picture), "--weights", str(folder), "--out", str(tmp / "err")]
+    assert main([*base, "--model", other]) == 2
+    err = capsys.readouterr().err
+    assert "--weights: expected a folder of a model" in err and repr(other) in err
+    assert main([*base, "--prompt", prompt]) == 2
+    assert "prompt: expected a prompt with the image token" in capsys.readouterr().err
