@@ -40,7 +40,7 @@ from mmexplain.adapters.base import SequenceOutput, StagedTrunk
 from mmexplain.adapters.shared_lstm import _equal_in_groups, _SharedRowsLSTM
 from mmexplain.adapters.trunks import ImageModel, TrunkAdapter
 from mmexplain.adapters.weights import build_model
-from mmexplain.engine import borrowed
+from mmexplain.engine import Rows, borrowed
 from mmexplain.errors import bad_type, bad_value
 from mmexplain.vocab import PAD, START, Vocabulary
 
@@ -311,10 +311,11 @@ class CaptionerAdapter(TrunkAdapter):
     def vocab(self) -> Vocabulary:
         return self.model.vocab
 
-    def head(self, acts: torch.Tensor, tokens: torch.Tensor | None = None, **context: Any
-             ) -> SequenceOutput:
-        """A (B, C, h, w), tokens (B, L) -> teacher-forced SequenceOutput (B, L, V)."""
-        shared_rows = context.pop("rows_per_input", 1)  # K, on the engine's expanded rows
+    def head(self, acts: torch.Tensor, tokens: torch.Tensor | None = None,
+             rows: Rows | None = None, **context: Any) -> SequenceOutput:
+        """A (B, C, h, w), tokens (B, L) -> teacher-forced SequenceOutput (B, L, V);
+        ``rows``: the engine's expanded rows (K equal rows per input share one LSTM run)."""
+        shared_rows = rows.k if rows is not None else 1
         self._check_context(context, ["tokens"])
         if tokens is None:
             raise bad_value("tokens", "the caption to score as context: tokens=(B, L) ids, "
@@ -323,20 +324,19 @@ class CaptionerAdapter(TrunkAdapter):
                 tokens.shape[0] > 1:
             # expand_context repeated the caption per target: check it per input, so that
             # an error names the batch the user passed (B), not B * K
-            self.model.check_tokens(tokens[::shared_rows], acts.shape[0] // shared_rows)
+            self.model.check_tokens(rows.inputs_of(tokens), rows.batch)
         tokens = self.model.check_tokens(tokens, acts.shape[0]).to(acts.device)
         x_img = self.model.embed_image(self.model.finish(acts, start=self.layer))  # (B, E)
         return self.model.teacher_forced(x_img, tokens, shared_rows=shared_rows)
 
-    def expand_context(self, context: Mapping[str, Any], k: int) -> dict[str, Any]:
-        """The context for K rows per input (row b*K+j = input b): the caption repeated,
-        and ``rows_per_input=K`` (the model's ``shared_rows``), so that the LSTM runs once
-        per input (the K rows differ only in the word each is read on)."""
+    def expand_context(self, context: Mapping[str, Any], rows: Rows) -> dict[str, Any]:
+        """The context for K rows per input (row b*K+j = input b): the caption repeated (the
+        head then runs the LSTM once per input: the K rows differ only in the word each is
+        read on)."""
         ctx = dict(context)
         tokens = ctx.get("tokens")
         if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and tokens.shape[0] > 1:
-            ctx["tokens"] = tokens.repeat_interleave(k, dim=0)
-        ctx["rows_per_input"] = k
+            ctx["tokens"] = rows.repeat(tokens)
         return ctx
 
     def caption_context(self, captions: str | Sequence[str | Sequence[str]],

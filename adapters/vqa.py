@@ -31,7 +31,7 @@ from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import StagedTrunk
 from mmexplain.adapters.trunks import ImageModel, TrunkAdapter
 from mmexplain.adapters.weights import build_model
-from mmexplain.engine import borrowed
+from mmexplain.engine import Rows, borrowed
 from mmexplain.errors import bad_type, bad_value
 from mmexplain.vocab import Vocabulary
 
@@ -159,13 +159,14 @@ class VQAAdapter(TrunkAdapter):
 
     def head(self, acts: torch.Tensor, question: torch.Tensor | None = None,
              question_lengths: torch.Tensor | None = None,
-             question_code: torch.Tensor | None = None, **context: Any) -> torch.Tensor:
+             question_code: torch.Tensor | None = None, rows: Rows | None = None,
+             **context: Any) -> torch.Tensor:
         """A (B, C, h, w), question (B, L), question_lengths (B,) -> logits (B, A).
 
         ``question_code`` (B, D), the encoded question, replaces question and lengths
         (:meth:`expand_context` passes it: the question does not depend on A).
         """
-        per_input = context.pop("rows_per_input", 1)  # K, on the engine's expanded rows
+        per_input = rows.k if rows is not None else 1  # K, on the engine's expanded rows
         self._check_context(context, ["question", "question_lengths", "question_code"])
         rows = acts.shape[0]
         if question_code is None:
@@ -196,7 +197,7 @@ class VQAAdapter(TrunkAdapter):
         q, n = self.model.check_question(question, lengths, rows)
         return self.model.question_code(q.to(self._device()), n)
 
-    def expand_context(self, context: dict[str, Any], k: int) -> dict[str, Any]:
+    def expand_context(self, context: dict[str, Any], rows: Rows) -> dict[str, Any]:
         """The context for K rows per input (row b*K+j = input b): the question is encoded
         once per input (it does not depend on A, so without autograd) and repeated, instead
         of the head encoding it K times."""
@@ -204,16 +205,15 @@ class VQAAdapter(TrunkAdapter):
         question, lengths = ctx.get("question"), ctx.get("question_lengths")
         code = ctx.get("question_code")
         if code is None:
-            rows = question.shape[0] if isinstance(question, torch.Tensor) and \
+            given = question.shape[0] if isinstance(question, torch.Tensor) and \
                 question.dim() == 2 else 1
             with torch.no_grad():
-                code = self.encode_question(question, lengths, rows)  # (B or 1, D)
+                code = self.encode_question(question, lengths, given)  # (B or 1, D)
         # one question for every input stays one row (it broadcasts in the fusion); the
         # question itself stays, unrepeated, for the head to check against the inputs
         if isinstance(code, torch.Tensor) and code.dim() == 2 and code.shape[0] > 1:
-            code = code.repeat_interleave(k, dim=0)
+            code = rows.repeat(code)
         ctx["question_code"] = code
-        ctx["rows_per_input"] = k
         return ctx
 
     def prompt_context(self, prompt: str | None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -277,15 +278,60 @@ def call_model(model: Callable[..., Any], inputs: Any, context: Mapping[str, Any
 
 def expand_context(context: Mapping[str, Any], batch: int, k: int) -> dict[str, Any]:
     """Repeat every per-input entry (tensor or list with B rows) K times, row-interleaved."""
-    out: dict[str, Any] = {}
-    for key, value in context.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-            out[key] = value.repeat_interleave(k, dim=0)
-        elif isinstance(value, (list, tuple)) and len(value) == batch:
-            out[key] = type(value)(v for v in value for _ in range(k))
-        else:
-            out[key] = value
-    return out
+    return Rows(batch, k).expand(context)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The engine's expanded rows, one explicit object: B inputs x K targets as B*K rows,
+    row b*K + j = input b read on target j only. The engine hands it to an adapter's
+    ``expand_context(context, rows)`` and to a head that takes ``rows=`` (heads need not
+    know the layout, and state their errors in the caller's B with :meth:`inputs_of`)."""
+
+    batch: int
+    k: int
+
+    @property
+    def count(self) -> int:
+        """B*K."""
+        return self.batch * self.k
+
+    def input_of(self, row: int) -> int:
+        return row // self.k
+
+    def target_of(self, row: int) -> int:
+        return row % self.k
+
+    def repeat(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-input tensor (B, ...) -> (B*K, ...), row-interleaved."""
+        return t.repeat_interleave(self.k, dim=0)
+
+    def inputs_of(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor repeated K times per row (N*K, ...) -> as the caller passed it (N, ...), so
+        that an error can name what was received (N need not be B: that is the error)."""
+        return t[:: self.k] if t.dim() > 0 and self.k > 1 and t.shape[0] % self.k == 0 else t
+
+    def expand(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """Every per-input entry (tensor or list with B rows) repeated K times."""
+        out: dict[str, Any] = {}
+        for key, value in context.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and \
+                    value.shape[0] == self.batch:
+                out[key] = self.repeat(value)
+            elif isinstance(value, (list, tuple)) and len(value) == self.batch:
+                out[key] = type(value)(v for v in value for _ in range(self.k))
+            else:
+                out[key] = value
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _takes(func: Callable[..., Any], name: str) -> bool:
+    """Whether ``func`` declares a parameter called ``name``."""
+    try:
+        return name in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def rows_target(target: Any, k: int) -> Any:
@@ -456,13 +502,18 @@ class _AdapterRunner:
                 raise bad_type("adapter.encode(...)", "a tensor (B, C, *grid)", acts)
             self._cache = (id(inputs), acts.detach())
         acts = self._cache[1]
-        batch = acts.shape[0]
+        rows = Rows(acts.shape[0], k)
         ctx = dict(context)
         if k > 1:
-            acts = acts.repeat_interleave(k, dim=0)
-            expand = getattr(self.adapter, "expand_context", None)
-            ctx = expand(ctx, k) if callable(expand) else expand_context(ctx, batch, k)
+            acts = rows.repeat(acts)
+            expand = getattr(type(self.adapter), "expand_context", None)
+            if expand is None:
+                ctx = rows.expand(ctx)
+            else:  # an adapter's own rule; one written for the plain K gets K
+                ctx = self.adapter.expand_context(ctx, rows if _takes(expand, "rows") else k)
         leaf = acts.clone().requires_grad_(True)
+        if _takes(getattr(type(self.adapter), "head", self.adapter.head), "rows"):
+            ctx["rows"] = rows
         with torch.enable_grad():
             outputs = self.adapter.head(leaf, **ctx)
         return leaf, outputs

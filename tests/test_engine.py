@@ -480,3 +480,36 @@ def test_gradcam_pp_softmax_form_matches_autograd_derivatives() -> None:
                        r"which does not take this option, received 'softmax' \(methods that "
                        r"take it: gradcam\+\+\)"):
         mx.GradCAM(net, "features", form="softmax")
+
+
+def test_the_engine_hands_its_expanded_rows_to_heads_and_context_rules() -> None:
+    """One explicit object for the B*K layout: heads that take ``rows=`` and adapters'
+    ``expand_context(context, rows)`` get it; heads that do not are called as before."""
+    from mmexplain.engine import Rows
+
+    seen: list = []
+
+    class Adapter:
+        layer = "a"
+
+        def encode(self, x, **context):
+            return x
+
+        def head(self, acts, rows=None, scale=None):
+            seen.append((rows, tuple(acts.shape), None if scale is None else tuple(scale.shape)))
+            return (acts * scale[:, :, None, None]).flatten(1)
+
+        def expand_context(self, context, rows):
+            return {"scale": rows.repeat(context["scale"])}
+
+    x, scale = torch.rand(2, 3, 2, 2), torch.rand(2, 3)
+    expl = mx.GradCAM(Adapter())(x, target=[0, 5, 7], scale=scale)
+    assert seen[-1] == (Rows(2, 3), (6, 3, 2, 2), (6, 3))
+    rows = Rows(2, 3)
+    assert rows.count == 6 and [rows.input_of(r) for r in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert [rows.target_of(r) for r in range(6)] == [0, 1, 2, 0, 1, 2]
+    torch.testing.assert_close(rows.inputs_of(rows.repeat(scale)), scale)
+    for k in range(3):  # each map from its own row
+        single = mx.GradCAM(Adapter())(x, target=[0, 5, 7][k], scale=scale)
+        torch.testing.assert_close(expl.maps[:, k], single.maps[:, 0])
+    assert seen[-1][0] is None or seen[-1][0] == Rows(2, 1)
