@@ -125,3 +125,10 @@ def test_command_errors(folders, tmp_path, capsys):
     assert "--weights: expected a folder of a model 'git'" in capsys.readouterr().err
     assert main([*base, "--prompt", "<image> a photo of"]) == 2
     assert "prompt: expected a text prompt without '<image>'" in capsys.readouterr().err
+
+
+def test_the_readme_commands_run(folders, tmp_path, capsys):
+    tiny.check_readme_commands({"blip2-opt-2.7b": folders["blip2-opt"],
+                                "blip2-flan-t5-xl": folders["blip2-t5"],
+                                "git-base-coco": folders["git"], "git-base-vqav2": folders["git"]},
+                               tmp_path, capsys, 4)

@@ -124,3 +124,10 @@ def test_commands_end_to_end(folders, tmp_path, capsys):
     tiny.check_commands(folders["idefics3"], tmp_path, (4, 4))
     tiny.check_command_errors(folders["idefics3"], "smolvlm", tmp_path,
                               "User: describe<end_of_utterance>", capsys)
+
+
+def test_the_readme_commands_run(folders, tmp_path, capsys):
+    readme = {"Idefics3-8B-Llama3": folders["idefics3"]}
+    if "smolvlm" in folders:
+        readme["SmolVLM-256M-Instruct"] = folders["smolvlm"]
+    tiny.check_readme_commands(readme, tmp_path, capsys, len(readme))

@@ -183,3 +183,9 @@ def test_commands_end_to_end(folders, tmp_path, capsys):
     tiny.check_commands(folders["qwen2.5-vl"], tmp_path, (5, 7))
     tiny.check_command_errors(folders["qwen2-vl"], "qwen2.5-vl", tmp_path,
                               "<|im_start|>user describe<|im_end|>", capsys)
+
+
+def test_the_readme_commands_run(folders, tmp_path, capsys):
+    tiny.check_readme_commands({"Qwen2-VL-2B-Instruct": folders["qwen2-vl"],
+                                "Qwen2.5-VL-3B-Instruct": folders["qwen2.5-vl"]},
+                               tmp_path, capsys, 3)

@@ -410,3 +410,46 @@ def check_command_errors(folder: Path, other: str, tmp: Path, prompt: str, capsy
     assert "--weights: expected a folder of a model" in err and repr(other) in err
     assert main([*base, "--prompt", prompt]) == 2
     assert "prompt: expected a prompt with the image token" in capsys.readouterr().err
+
+
+def readme_commands(folders: dict) -> list[str]:
+    """Every command of the README's Hugging Face table whose checkpoint folder is a key
+    of ``folders`` (README name -> tiny folder), those names replaced by the folders."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Hugging Face vision-language models", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        for command in re.findall(r"`(mmexplain [^`]+)`", cells[2] if len(cells) > 2 else ""):
+            argv = shlex.split(command)
+            weights = argv[argv.index("--weights") + 1] if "--weights" in argv else None
+            if weights in folders:
+                commands.append(command)
+    return commands
+
+
+def check_readme_commands(folders: dict, tmp: Path, capsys, count: int) -> None:
+    """Each of the ``count`` README commands for ``folders`` runs on the tiny folders as
+    written (the checkpoint name -> the folder, photo.jpg -> a picture): exit 0, a PNG
+    per label of the .npz."""
+    import shlex
+
+    from PIL import Image
+
+    from mmexplain.cli import main
+
+    picture = tmp / "photo.png"
+    Image.fromarray(image()).save(picture)
+    commands = readme_commands(folders)
+    assert len(commands) == count, commands
+    for i, command in enumerate(commands):
+        out = tmp / f"run{i}"
+        argv = [str(folders.get(a, picture if a == "photo.jpg" else a))
+                for a in shlex.split(command)[1:]]
+        assert main([*argv, "--out", str(out), "--max-tokens", "3"] if argv[0] == "caption"
+                    else [*argv, "--out", str(out)]) == 0, (command, capsys.readouterr().err)
+        data, pngs = _results(out)
+        assert len(pngs) == len(data["labels"]) == data["maps"].shape[1]
