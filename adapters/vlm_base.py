@@ -428,20 +428,24 @@ class VisionLanguageAdapter(Adapter):
 
     def answer(self, inputs: torch.Tensor, question: str, *, top: int = 1, **context: Any
                ) -> list[list[tuple[str, float]]]:
-        """The generated answer per input with its summed token log-probability."""
-        if not isinstance(top, int) or top < 1:
+        """The model's ``top`` answers per input (greedy for 1, beam search for more), each
+        with its summed token log-probability, best first."""
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise bad_value("top", "a positive int", top)
+        search = {} if top == 1 else {"num_beams": top, "num_return_sequences": top}
         with torch.no_grad():
             self.encode(inputs, **context)
             prompt = self.prompt_context(question)
             extra = {k: v for k, v in context.items() if k not in prompt and k not in (
                 "input_ids", "attention_mask")}
-            tokens = self.generate(inputs, max_new_tokens=self.answer_tokens, **prompt, **extra)
+            tokens = self.generate(inputs, max_new_tokens=self.answer_tokens, **prompt,
+                                   **extra, **search)  # (B*top, T)
             acts = self._state["grid"].to_grid(self._state["tokens"])
-            seq = self.head(acts, tokens=tokens, **prompt, **extra)
-            scores = seq.token_logprobs().sum(dim=1)
+            seq = self.head(acts.repeat_interleave(top, dim=0), tokens=tokens, **prompt, **extra)
+            scores = seq.token_logprobs().sum(dim=1).view(-1, top)
         texts = self.decode(tokens)
-        return [[(text, float(score))] for text, score in zip(texts, scores)]
+        return [sorted(((texts[b * top + j], float(scores[b, j])) for j in range(top)),
+                       key=lambda pair: -pair[1]) for b in range(scores.shape[0])]
 
     def answer_task(self, question: str, answers: Sequence[str]) -> tuple[dict, Any]:
         """Context and target scoring candidate answers (B, C): sums of token log-probs."""

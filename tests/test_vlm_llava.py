@@ -168,3 +168,41 @@ def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):
     check_refusals(folders['llava'], 'llava-next', tmp_path, capsys)
+
+
+@pytest.mark.parametrize("style", ["metaspace", "bytelevel"])
+def test_word_groups_join_subword_tokens_of_trained_bpe_tokenizers(style):
+    """SentencePiece-style (Llama, Gemma: '▁') and byte-level (GPT-2, Qwen: 'Ġ') BPE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmexplain.adapters.vlm_base import word_groups
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "metaspace":
+        core.pre_tokenizer, core.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    else:
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        core.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if style == "bytelevel" else []
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + 40, initial_alphabet=alphabet,
+                                  special_tokens=["<pad>", "</s>", "<unk>"])
+    core.train_from_iterator(["a red dog runs on the grass", "the dogs are running",
+                              "red balls and red boxes"] * 5, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>")
+    ids = tok("reddish dogs running", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 3  # some words are several tokens
+    groups = word_groups(tok, torch.tensor([*ids, tok.eos_token_id, tok.pad_token_id]))
+    assert [w for w, _ in groups] == ["reddish", "dogs", "running"]
+    assert [s for _, steps in groups for s in steps] == list(range(len(ids)))
+
+
+def test_answer_top_k_by_beam_search_and_default_strategy(adapters):
+    adapter = adapters["llava"]
+    inputs, _, context, tokens = _prepared(adapter, tokens=3)
+    answers = adapter.answer(inputs, "what color ?", top=3)[0]
+    assert len(answers) == 3 and [s for _, s in answers] == sorted((s for _, s in answers),
+                                                                    reverse=True)
+    expl = mx.GradCAM(adapter)(inputs, target=Steps([0, 1]), tokens=tokens, **context)
+    assert expl.strategy == "loop"  # the adapter's own: one forward, K backward passes
