@@ -633,6 +633,11 @@ class _Captioner(HFVisionAdapter):
             if mask.shape != tokens.shape:
                 raise bad_value("mask", f"a bool mask shaped like tokens {tuple(tokens.shape)}",
                                 mask)
+        limit = self._max_positions()
+        if prompt.shape[1] + tokens.shape[1] > limit:
+            raise bad_value("tokens", f"a caption of at most {limit - prompt.shape[1]} tokens "
+                            f"after a prompt of {prompt.shape[1]} (the decoder reads {limit} "
+                            "positions)", tokens)
         hidden = self.vision_tail(acts)  # (R, P_img + N, D)
         start = torch.full((rows, 1), self.start_id, dtype=torch.long, device=tokens.device)
         decoder_ids = torch.cat([start, prompt, tokens[:, :-1]], dim=1)  # (R, 1 + P + T - 1)

@@ -293,9 +293,10 @@ class Pointing(Protocol):
             masks = masks_of(item["image_id"])  # {category present: (H, W) bool}
             found = visual_words(tokens)
             present = [w for w in found if w.category in masks]
-            captioner = model()
-            x = image_pixels(_picture(str(coco.image_path(item["image_id"]))),
-                             args.size or DEFAULT_SIZE).to(P.device_of(captioner))
+            captioner = model()  # any Caption model: its own image preparation
+            sized = {"size": args.size} if args.size else {}
+            x = captioner.prepare_image(_picture(str(coco.image_path(item["image_id"]))),
+                                        **sized)[0]
             hits = P.word_pointing(  # a phrase ("teddy bear") is explained at its last word
                 captioner, x, tokens, [w.end - 1 for w in present],
                 torch.stack([masks[w.category] for w in present]), methods=methods,
@@ -710,6 +711,11 @@ def run(args: argparse.Namespace) -> int:
     from mmexplain.runs import join_world, leave_world, run_items
 
     spec = PROTOCOLS[args.protocol]
+    if args.model is None and args.weights not in (None, "random") and \
+            Path(args.weights).is_dir():  # a Hugging Face folder: its family
+        from mmexplain.adapters.families import family_of
+
+        args.model = family_of(args.weights, arg="--weights")
     if args.model is None:
         args.model = spec.MODELS[args.dataset]
         if args.model == "shapes-c3d":

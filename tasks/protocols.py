@@ -64,7 +64,7 @@ from mmexplain.metrics import (
 from mmexplain.targets import IndexTarget, logits_of
 from mmexplain.engine import device_of, make_cam
 from mmexplain.methods import chosen_methods
-from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs
+from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs, word_task
 
 #: The papers' pair, the default of the protocols (any registered method may be named).
 METHODS = ("gradcam", "gradcam++")
@@ -195,11 +195,11 @@ def word_pointing(adapter: Any, image: torch.Tensor, words: Sequence[str],
     """
     if not positions:
         return {m: [] for m in methods}
-    tokens = adapter.caption_context([list(words)], strict=False)["tokens"]  # (1, L)
+    # any Caption model: a word of several subword tokens is their log-probabilities summed
+    target, context = word_task(adapter, words, positions)
     out = {}
     for method in methods:
-        expl = make_cam(adapter, method)(image, target=WordLogProbs(list(positions)),
-                                         tokens=tokens)
+        expl = make_cam(adapter, method)(image, target=target, **context)
         maps = evidence(expl.upsample(tuple(masks.shape[-2:])).maps[0])  # (K, H, W)
         out[method] = [int(h) for h in pointing_game(maps, masks, tolerance).tolist()]
     return out

@@ -54,7 +54,7 @@ def tiny_ved(encoder: str = "ViTConfig", vocab: int = VOCAB, special: tuple[int,
     t = _transformers()
     start, end, pad = special
     decoder = t.GPT2Config(
-        n_embd=24, n_layer=2, n_head=2, vocab_size=vocab, n_positions=32, is_decoder=True,
+        n_embd=24, n_layer=2, n_head=2, vocab_size=vocab, n_positions=96, is_decoder=True,
         add_cross_attention=True, bos_token_id=start, eos_token_id=end, pad_token_id=pad,
         initializer_range=0.3)
     config = t.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit_config(encoder),

@@ -185,6 +185,8 @@ BAD = [  # (argv after the image, what the message says)
     (["caption", "--weights", "{blip-caption}", "--prompt", " ".join(["a"] * 40)],
      r"prompt: expected a prompt of 1 to 30 tokens"),
     (["caption", "--weights", "{blip-vqa}"], r"prompt: expected the question"),
+    (["caption", "--weights", "{blip-caption}", "--caption", " ".join(["red"] * 40)],
+     r"tokens: expected a caption of at most 32 tokens after a prompt of 0"),
     (["caption", "--weights", "{blip-caption}", "--size", "64"], r"--size: expected no size"),
     (["caption", "--weights", "{blip-caption}", "--layer", "vision_model.layers.9"],
      r"layer: expected one of the target layers of blip-caption"),
@@ -304,3 +306,26 @@ def test_word_task_finds_a_datasets_words_among_the_models_subwords(saved) -> No
     # "dog?" is two words of the model: the dataset's word is both
     target, _ = word_task(adapter, ["a", "dog?", "runs"], [1, 2])
     assert target.groups == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize("name", ["blip-caption", "hf-vision-encoder-decoder"])
+def test_eval_pointing_on_coco_runs_on_a_folder(name, saved, tmp_path, capsys) -> None:
+    """`mmexplain eval pointing --dataset coco ... --weights DIR`: the family from the folder,
+    the images through its processor, each word's map from its subword tokens."""
+    import json
+
+    from conftest import shared_file
+
+    instances = shared_file("coco", "instances.json")
+    captions = shared_file("coco", "captions.json")
+    rc = main(["eval", "pointing", "--dataset", "coco", "--images", str(instances.parent),
+               "--instances", str(instances), "--captions", str(captions), "--limit", "2",
+               "--method", "gradcam", "--weights", str(saved[name]), "--no-progress",
+               "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["gradcam"]["hits"] + summary["gradcam"]["misses"] == 3  # man, man, elephant
+    records = [json.loads(line) for p in sorted(tmp_path.glob("records.rank*.jsonl"))
+               for line in p.read_text().splitlines()]
+    hits = [e["hit"]["gradcam"] for r in records for e in r["entries"] if e["present"]]
+    assert len(hits) == 3 and set(hits) <= {0, 1}
