@@ -116,3 +116,20 @@ def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):
     check_refusals(folders['paligemma'], 'gemma3', tmp_path, capsys)
+
+
+def test_a_batch_of_two_images_equals_each_alone(adapters):
+    adapter = adapters["paligemma"]
+    runs = []
+    for seed in (0, 1):
+        inputs, _, context = adapter.prepare_image(image(40, 56, seed=seed), prompt="caption en")
+        runs.append((inputs, context))
+    tokens = adapter.tokenize(["red dog", "blue ball"])  # one caption per image
+    inputs = torch.cat([r[0] for r in runs])
+    context = {k: torch.cat([r[1][k] for r in runs]) for k in runs[0][1]}
+    both = mx.GradCAM(adapter)(inputs, target=Steps([0, 1]), tokens=tokens, **context)
+    for b, (one_inputs, one_context) in enumerate(runs):
+        alone = mx.GradCAM(adapter)(one_inputs, target=Steps([0, 1]), tokens=tokens[b:b + 1],
+                                    **one_context)
+        assert torch.allclose(both.maps[b], alone.maps[0], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(both.scores[b], alone.scores[0], atol=1e-5)
