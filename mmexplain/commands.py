@@ -81,6 +81,8 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _slug(text: str) -> str:
+    """A file-name part; "+" becomes "p" so that gradcam++ never collides with gradcam."""
+    text = text.replace("+", "p")
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "target"
 
 

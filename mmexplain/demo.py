@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     demo = _setup(args)
     checks = _model_checks(demo)
     _caption_section(demo)
+    print("regions and faithfulness ...", flush=True)
     records = demo.world.images(len(demo.scenes))
     regions = [e for scene in records
                for e in P.shapes_regions(demo.models["cap"], scene, methods=demo.methods)]
@@ -177,6 +178,7 @@ def _caption_section(demo: Demo) -> None:
     from mmexplain.render import overlay, tile, to_uint8_image
     from mmexplain.tasks.caption import WordLogProbs
 
+    print(f"captions: per-word maps of {len(demo.scenes)} scenes ...", flush=True)
     demo.report.section("Captioning: one map per visual word (Grad-CAM paper, sec. 8.1.1)")
     scenes, cap, shown = demo.scenes, demo.models["cap"], 0
     for i in range(len(scenes)):
@@ -223,6 +225,7 @@ def _vqa_section(demo: Demo) -> None:
     from mmexplain.render import overlay, tile, to_uint8_image
     from mmexplain.tasks.vqa import AnswerScore
 
+    print(f"VQA: maps of {len(demo.scenes.questions)} answers and forced answers ...", flush=True)
     demo.report.section("VQA: the model's answer and a forced alternative (sec. 8.2)")
     scenes, vqa, shown = demo.scenes, demo.models["vqa"], 0
     for q in range(len(scenes.questions)):
@@ -266,6 +269,7 @@ def _video_section(demo: Demo) -> None:
     from mmexplain.data import shapes as W
     from mmexplain.render import overlay_clip, write_mp4
 
+    print(f"actions: spatiotemporal maps of {len(demo.clips)} clips ...", flush=True)
     demo.report.section("Actions: spatiotemporal maps of a C3D (T×H×W)")
     clips = demo.clips
     videos = (clips.videos - CLIP_MEAN) / CLIP_STD
@@ -316,31 +320,81 @@ def _figures(demo: Demo, checks: dict[str, float], regions: list[Any],
     return figures
 
 
+#: The figures' names in the report, and the factor to one unit (per cent where a share).
+FIGURE_NAMES = {
+    "word_pointing": ("Pointing: caption words (%)", 100),
+    "vqa_pointing": ("Pointing: VQA answers (%)", 100),
+    "action_pointing": ("Pointing: action frames (%)", 100),
+    "word_rank_correlation": ("Rank correlation with the masks: words (Spearman)", 1),
+    "vqa_rank_correlation": ("Rank correlation with the masks: answers (Spearman)", 1),
+    "instances_covered": ("Instances covered, words naming several (%)", 100),
+    "region_ratio_mean": ("Region ratio inside/outside the box (mean)", 1),
+    "region_ratio_sem": ("Region ratio (standard error)", 1),
+}
+
+
+def _figure_name(key: str) -> tuple[str, float]:
+    if key in FIGURE_NAMES:
+        return FIGURE_NAMES[key]
+    kind, _, measure = key.partition("_")
+    what = {"average_drop": "Average Drop (%, lower is better)",
+            "increase_in_confidence": "Increase in Confidence (%)",
+            "win_percent": "Win %, Grad-CAM vs Grad-CAM++",
+            "win_share": "Win share among all methods (%)"}.get(measure, measure)
+    return f"{what}: {'VQA' if kind == 'vqa' else 'clips'}", 1
+
+
 def _write(demo: Demo, figures: dict[str, Any], checks: dict[str, float]) -> None:
-    """The report's figures tables, report.html, figures.json, and the printed summary."""
+    """The figures table (first on the page), report.html, figures.json (NaN as null: valid
+    JSON), and the printed summary."""
     methods, report = demo.methods, demo.report
-    rows = [{"figure": k, **{get_method(m).label: figures["methods"][m].get(k) for m in methods}}
-            for k in figures["methods"][methods[0]]]
-    report.section("Figures")
-    report.table(rows, caption="Pointing: share of maps whose maximum falls on the right object "
-                 "(per word, per answer, per frame). Rank correlation: Spearman with the masks. "
-                 "Region ratio: mean activation inside the region's box over outside. Average "
-                 "Drop (lower is better), % Increase in Confidence and Win % (higher) with "
-                 "E = L∘I (Grad-CAM++ eq. 25); Win % is Grad-CAM against Grad-CAM++ (the "
-                 "papers' pair), win share the share of inputs each method wins among all.")
-    report.table([{"check": k, "value": v} for k, v in checks.items()],
-                 caption="The models work: accuracy on these scenes and clips.")
+    rows = []
+    for key in figures["methods"][methods[0]]:
+        name, scale = _figure_name(key)
+        rows.append({"figure": name, **{get_method(m).label: _scaled(
+            figures["methods"][m].get(key), scale) for m in methods}})
+    with report.first():
+        report.section("Figures")
+        report.table(rows, caption="Pointing: share of maps whose maximum falls on the right "
+                     "object. Rank correlation: Spearman with the masks. Region ratio: mean "
+                     "activation inside the region's box over outside. Average Drop, Increase "
+                     "in Confidence and Win % with E = L∘I (Grad-CAM++ eq. 25). n/a: nothing "
+                     "to measure in this run.")
+        report.table([{"check": k, "value (%)": _scaled(v, 100)} for k, v in checks.items()],
+                     caption="The models work: accuracy on these scenes and clips.")
     html = report.save(demo.out / "report.html")
-    (demo.out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (demo.out / "figures.json").write_text(json.dumps(_json_safe(figures), indent=2,
+                                                      allow_nan=False) + "\n")
     for m in methods:
         f = figures["methods"][m]
-        print(f"{get_method(m).label:>10}: pointing words {f['word_pointing']:.0%}, VQA answers "
-              f"{f['vqa_pointing']:.0%}, action frames {f['action_pointing']:.0%}; rank corr. "
-              f"words {f['word_rank_correlation']:.2f}; region ratio "
+        print(f"{get_method(m).label:>10}: pointing words {_pct(f['word_pointing'])}, VQA answers"
+              f" {_pct(f['vqa_pointing'])}, action frames {_pct(f['action_pointing'])}; rank corr."
+              f" words {f['word_rank_correlation']:.2f}; region ratio "
               f"{f.get('region_ratio_mean', float('nan')):.2f}; instances covered "
-              f"{f['instances_covered']:.0%}")
+              f"{_pct(f['instances_covered'])}")
     print(f"report: {html.resolve()}")
     print(f"figures: {(demo.out / 'figures.json').resolve()} ({figures['seconds']} s)")
+
+
+def _scaled(value: Any, scale: float) -> Any:
+    if not isinstance(value, (int, float)) or value != value:  # None or NaN
+        return "n/a"
+    return round(value * scale, 2)
+
+
+def _pct(value: float) -> str:
+    return "n/a" if value != value else f"{value:.0%}"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null (json.dumps would write bare NaN, which is not JSON)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _mean(values: list[float]) -> float:

@@ -67,6 +67,15 @@ class Explanation:
     def grid(self) -> tuple[int, ...]:
         return tuple(self.maps.shape[2:])
 
+    def __repr__(self) -> str:
+        """Shapes, not whole tensors (a 4x4 map printed 9,000 characters)."""
+        def shape(t: torch.Tensor | None) -> str:
+            return "None" if t is None else f"({', '.join(map(str, t.shape))})"
+
+        return (f"Explanation(method={self.method!r}, layer={self.layer!r}, maps={shape(self.maps)},"
+                f" scores={shape(self.scores)}, weights={shape(self.weights)}, activations="
+                f"{shape(self.activations)}, strategy={self.strategy!r})")
+
     def upsample(self, size: int | tuple[int, ...]) -> "Explanation":
         """Resize the maps: bilinear for 2-D grids, trilinear for 3-D grids."""
         nd = self.maps.dim() - 2

@@ -34,13 +34,14 @@ naming the argument, what was expected and what was received.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence, Union
+from typing import Any, BinaryIO, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -616,7 +617,22 @@ class Report:
     def __init__(self, title: str) -> None:
         self.title = str(title)
         self._blocks: list[str] = []
+        self._lead: list[str] = []
         self._open_section = False
+
+    @contextlib.contextmanager
+    def first(self) -> Iterator["Report"]:
+        """Content added inside ``with report.first():`` goes at the top of the page, before
+        everything else (a summary written last but read first)."""
+        blocks, open_section = self._blocks, self._open_section
+        self._blocks, self._open_section = [], False
+        try:
+            yield self
+        finally:
+            if self._open_section:
+                self._blocks.append("</section>")
+            self._lead += self._blocks
+            self._blocks, self._open_section = blocks, open_section
 
     # -- content ------------------------------------------------------------
 
@@ -706,7 +722,7 @@ class Report:
 
     def to_html(self) -> str:
         """The whole page as a string."""
-        body = list(self._blocks)
+        body = self._lead + list(self._blocks)
         if self._open_section:
             body.append("</section>")
         title = _esc(self.title)

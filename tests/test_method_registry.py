@@ -149,3 +149,25 @@ def test_eval_faithfulness_runs_with_any_registered_method(tmp_path: Path) -> No
     wins = summary["xgradcam"]["win"] + summary["eigencam"]["win"]
     assert wins == pytest.approx(100)
     assert 0 <= summary["xgradcam"]["average_drop"] <= 100
+
+
+def test_methods_written_to_one_folder_never_overwrite_each_other(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """gradcam++ wrote files named gradcam (the name cleaning dropped "++") and overwrote a
+    Grad-CAM run in the same --out."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    path = shared_file("images", "cat_dog.png")
+    for method in ("gradcam", "gradcam++"):
+        assert main(["classify", str(path), "--weights", "random", "--size", "32",
+                     "--method", method, "--out", str(tmp_path)]) == 0
+    saved = {str(np.load(p)["method"]): p.name for p in tmp_path.glob("*.npz")}
+    assert saved == {"gradcam": "cat_dog_resnet18_gradcam.npz",
+                     "gradcam++": "cat_dog_resnet18_gradcampp.npz"}
+
+
+def test_an_explanation_prints_its_shapes_not_its_tensors() -> None:
+    torch.manual_seed(0)
+    expl = mx.GradCAM(TinyNet(), "features")(torch.randn(2, 3, 5, 5), target=[1, 2])
+    assert repr(expl) == ("Explanation(method='gradcam', layer='features', maps=(2, 2, 5, 5), "
+                          f"scores=(2, 2), weights=(2, 2, 4), activations=(2, 4, 5, 5), "
+                          f"strategy={expl.strategy!r})")
