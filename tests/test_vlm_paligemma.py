@@ -87,6 +87,11 @@ def test_answer_task_scores_candidates(adapters, name):
         for c, text in enumerate(["red", "blue"]):
             seq = adapter.head(acts, tokens=adapter.tokenize([text]), **qctx)
             assert abs(float(seq.token_logprobs().sum()) - float(expl.scores[0, c])) < 1e-4
+    budget = adapter.at_layer(adapter.layer)
+    budget.rows = 1  # one language-model row per forward: the same scores and maps
+    chunked = mx.GradCAM(budget)(inputs, target=target, **ctx)
+    assert torch.allclose(chunked.maps, expl.maps, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(chunked.scores, expl.scores, atol=1e-5)
 
 
 def test_prompt_slots_and_folders(folders, adapters):
