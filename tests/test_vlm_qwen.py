@@ -147,6 +147,11 @@ def test_caption_capability_formats(prepared):
                                               ("ball", [3])]
     text = adapter.tokenizer.decode(context["input_ids"][0])
     assert text.startswith("<|vision_start|>") and text.count("<|image_pad|>") == 35
+    templated, context = prepared["qwen2.5-vl"][0], prepared["qwen2.5-vl"][3]
+    words = templated.tokenizer.convert_ids_to_tokens(context["input_ids"][0])
+    assert words[:3] == ["<|im_start|>", "user", "<|vision_start|>"]  # the chat template
+    assert words[-6:] == ["describe", "the", "image", "<|im_end|>", "<|im_start|>",
+                          "assistant"]
 
 
 def test_answer_scores_sum_the_answer_tokens(prepared):

@@ -106,8 +106,18 @@ def _qwen(folder: Path, version: str, layers: int = 1, depth: int = 2) -> Path:
                                       min_pixels=8 * 8, max_pixels=64 * 64)
     processor = processor_cls(image_processor=images, tokenizer=tok,
                               video_processor=tf.Qwen2VLVideoProcessor(
-                                  patch_size=4, merge_size=2, temporal_patch_size=2))
+                                  patch_size=4, merge_size=2, temporal_patch_size=2),
+                              chat_template=QWEN_TEMPLATE if version == "2.5" else None)
     return _save(folder, model, processor)
+
+
+#: Qwen's chat layout, shortened (Qwen2.5-VL's tiny processor has it, Qwen2-VL's none)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def build_qwen2_vl(folder: Path, **kwargs) -> Path:
