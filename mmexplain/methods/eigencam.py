@@ -20,11 +20,10 @@ from mmexplain.methods import Method, Options, register_method
 
 
 class EigenCAM(Method):
-    name = "eigencam"
-    label = "Eigen-CAM"
-    short = "EC"
-    paper = "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020"
-    equation = "eq. 4-5"
+    """Eigen-CAM: the first principal component of the activations."""
+
+    name, label, short = "eigencam", "Eigen-CAM", "EC"
+    paper, equation = "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020", "eq. 4-5"
     order = 13
     uses_gradients = False
     accepts = frozenset({"relu"})

@@ -22,11 +22,10 @@ def gradcam_weights(grads: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
 
 
 class GradCAM(Method):
-    name = "gradcam"
-    label = "Grad-CAM"
-    short = "GC"
-    paper = "Selvaraju et al., Grad-CAM, ICCV 2017 / IJCV 2019"
-    equation = "eq. 1-2"
+    """Grad-CAM eq. 1-2 (pooling: appendix B.2.2)."""
+
+    name, label, short = "gradcam", "Grad-CAM", "GC"
+    paper, equation = "Selvaraju et al., Grad-CAM, ICCV 2017 / IJCV 2019", "eq. 1-2"
     order = 0
     accepts = frozenset({"counterfactual", "gradients", "relu", "pooling"})
 

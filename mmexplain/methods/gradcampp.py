@@ -76,11 +76,10 @@ def gradcam_pp_softmax_weights(acts: torch.Tensor, grads: torch.Tensor, m1: torc
 
 
 class GradCAMPlusPlus(Method):
-    name = "gradcam++"
-    label = "Grad-CAM++"
-    short = "GC++"
-    paper = "Chattopadhyay et al., Grad-CAM++, WACV 2018"
-    equation = "eq. 19-20 (softmax form eq. 22-24)"
+    """Grad-CAM++ eq. 19-20, its softmax form eq. 22-24."""
+
+    name, label, short = "gradcam++", "Grad-CAM++", "GC++"
+    paper, equation = "Chattopadhyay et al., Grad-CAM++, WACV 2018", "eq. 19-20 (softmax form eq. 22-24)"
     order = 1
     accepts = frozenset({"counterfactual", "gradients", "relu", "form"})
 

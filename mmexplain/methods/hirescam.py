@@ -17,11 +17,10 @@ from mmexplain.methods import Method, Options, register_method
 
 
 class HiResCAM(Method):
-    name = "hirescam"
-    label = "HiResCAM"
-    short = "HR"
-    paper = "Draelos & Carin, HiResCAM, arXiv:2011.08891, 2020"
-    equation = "sec. 3.2"
+    """HiResCAM: gradient times activation, position by position."""
+
+    name, label, short = "hirescam", "HiResCAM", "HR"
+    paper, equation = "Draelos & Carin, HiResCAM, arXiv:2011.08891, 2020", "sec. 3.2"
     order = 11
     relu = False
 

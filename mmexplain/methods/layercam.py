@@ -15,11 +15,10 @@ from mmexplain.methods import Method, Options, register_method
 
 
 class LayerCAM(Method):
-    name = "layercam"
-    label = "LayerCAM"
-    short = "LC"
-    paper = "Jiang et al., LayerCAM, IEEE TIP 2021"
-    equation = "eq. 5-6"
+    """LayerCAM eq. 5-6: position-wise positive gradients."""
+
+    name, label, short = "layercam", "LayerCAM", "LC"
+    paper, equation = "Jiang et al., LayerCAM, IEEE TIP 2021", "eq. 5-6"
     order = 10
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,

@@ -16,11 +16,10 @@ from mmexplain.methods import Method, Options, _grid_dims, register_method
 
 
 class XGradCAM(Method):
-    name = "xgradcam"
-    label = "XGrad-CAM"
-    short = "XGC"
-    paper = "Fu et al., Axiom-based Grad-CAM, BMVC 2020"
-    equation = "eq. 9"
+    """XGrad-CAM eq. 9: gradients weighted by the normalised activations."""
+
+    name, label, short = "xgradcam", "XGrad-CAM", "XGC"
+    paper, equation = "Fu et al., Axiom-based Grad-CAM, BMVC 2020", "eq. 9"
     order = 12
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
