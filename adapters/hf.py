@@ -559,6 +559,12 @@ class HFVisionAdapter(Adapter):
                             "tokenizer=) to turn text into token ids and back", None)
         return self.tokenizer
 
+    def _model_generate(self, beam_size: int | None = None, **kwargs: Any) -> torch.Tensor:
+        """The model's own ``generate`` (``beam_size`` as its ``num_beams``; eval mode)."""
+        if beam_size is not None:
+            kwargs["num_beams"] = beam_size
+        return self.model.generate(**kwargs)
+
     def _model_dtype(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values on the model's device, in its dtype (fp16 / bf16 models)."""
         param = next(self.model.parameters())
@@ -689,7 +695,7 @@ class VisionEncoderDecoderCaptioner(_Captioner):
             start = torch.full_like(prompt[:, :1], self.start_id)
             kwargs["decoder_input_ids"] = torch.cat([start, prompt], dim=1)
             skip += prompt.shape[1]
-        sequences = self.model.generate(pixel_values=self._model_dtype(pixel_values),
+        sequences = self._model_generate(pixel_values=self._model_dtype(pixel_values),
                                         max_new_tokens=max_new_tokens, **kwargs)
         return self._generated(sequences, skip)
 
@@ -722,7 +728,7 @@ class BlipCaptioner(_Captioner):
             starts = torch.full_like(ends, self.start_id)
             kwargs["input_ids"] = torch.cat([starts, prompt, ends], dim=1)
             skip += prompt.shape[1]
-        sequences = self.model.generate(pixel_values=self._model_dtype(pixel_values),
+        sequences = self._model_generate(pixel_values=self._model_dtype(pixel_values),
                                         max_new_tokens=max_new_tokens, **kwargs)
         return self._generated(sequences, skip)
 
@@ -839,7 +845,7 @@ class BlipVQA(HFVisionAdapter):
         if input_ids is None:
             raise bad_value("input_ids", "the question's token ids (B, Lq) "
                             "(adapter.question_context(question))", None)
-        sequences = self.model.generate(input_ids=self._device_ids(input_ids),
+        sequences = self._model_generate(input_ids=self._device_ids(input_ids),
                                         pixel_values=self._model_dtype(pixel_values),
                                         attention_mask=self._device_ids(attention_mask),
                                         max_new_tokens=max_new_tokens, **kwargs)

@@ -329,3 +329,21 @@ def test_eval_pointing_on_coco_runs_on_a_folder(name, saved, tmp_path, capsys) -
                for line in p.read_text().splitlines()]
     hits = [e["hit"]["gradcam"] for r in records for e in r["entries"] if e["present"]]
     assert len(hits) == 3 and set(hits) <= {0, 1}
+
+
+def test_model_named_beside_its_folder_and_beam_search(saved, tmp_path, capsys) -> None:
+    """The issue's first attempts: --model with --weights DIR, explain_caption with a beam."""
+    from mmexplain.tasks.caption import explain_caption
+
+    assert run("caption", saved["image"], "--model", "blip-caption", "--weights",
+               saved["blip-caption"], "--words", "caption", "--out", tmp_path) == 0
+    npz = np.load(tmp_path / "photo_blip-caption_gradcam.npz")
+    assert npz["maps"].shape == (1, 1, 4, 4)  # the whole caption's log-probability
+    adapter = get_adapter("blip-caption", path=saved["blip-caption"])
+    px, _, _ = adapter.prepare_image(hf_tiny.image())
+    beam = adapter.generate(px, max_new_tokens=6, beam_size=3)
+    expl, (text,) = explain_caption(adapter, px, beam_size=3, max_len=6)
+    assert text == adapter.decode(beam)[0]
+    assert run("caption", saved["image"], "--weights", saved["blip-caption"], "--device",
+               "nowhere", "--out", tmp_path) == 2
+    assert "--device: expected a torch device" in capsys.readouterr().err
