@@ -9,7 +9,11 @@ Default models: ``resnet18`` (classify), ``r3d_18`` (video), and for caption
 and vqa the shipped ``shapes-captioner`` / ``shapes-vqa``; while those cannot
 be built (not registered, weights not trained yet) a random-weight
 ``show-tell`` / ``vqa-lstm`` with a tiny CNN and the shapes world's vocabulary
-stands in, and the command says so.
+stands in, and the command says so. ``--weights DIR`` (a Hugging Face model
+folder, as ``save_pretrained`` writes it) loads that model by path, its family
+read from the folder's config.json when ``--model`` is not given
+(:mod:`mmexplain.adapters.families`); commands ask the model for the capability
+they need (:mod:`mmexplain.adapters.capabilities`) and name it when it lacks it.
 
 Every command takes ``--model`` (a registry name), ``--weights`` (a local
 file; "random" for random weights; default: the model's own lookup, e.g. the

@@ -378,5 +378,6 @@ def explain_caption(adapter: Any, image: torch.Tensor, caption: str | Sequence[s
     return expl, [w for w, _ in chosen]
 
 
-__all__ = ["CaptionLogProb", "CaptionWords", "WordGroupLogProbs", "pick_words", "word_task", "STOPWORDS", "WordLogProbs",
-           "caption_words", "explain_caption", "make_cam", "one_image", "sequence_of"]
+__all__ = ["CaptionLogProb", "CaptionWords", "STOPWORDS", "WordGroupLogProbs", "WordLogProbs",
+           "caption_words", "explain_caption", "make_cam", "one_image", "pick_words",
+           "sequence_of", "word_task"]
