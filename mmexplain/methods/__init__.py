@@ -79,6 +79,18 @@ class Method:
     uses_gradients: bool = True
     accepts: frozenset[str] = frozenset({"counterfactual", "gradients", "relu"})
 
+    def __init_subclass__(cls, register: bool = False, **identity: Any) -> None:
+        """``class M(Method, register=True, name=..., label=..., paper=..., ...)``: the
+        method's identity in its class statement, and one instance registered."""
+        super().__init_subclass__()
+        for key, value in identity.items():
+            if key not in Method.__annotations__:
+                raise InputError(f"{key}: expected one of {', '.join(Method.__annotations__)} "
+                                 f"for the method {cls.__name__}, received {value!r}")
+            setattr(cls, key, frozenset(value) if key == "accepts" else value)
+        if register:
+            register_method(cls())
+
     def check(self, options: Options | None = None) -> Options:
         """The options with the method's defaults filled in; an option the method does not
         take, or a value outside its choices, is an InputError naming it."""

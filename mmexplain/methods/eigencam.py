@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, register_method
+from mmexplain.methods import Method, Options
 
 
-class EigenCAM(Method):
+class EigenCAM(Method, register=True, name="eigencam", label="Eigen-CAM", short="EC", order=13,
+               paper="Muhammad & Yeasin, Eigen-CAM, IJCNN 2020", equation="eq. 4-5",
+               uses_gradients=False, accepts={"relu"}):
     """Eigen-CAM: the first principal component of the activations."""
-
-    name, label, short = "eigencam", "Eigen-CAM", "EC"
-    paper, equation = "Muhammad & Yeasin, Eigen-CAM, IJCNN 2020", "eq. 4-5"
-    order = 13
-    uses_gradients = False
-    accepts = frozenset({"relu"})
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
                 moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -35,6 +31,3 @@ class EigenCAM(Method):
         v1 = vh[:, 0, :]  # (N, C) first right singular vector
         sign = torch.where((o @ v1.unsqueeze(2)).sum(dim=(1, 2)) < 0, -1.0, 1.0)
         return (v1 * sign.unsqueeze(1).to(v1.dtype)).to(acts.dtype)
-
-
-register_method(EigenCAM())

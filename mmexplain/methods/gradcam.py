@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, register_method
+from mmexplain.methods import Method, Options
 
 
 def gradcam_weights(grads: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
@@ -21,17 +21,11 @@ def gradcam_weights(grads: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
     return flat.mean(dim=2)
 
 
-class GradCAM(Method):
+class GradCAM(Method, register=True, name="gradcam", label="Grad-CAM", short="GC", order=0,
+              paper="Selvaraju et al., Grad-CAM, ICCV 2017 / IJCV 2019", equation="eq. 1-2",
+              accepts={"counterfactual", "gradients", "relu", "pooling"}):
     """Grad-CAM eq. 1-2 (pooling: appendix B.2.2)."""
-
-    name, label, short = "gradcam", "Grad-CAM", "GC"
-    paper, equation = "Selvaraju et al., Grad-CAM, ICCV 2017 / IJCV 2019", "eq. 1-2"
-    order = 0
-    accepts = frozenset({"counterfactual", "gradients", "relu", "pooling"})
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
                 moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         return gradcam_weights(grads, options.pooling)
-
-
-register_method(GradCAM())

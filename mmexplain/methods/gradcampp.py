@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, _grid_dims, register_method
+from mmexplain.methods import Method, Options, _grid_dims
 
 
 def gradcam_pp_alpha(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -75,13 +75,11 @@ def gradcam_pp_softmax_weights(acts: torch.Tensor, grads: torch.Tensor, m1: torc
     return (alpha * torch.relu(d)).flatten(2).sum(dim=2).to(dtype)
 
 
-class GradCAMPlusPlus(Method):
+class GradCAMPlusPlus(Method, register=True, name="gradcam++", label="Grad-CAM++", short="GC++",
+                      order=1, paper="Chattopadhyay et al., Grad-CAM++, WACV 2018",
+                      equation="eq. 19-20 (softmax form eq. 22-24)",
+                      accepts={"counterfactual", "gradients", "relu", "form"}):
     """Grad-CAM++ eq. 19-20, its softmax form eq. 22-24."""
-
-    name, label, short = "gradcam++", "Grad-CAM++", "GC++"
-    paper, equation = "Chattopadhyay et al., Grad-CAM++, WACV 2018", "eq. 19-20 (softmax form eq. 22-24)"
-    order = 1
-    accepts = frozenset({"counterfactual", "gradients", "relu", "form"})
 
     def wants_moments(self, options: Options) -> bool:
         return options.form == "softmax"
@@ -91,6 +89,3 @@ class GradCAMPlusPlus(Method):
         if moments is not None:
             return gradcam_pp_softmax_weights(acts, grads, *moments)
         return gradcam_pp_weights(acts, grads)
-
-
-register_method(GradCAMPlusPlus())

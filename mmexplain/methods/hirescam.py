@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, register_method
+from mmexplain.methods import Method, Options
 
 
-class HiResCAM(Method):
+class HiResCAM(Method, register=True, name="hirescam", label="HiResCAM", short="HR", order=11,
+               paper="Draelos & Carin, HiResCAM, arXiv:2011.08891, 2020", equation="sec. 3.2",
+               relu=False):
     """HiResCAM: gradient times activation, position by position."""
-
-    name, label, short = "hirescam", "HiResCAM", "HR"
-    paper, equation = "Draelos & Carin, HiResCAM, arXiv:2011.08891, 2020", "sec. 3.2"
-    order = 11
-    relu = False
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
                 moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         return grads  # position-wise: sum_k G^k (.) A^k
-
-
-register_method(HiResCAM())

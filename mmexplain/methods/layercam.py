@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, register_method
+from mmexplain.methods import Method, Options
 
 
-class LayerCAM(Method):
+class LayerCAM(Method, register=True, name="layercam", label="LayerCAM", short="LC", order=10,
+               paper="Jiang et al., LayerCAM, IEEE TIP 2021", equation="eq. 5-6"):
     """LayerCAM eq. 5-6: position-wise positive gradients."""
-
-    name, label, short = "layercam", "LayerCAM", "LC"
-    paper, equation = "Jiang et al., LayerCAM, IEEE TIP 2021", "eq. 5-6"
-    order = 10
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
                 moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         return torch.relu(grads)  # eq. 5, (N, C, *grid)
-
-
-register_method(LayerCAM())

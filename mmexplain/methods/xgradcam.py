@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from mmexplain.methods import Method, Options, _grid_dims, register_method
+from mmexplain.methods import Method, Options, _grid_dims
 
 
-class XGradCAM(Method):
+class XGradCAM(Method, register=True, name="xgradcam", label="XGrad-CAM", short="XGC", order=12,
+               paper="Fu et al., Axiom-based Grad-CAM, BMVC 2020", equation="eq. 9"):
     """XGrad-CAM eq. 9: gradients weighted by the normalised activations."""
-
-    name, label, short = "xgradcam", "XGrad-CAM", "XGC"
-    paper, equation = "Fu et al., Axiom-based Grad-CAM, BMVC 2020", "eq. 9"
-    order = 12
 
     def weights(self, acts: torch.Tensor, grads: torch.Tensor | None, options: Options,
                 moments: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
@@ -30,6 +27,3 @@ class XGradCAM(Method):
         nonzero = total != 0
         return torch.where(nonzero, num / torch.where(nonzero, total, torch.ones_like(total)),
                            torch.zeros_like(num))
-
-
-register_method(XGradCAM())
