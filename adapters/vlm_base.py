@@ -245,6 +245,10 @@ class VisionLanguageAdapter(Adapter):
         ids = _rows("input_ids", input_ids, rows)
         attn = torch.ones_like(ids) if attention_mask is None else _rows(
             "attention_mask", attention_mask, rows)
+        if not bool(attn.bool().all()):  # the scored text would follow padding
+            raise bad_value("attention_mask", "prompts of one length in a batch (no padding; "
+                            "explain images with prompts of other lengths one at a time)",
+                            f"a mask with {int((attn == 0).sum())} padded positions", raw=True)
         if answers is not None:
             return self._answer_scores(features, ids, attn, answers, context)
         if tokens is None:
@@ -328,7 +332,9 @@ class VisionLanguageAdapter(Adapter):
 
     def _process(self, image: np.ndarray, text: str) -> dict[str, Any]:
         try:
-            out = self.processor(images=image, text=text, return_tensors="pt")
+            # (H, W, 3): said so, or a processor takes a 3-row picture for channels-first
+            out = self.processor(images=image, text=text, return_tensors="pt",
+                                 input_data_format="channels_last")
         except (ValueError, TypeError, IndexError) as exc:
             raise InputError(f"image: expected a picture and prompt the "
                              f"{type(self.processor).__name__} can prepare, received "

@@ -206,3 +206,12 @@ def test_answer_top_k_by_beam_search_and_default_strategy(adapters):
                                                                     reverse=True)
     expl = mx.GradCAM(adapter)(inputs, target=Steps([0, 1]), tokens=tokens, **context)
     assert expl.strategy == "loop"  # the adapter's own: one forward, K backward passes
+
+
+def test_padded_prompts_are_refused(adapters):
+    adapter = adapters["llava"]
+    inputs, _, context, tokens = _prepared(adapter, tokens=2)
+    padded = dict(context, attention_mask=context["attention_mask"].clone())
+    padded["attention_mask"][0, 0] = 0
+    with pytest.raises(InputError, match="attention_mask: expected prompts of one length"):
+        mx.GradCAM(adapter)(inputs, target=Steps([0]), tokens=tokens, **padded)
