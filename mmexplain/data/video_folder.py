@@ -150,6 +150,9 @@ def expand_video_inputs(inputs: Sequence[str | Path],
             matches = [Path(text)]
         elif any(c in text for c in "*?["):
             matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            if not matches:
+                raise bad_value("input", "a video file, a folder of videos or a glob pattern",
+                                f"{text!r}: the pattern matches no file", raw=True)
         else:
             raise bad_value("input", "a video file, a folder of videos or a glob pattern",
                             f"{text!r}: no such file or folder", raw=True)
@@ -180,12 +183,16 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     if len(set(stems)) < len(stems):
         root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-        relative = [p.relative_to(root) for p in paths]
-        same_stem = {s for s in stems if stems.count(s) > 1}
-        stems = [(str(r.with_suffix("")) if len({q.suffix for q, t in zip(paths, stems)
-                                                  if t == s}) == 1 else str(r))
-                 if s in same_stem else s for r, s in zip(relative, stems)]
-        stems = [re.sub(r"[\\/]+", "__", s) for s in stems]
+        same = {s for s in stems if stems.count(s) > 1}
+
+        def name(path: Path, stem: str) -> str:
+            if stem not in same:
+                return stem
+            relative = path.relative_to(root)
+            suffixes = {q.suffix for q, t in zip(paths, stems) if t == stem}
+            return str(relative if len(suffixes) > 1 else relative.with_suffix(""))
+
+        stems = [re.sub(r"[\\/]+", "__", name(p, s)) for p, s in zip(paths, stems)]
     seen: dict[str, int] = {}
     out = []
     for stem in stems:
