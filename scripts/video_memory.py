@@ -1,0 +1,101 @@
+"""Peak resident memory of ``mmexplain video`` on long videos: it must not grow with length.
+
+    python scripts/video_memory.py                       # 1- and 5-minute 640x480 clips, 30 fps
+    python scripts/video_memory.py --minutes 1 5 --model r3d_18 --size 112
+
+Writes synthetic 640x480 H.264 clips with PyAV (a moving pattern, frame by frame:
+the writer holds one frame), then runs the whole ``mmexplain video`` command on
+each in a fresh process and reports that process's peak resident set size
+(``getrusage`` ``ru_maxrss``) and the time it took. The whole video is explained
+(every window, the tail included, and the overlay MP4 of every frame), one
+batch of windows in flight. The default model is a random-weight R3D-18 at a
+32-pixel crop, so the run measures decoding, stitching and rendering rather than
+the model's own working memory (which does not depend on the video's length);
+``--size 112`` gives the model's full size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+CHILD = """
+import resource, sys, time
+from mmexplain.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+print("@@", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - t)
+"""
+
+
+def write_clip(path: Path, seconds: float, fps: int = 30, size: tuple[int, int] = (480, 640)
+               ) -> int:
+    """A synthetic clip: a bright disc moving over a scrolling gradient, one frame at a time."""
+    import av
+
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    n = int(round(seconds * fps))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "28"}
+        for i in range(n):
+            frame = np.empty((h, w, 3), np.uint8)
+            frame[..., 0] = (xx + 4 * i) % 256
+            frame[..., 1] = (yy + 2 * i) % 256
+            cx, cy = (w / 2 + w / 3 * np.cos(i / 40)), (h / 2 + h / 3 * np.sin(i / 40))
+            frame[..., 2] = np.where((xx - cx) ** 2 + (yy - cy) ** 2 < 60 ** 2, 255, 40)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+    return n
+
+
+def measure(video: Path, out: Path, extra: list[str]) -> dict[str, float]:
+    """Run the command in a fresh process: (exit code, peak RSS in MiB, seconds)."""
+    cmd = [sys.executable, "-c", CHILD, "video", str(video), "--out", str(out), "--overwrite",
+           *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("@@")]
+    if not line:
+        raise SystemExit(f"the command failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    _, rc, rss_kib, seconds = line[0].split()
+    return {"exit": int(rc), "peak_rss_mib": int(rss_kib) / 1024, "seconds": float(seconds)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 5.0])
+    parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--model", default="r3d_18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--keep", default=None, help="folder for the clips and outputs")
+    args = parser.parse_args()
+    folder = Path(args.keep or tempfile.mkdtemp(prefix="mmexplain-memory-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for minutes in args.minutes:
+        clip = folder / f"synthetic_{minutes:g}min.mp4"
+        if not clip.is_file():
+            write_clip(clip, minutes * 60, args.fps)
+        extra = ["--model", args.model, "--size", str(args.size), "--weights", "random"]
+        row = {"minutes": minutes, "frames": int(round(minutes * 60 * args.fps)),
+               **measure(clip, folder / "out", extra)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if len(rows) > 1:
+        growth = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"] - 1
+        print(f"peak RSS growth from {rows[0]['minutes']:g} to {rows[-1]['minutes']:g} min: "
+              f"{100 * growth:+.1f} %")
+
+
+if __name__ == "__main__":
+    main()
