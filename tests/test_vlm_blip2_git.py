@@ -12,9 +12,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 import vlm_tiny_b as tiny  # noqa: E402
 
+import mmexplain as mx  # noqa: E402
 from mmexplain.adapters import get_adapter  # noqa: E402
 from mmexplain.adapters.tokengrid import raster_grid  # noqa: E402
 from mmexplain.errors import InputError  # noqa: E402
+from mmexplain.tasks.caption import WordLogProbs  # noqa: E402
 
 BUILDS = {"blip2-opt": lambda f: tiny.build_blip2(f, "opt"),
           "blip2-t5": lambda f: tiny.build_blip2(f, "t5"), "git": tiny.build_git}
@@ -132,3 +134,21 @@ def test_the_readme_commands_run(folders, tmp_path, capsys):
                                 "blip2-flan-t5-xl": folders["blip2-t5"],
                                 "git-base-coco": folders["git"], "git-base-vqav2": folders["git"]},
                                tmp_path, capsys, 4)
+
+
+@pytest.mark.parametrize("key", ["blip2-t5", "git"])
+def test_bf16_models_give_float32_maps_close_to_float32(adapters, folders, key):
+    """A bf16 checkpoint runs in its dtype (BLIP-2's Q-Former stays float32 as transformers
+    keeps it); the maps are float32 and close to the float32 model's."""
+    full = adapters[key]
+    model = type(full.model).from_pretrained(folders[key], dtype=torch.bfloat16,
+                                             local_files_only=True)
+    half = get_adapter(key.split("-")[0], model=model, processor=full.processor)
+    tokens = full.tokenize(["red ball"])
+    maps = []
+    for adapter in (half, full):
+        inputs, _, context = adapter.prepare_image(tiny.image(), "what is it")
+        maps.append(mx.GradCAM(adapter)(inputs, target=WordLogProbs([0, 1]), tokens=tokens,
+                                        **context).maps)
+    assert maps[0].dtype == torch.float32 and maps[0].shape == maps[1].shape == (1, 2, 4, 4)
+    assert float((maps[0] - maps[1]).abs().max()) < 0.15 * float(maps[1].abs().max())
