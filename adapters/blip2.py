@@ -10,7 +10,9 @@ language projection turns the queries into the tokens at the prompt's
 ``<image>`` places (the processor puts one per query before the text). The
 queries keep no spatial layout, so the maps are at the vision encoder: the
 default layer is its last block (``vision_model.encoder.layers.N``), any block
-by name, or ``vision_model.post_layernorm``; the CLS token is context. The head
+by name, or ``vision_model.post_layernorm`` (which the model calls twice, also for
+its pooled output, so a hook on it sees the wrong call; the adapter runs it once);
+the CLS token is context. The head
 runs the rest of the encoder, the Q-Former, the projection and the language
 model teacher-forced: OPT reads ``prompt + tokens[:, :-1]``; T5's encoder reads
 the prompt and its decoder ``[start] + tokens[:, :-1]``.
