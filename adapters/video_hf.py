@@ -122,6 +122,7 @@ class HFVideoAdapter(Adapter):
     model_class = ""
     layers_path = ""
     block_args: tuple[Any, ...] = ()  # after the tokens (X-CLIP's layers: attention_mask=None)
+    prefix = 0  # context tokens before the grid (CLS)
     mean_std = IMAGENET
 
     def __init__(self, model: nn.Module, preprocess: Preprocess | None = None,
@@ -165,10 +166,15 @@ class HFVideoAdapter(Adapter):
         p = _pair(self.vision_config().patch_size)
         return (1, *p)
 
-    def token_grid(self) -> Any:
-        """The target layer's tokens <-> (B, C, t', h', w') (see the module docstring)."""
+    def token_counts(self) -> tuple[int, int, int]:
+        """(t', h', w'): the clip's tokens along time, rows and columns."""
         t, h, w = (n // p for n, p in zip(self.input_grid, self.patch()))
-        return raster_grid((t, h, w), prefix=0)
+        return (t, h, w)
+
+    def token_grid(self) -> Any:
+        """The target layer's tokens <-> (B, C, t', h', w') (see the module docstring):
+        ``prefix`` context tokens, then the grid time-major."""
+        return raster_grid(self.token_counts(), prefix=self.prefix)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -247,8 +253,7 @@ class TimesformerAdapter(HFVideoAdapter):
         super().__init__(model, **kwargs)
 
     def token_grid(self) -> TokenGrid:
-        t, h, w = (n // p for n, p in zip(self.input_grid, self.patch()))
-        return time_fastest_grid((t, h, w), prefix=1)
+        return time_fastest_grid(self.token_counts(), prefix=1)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.timesformer.embeddings(pixel_values)
@@ -263,14 +268,11 @@ class VivitAdapter(HFVideoAdapter):
     model_class = "VivitForVideoClassification"
     layers_path = "vivit.layers"
     mean_std = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    prefix = 1
 
     def patch(self) -> tuple[int, int, int]:
         t, p, q = self.model.config.tubelet_size
         return (int(t), int(p), int(q))
-
-    def token_grid(self) -> TokenGrid:
-        t, h, w = (n // p for n, p in zip(self.input_grid, self.patch()))
-        return raster_grid((t, h, w), prefix=1)
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.vivit.embeddings(pixel_values)
@@ -315,7 +317,7 @@ class XCLIPAdapter(HFVideoAdapter):
         return None  # the texts, set in __init__
 
     def token_grid(self) -> FrameTokens:
-        _, h, w = (n // p for n, p in zip(self.input_grid, self.patch()))
+        _, h, w = self.token_counts()
         return FrameTokens(self.clip_length, raster_grid((h, w), prefix=1))
 
     def _embed(self, pixel_values: torch.Tensor) -> torch.Tensor:

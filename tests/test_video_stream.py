@@ -8,7 +8,6 @@ import json
 import threading
 import tracemalloc
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -28,19 +27,9 @@ from mmexplain.errors import InputError
 from mmexplain.tasks.video import StitchedMaps
 
 from conftest import shared_file
-from video_tiny import write_video
+from video_tiny import empty_torch_cache, mp4_frames, write_video  # noqa: F401 (fixture)
 
 R3D = ["--model", "r3d_18", "--weights", "random", "--size", "32"]
-
-
-@pytest.fixture(autouse=True)
-def empty_torch_cache(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-
-def mp4_frames(path) -> int:
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
 
 
 # --------------------------------------------------------------------------- decoding

@@ -5,7 +5,6 @@ activation comes back at its (t, row, column) for every family's token order, an
 
 from __future__ import annotations
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -18,17 +17,22 @@ from mmexplain.cli import main
 from mmexplain.errors import InputError
 from mmexplain.tasks.video import explain_clip, frame_slices
 
-from video_tiny import FAMILY_FRAMES, SIZE, XCLIP_TEXTS, build, tiny_mvit, tiny_swin3d, write_video
+from video_tiny import (  # noqa: F401 (empty_torch_cache: an autouse fixture)
+    FAMILY_FRAMES,
+    SIZE,
+    XCLIP_TEXTS,
+    build,
+    empty_torch_cache,
+    mp4_frames,
+    tiny_mvit,
+    tiny_swin3d,
+    write_video,
+)
 
 HF = ("videomae", "timesformer", "vivit", "xclip")
 DEFAULT_LAYERS = {"videomae": "videomae.encoder.layer.1",  # mean pooling: the last layer
                   "timesformer": "timesformer.encoder.layer.0",  # CLS-pooled: the one before
                   "vivit": "vivit.layers.0", "xclip": "vision_model.encoder.layers.0"}
-
-
-@pytest.fixture(autouse=True)
-def empty_torch_cache(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +244,6 @@ def test_token_slices_map_back_to_the_window_frames() -> None:
 
 
 # --------------------------------------------------------------------------- command
-
-
-def mp4_frames(path) -> int:
-    with av.open(str(path)) as container:
-        return sum(1 for _ in container.decode(video=0))
 
 
 @pytest.fixture(scope="module")

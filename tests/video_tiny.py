@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 SIZE = 32  # pixels per side of every tiny model's input
@@ -105,3 +106,18 @@ def write_video(path: Path, frames: int, size: tuple[int, int] = (40, 48), fps: 
         video[i, y:y + 8, x:x + 8] = 250
     write_mp4(video, path, fps=fps)
     return path
+
+
+@pytest.fixture(autouse=True)
+def empty_torch_cache(tmp_path, monkeypatch) -> None:
+    """Random weights whatever the machine's torch cache holds (import it into a test
+    module to use it there)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+def mp4_frames(path) -> int:
+    """How many frames an MP4 really holds (decoded, not the header's count)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
