@@ -863,16 +863,20 @@ class BlipVQA(HFVisionAdapter):
 
     def answer(self, pixel_values: torch.Tensor, question: str, *, top: int = 1,
                max_new_tokens: int = 10, **context: Any) -> list[list[tuple[str, float]]]:
-        """Each input's own answer (generated; one, whatever ``top``) with its summed token
-        log-probability, log p(answer | image, question)."""
+        """Each input's own answers with their summed token log-probabilities,
+        log p(answer | image, question), best first: the greedy answer, or with ``top`` > 1
+        the ``top`` answers of a beam search of that width."""
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
             raise bad_value("top", "a positive int", top)
         ctx = context or self.prompt_context(question)
-        tokens = self.generate(pixel_values, max_new_tokens=max_new_tokens, **ctx)  # (B, T)
+        search = {"beam_size": top, "num_return_sequences": top} if top > 1 else {}
+        tokens = self.generate(pixel_values, max_new_tokens=max_new_tokens, **search, **ctx)
+        answers = tokens.view(pixel_values.shape[0], top, -1)  # (B, top, T)
         with torch.no_grad():
-            scores = self(pixel_values, answers=tokens.unsqueeze(1), **ctx)[:, 0]  # (B,)
-        return [[(text.strip(), float(score))] for text, score in
-                zip(self.decode(tokens), scores.tolist())]
+            scores = self(pixel_values, answers=answers, **ctx)  # (B, top)
+        texts = self.decode(tokens)
+        return [sorted(((texts[b * top + k].strip(), float(scores[b, k])) for k in range(top)),
+                       key=lambda pair: -pair[1]) for b in range(scores.shape[0])]
 
     def answer_task(self, question: str, answers: Sequence[str]) -> tuple[dict[str, Any], Any]:
         """(context, target): the target's (B, C) scores are log p(answer_c | image,

@@ -347,3 +347,20 @@ def test_model_named_beside_its_folder_and_beam_search(saved, tmp_path, capsys) 
     assert run("caption", saved["image"], "--weights", saved["blip-caption"], "--device",
                "nowhere", "--out", tmp_path) == 2
     assert "--device: expected a torch device" in capsys.readouterr().err
+
+
+def test_vqa_top_answers_come_from_a_beam_search(saved, tmp_path) -> None:
+    adapter = get_adapter("blip-vqa", path=saved["blip-vqa"])
+    question = "what color is it ?"
+    px, _, context = adapter.prepare_image(hf_tiny.image(), question)
+    ranked = adapter.answer(px, question, top=3)[0]
+    scores = [s for _, s in ranked]
+    assert len(ranked) == 3 and scores == sorted(scores, reverse=True)
+    tokens = adapter.generate(px, max_new_tokens=10, beam_size=3, num_return_sequences=3,
+                              **context)  # the beams, scored as the head scores them
+    own = adapter(px, answers=tokens.view(1, 3, -1), **context)[0].tolist()
+    np.testing.assert_allclose(sorted(own, reverse=True), scores, rtol=1e-5)
+    assert run("vqa", saved["image"], "--weights", saved["blip-vqa"], "--question", question,
+               "--top", 3, "--out", tmp_path) == 0
+    labels = np.load(tmp_path / "photo_blip-vqa_gradcam.npz")["labels"].tolist()
+    assert labels == [a for a, _ in ranked if a.strip()]
