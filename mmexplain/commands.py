@@ -24,13 +24,16 @@ beside the pictures:
 
 - classify, caption, vqa: one overlay PNG per explained target
   ``<stem>_<model>_<method>_<k>_<label>.png`` and ``<stem>_<model>_<method>.npz``;
-- video: ``<stem>_<model>_<method>.mp4`` holding, for each explained window in
-  order, its ``window`` frames (resized and cropped as the model saw them) with
-  the window's map over them (one panel per target, side by side), so the MP4
-  has N x window frames for N windows; each window's map is normalised over
-  its own T x H x W volume. The ``.npz`` holds ``maps`` (N, K, T', H', W'),
-  ``scores``, ``classes``, ``labels`` and ``frame_indices`` (N, window): the
-  video frame of every MP4 frame.
+- video: for each video (files, folders, globs) ``<name>_<model>_<method>.mp4``
+  with every frame of the video once, at its fps: the frame as the model saw it
+  with its stitched map (the mean over the sliding windows covering it, the tail
+  window included; one panel per target, normalised over the whole video) over a
+  strip of each frame's share of the explanation; the ``.npz`` holds ``maps``
+  (N, K, T', H', W') per window with ``frame_indices`` (N, window), ``scores``,
+  ``classes``, ``labels``, and ``frame_maps`` (K, frames, H', W'),
+  ``frame_windows``, ``frame_importance``; one JSON line per video on stdout and
+  in ``videos.jsonl``. Frames are decoded as the windows need them, in a worker
+  thread; existing outputs are refused unless ``--overwrite`` / ``--resume``.
 """
 
 from __future__ import annotations
