@@ -119,6 +119,9 @@ def test_a_word_of_several_tokens_is_their_summed_log_probability(saved) -> None
     per_token = mx.GradCAM(adapter)(px, target=WordGroupLogProbs([[t] for t in last]),
                                     tokens=tokens)
     torch.testing.assert_close(expl.scores[:, 2], per_token.scores.sum(1), rtol=1e-5, atol=1e-6)
+    for k, (_, steps) in enumerate(groups):  # K words in one call = K single-word runs
+        alone = mx.GradCAM(adapter)(px, target=WordGroupLogProbs([steps]), tokens=tokens)
+        torch.testing.assert_close(expl.maps[:, k], alone.maps[:, 0], rtol=1e-4, atol=1e-6)
     blip = get_adapter("blip-caption", path=saved["blip-caption"])  # WordPiece: cir ##cle
     assert blip.word_groups(blip.tokenize(["a red circle ?"])[0]) == [
         ("a", [0]), ("red", [1]), ("circle", [2, 3]), ("?", [4])]
