@@ -120,6 +120,10 @@ def build_adapter(name: str, weights: str | None, layer: str | None, device: str
         kwargs["layer"] = layer
     try:
         adapter = get_adapter(name, **kwargs)
+    except InputError as exc:
+        if folder and str(exc).startswith("path: "):  # the folder is what --weights named
+            raise InputError(f"--weights: {str(exc)[len('path: '):]}") from exc
+        raise
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise

@@ -185,6 +185,8 @@ BAD = [  # (argv after the image, what the message says)
     (["caption", "--model", "blip-vqa", "--weights", "{blip-caption}"], r"--weights: expected a "
      r"folder of a model 'blip-vqa' runs, .*a folder for 'blip-caption'"),
     (["caption", "--model", "show-tell", "--weights", "{blip-caption}"], r"--weights: expected"),
+    (["caption", "--model", "blip-caption", "--weights", "{other}"], r"--weights: expected a "
+     r"BlipForConditionalGeneration checkpoint, received .*which holds a BertModel"),
     (["caption", "--weights", "{blip-caption}", "--prompt", " ".join(["a"] * 40)],
      r"prompt: expected a prompt of 1 to 30 tokens"),
     (["caption", "--weights", "{blip-vqa}"], r"prompt: expected the question"),
