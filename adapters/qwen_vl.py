@@ -167,12 +167,24 @@ class QwenVL(VisionLanguageAdapter):
             hidden = vision.merged(hidden)
         grid = vision.grid(self.layer == MERGER)
         tokens = hidden.reshape(thw.shape[0], -1, hidden.shape[-1])  # (B, L, C)
-        t, h, w = (int(v) for v in thw[0])
-        patch = int(self.vision.config.patch_size)
         self._state = {"tokens": tokens.detach(), "grid": grid, "vision": vision,
-                       "meta": {"batch": thw.shape[0], "tiles": 1,
-                                "size": (h * patch, w * patch)}}
+                       "meta": self._meta(thw)}
         return grid.to_grid(tokens).float()
+
+    def _meta(self, thw: torch.Tensor) -> dict[str, Any]:
+        """The images' batch and size as the model saw them (the processor's resize)."""
+        patch = int(self.vision.config.patch_size)
+        return {"batch": thw.shape[0], "tiles": 1,
+                "size": tuple(int(v) * patch for v in thw[0, 1:])}
+
+    def _vision_batch(self, inputs: Any, context: Mapping[str, Any]
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The patches (B*N, P) and the images' meta, from the inputs of prepare_image (or
+        the patches with ``image_grid_thw=`` in the context, as generate passes them)."""
+        if not isinstance(inputs, Mapping):
+            inputs = {"image_grid_thw": context.get("image_grid_thw"), "pixel_values": inputs}
+        pixels, thw = _vision_inputs(inputs)
+        return pixels, self._meta(thw)
 
     def image_features(self, acts: torch.Tensor) -> list[torch.Tensor]:
         """A (R, C, *grid) -> the merger's output per row (N_img, D), in raster order."""
@@ -212,20 +224,19 @@ class QwenVL(VisionLanguageAdapter):
         mm_token_type_ids})."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise bad_value("image", "an RGB picture (H, W, 3)", image)
-        out = self._process(image, self.format_prompt(
-            self.default_prompt if prompt is None else prompt))
+        self._prompt = self.format_prompt(self.default_prompt if prompt is None else prompt)
+        out = self._process(image if image.flags.writeable else image.copy(), self._prompt)
         thw = out.pop("image_grid_thw")
         inputs = {"image_grid_thw": thw.to(device_of(self.vision)),
                   "pixel_values": out.pop("pixel_values").to(device_of(self.vision),
                                                              dtype_of(self.vision))}
         context = {k: v.to(self._text_device()) for k, v in out.items()}
-        patch = int(self.vision.config.patch_size)
-        height, width = (int(v) * patch for v in thw[0, 1:])
         self._image_size = tuple(image.shape[:2])
-        return inputs, _resized(image, height, width), context
+        return inputs, _resized(image, *self._meta(thw)["size"]), context
 
-    def prompt_context(self, prompt: str) -> dict[str, torch.Tensor]:
-        out = super().prompt_context(prompt)
+    def prompt_context(self, prompt: str, meta: Mapping[str, Any] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        out = super().prompt_context(prompt, *(() if meta is None else (meta,)))
         out.pop("image_grid_thw", None)  # the images' grids travel with the inputs
         return out
 
