@@ -32,13 +32,15 @@ CAPTIONERS = {"blip-caption": "vision_model.encoder.layers.1",
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The three folders, a bf16 BLIP captioner, and a picture file."""
+    """The three folders, a bf16 BLIP captioner, an fp16 ViT-GPT2, and a picture file."""
     from PIL import Image
 
     root = tmp_path_factory.mktemp("hf")
     torch.set_num_threads(1)
     out = {name: hf_tiny.save_folder(name, root / name) for name in hf_tiny.FAMILIES}
     out["bf16"] = hf_tiny.save_folder("blip-caption", root / "bf16", dtype=torch.bfloat16)
+    out["fp16"] = hf_tiny.save_folder("hf-vision-encoder-decoder", root / "fp16",
+                                      dtype=torch.float16)
     out["image"] = root / "photo.png"
     Image.fromarray(hf_tiny.image()).save(out["image"])
     return out
@@ -151,7 +153,7 @@ def test_vqa_maps_the_models_answer_and_each_forced_one(saved, tmp_path, capsys)
     assert npz["labels"].tolist() == [w for w, _ in adapter.word_groups(tokens[0])]
 
 
-def test_device_and_bf16_models_give_float32_maps(saved, tmp_path) -> None:
+def test_device_and_bf16_fp16_models_give_float32_maps(saved, tmp_path) -> None:
     assert run("caption", saved["image"], "--weights", saved["bf16"], "--device", "cpu",
                "--max-tokens", 4, "--out", tmp_path) == 0
     npz = np.load(tmp_path / "photo_blip-caption_gradcam.npz")
@@ -160,6 +162,10 @@ def test_device_and_bf16_models_give_float32_maps(saved, tmp_path) -> None:
     assert next(adapter.model.parameters()).dtype == torch.bfloat16
     px, _, _ = adapter.prepare_image(hf_tiny.image())
     assert adapter.encode(px).dtype == torch.float32
+    assert run("caption", saved["image"], "--weights", saved["fp16"], "--max-tokens", 4,
+               "--out", tmp_path / "fp16") == 0
+    npz = np.load(tmp_path / "fp16" / "photo_hf-vision-encoder-decoder_gradcam.npz")
+    assert npz["maps"].dtype == np.float32 and np.isfinite(npz["maps"]).all()
 
 
 def test_the_family_is_read_from_the_folder(saved) -> None:
