@@ -573,15 +573,8 @@ class Faithfulness(Protocol):
             return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_faithfulness,
                                 summarize, methods=methods)
         if args.dataset == "shapes-clips":
-            options: dict[str, Any] = {}
-            if args.model == "c3d":  # a C3D for the world's clips (random unless --weights)
-                from mmexplain.data.shapes import ACTIONS
-
-                world = _world(args.seed)
-                options = dict(width=args.width, size=world.size, frames=world.frames,
-                               num_classes=len(ACTIONS))
-            return _shapes_plan(args, _model(args, **options), P.clip_faithfulness, summarize,
-                                clips=True, methods=methods)
+            return _shapes_plan(args, _model(args, **_clip_options(args)), P.clip_faithfulness,
+                                summarize, clips=True, methods=methods)
         if args.dataset == "folder":
             folder = _folder(args.images, "--images", "a folder of images")
             items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
@@ -622,6 +615,177 @@ class Faithfulness(Protocol):
         return Plan(items, evaluate, summarize)
 
 
+# --------------------------------------------------------------------------- the evaluation literature
+
+
+def _floats(text: str, option: str, what: str, low: float, high: float) -> tuple[float, ...]:
+    """Comma-separated numbers in the open interval (low, high)."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise bad_value(option, f"comma-separated {what} in ({low:g}, {high:g})", text) from exc
+    if not values or not all(low < v < high for v in values):
+        raise bad_value(option, f"comma-separated {what} in ({low:g}, {high:g})", text)
+    return values
+
+
+def _cell(text: str) -> int | tuple[int, ...]:
+    """--cell: one side for every axis, or one per axis (T,H,W for clips)."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise bad_value("--cell", "a positive number of pixels or one per axis (e.g. 1,8,8)",
+                        text)
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _clip_options(args: argparse.Namespace) -> dict[str, Any]:
+    """A C3D for the world's clips (random unless --weights) when --model c3d."""
+    if args.model != "c3d":
+        return {}
+    from mmexplain.data.shapes import ACTIONS
+
+    world = _world(args.seed)
+    return dict(width=getattr(args, "width", 0.25), size=world.size, frames=world.frames,
+                num_classes=len(ACTIONS))
+
+
+def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., list],
+                     per_input: Callable[..., dict[str, Any]],
+                     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                     **options: Any) -> Plan:
+    """The plan of a measure of the evaluation literature on the shapes world (scenes with
+    the VQA model or a captioner, clips with the action model) or an image folder
+    (``per_input(ClassTask, pixels (1, 3, H, W), **options)``, the top class)."""
+    if args.dataset == "shapes":
+        return _shapes_plan(args, _model(args, CAPTIONER + VQA), shapes_protocol, summarize,
+                            **options)
+    if args.dataset == "shapes-clips":
+        return _shapes_plan(args, _model(args, **_clip_options(args)), shapes_protocol,
+                            summarize, clips=True, **options)
+    folder = _folder(args.images, "--images", "a folder of images")
+    items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
+                     args, "image")
+    model = _model(args)
+
+    def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+        pixels = image_pixels(_picture(str(folder / item["id"])), args.size or DEFAULT_SIZE)
+        return {"entries": [per_input(P.ClassTask(model()), pixels, **options)]}
+
+    return Plan(items, evaluate, summarize)
+
+
+class _Literature(Protocol):
+    """Shared command line of the evaluation literature's measures."""
+
+    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
+        parser.add_argument("--batch-size", type=_positive, default=64,
+                            help="perturbed copies per forward (default %(default)s)")
+
+
+class Deletion(_Literature):
+    HELP = "deletion curve and its AUC: the most relevant cells removed first (Petsiuk et " \
+           "al., RISE, BMVC 2018; lower is better)"
+    MODE = "deletion"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _Literature.add_arguments(parser)
+        parser.add_argument("--steps", type=_positive, default=P.CURVE_STEPS,
+                            help="points of the curve after the first (default %(default)s)")
+        parser.add_argument("--cell", default="1", help="side of the cells removed together, "
+                            "or one per axis (T,H,W for clips: 1,8,8); default 1 pixel")
+        parser.add_argument("--baseline", choices=("black", "blur", "mean"), default=None,
+                            help="what replaces a cell (default: black for deletion, the "
+                            "blurred input for insertion, as RISE)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        options = dict(mode=cls.MODE, methods=methods, steps=args.steps, cell=_cell(args.cell),
+                       baseline=args.baseline, batch_size=args.batch_size)
+        return _literature_plan(args, P.shapes_perturbation, P.perturbation,
+                                partial(P.summarize_perturbation, methods=methods), **options)
+
+
+class Insertion(Deletion):
+    HELP = "insertion curve and its AUC: the most relevant cells inserted first into a " \
+           "blurred input (Petsiuk et al., RISE, BMVC 2018; higher is better)"
+    MODE = "insertion"
+
+
+class Road(_Literature):
+    HELP = "ROAD: confidence and accuracy with the most / least relevant pixels removed and " \
+           "imputed (Rong et al., ICML 2022; MoRF lower, LeRF higher is better)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _Literature.add_arguments(parser)
+        parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in P.ROAD_FRACTIONS),
+                            help="fractions of the pixels removed (default %(default)s)")
+        parser.add_argument("--noise", type=float, default=0.01,
+                            help="standard deviation of the imputation noise (default "
+                            "%(default)s)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        if not args.noise >= 0:
+            raise bad_value("--noise", "a non-negative standard deviation", args.noise)
+        options = dict(methods=methods, fractions=_floats(args.fractions, "--fractions",
+                                                          "fractions", 0, 1),
+                       noise=args.noise, seed=args.seed, batch_size=args.batch_size)
+        return _literature_plan(args, P.shapes_road, P.road,
+                                partial(P.summarize_road, methods=methods), **options)
+
+
+class Relevance(Protocol):
+    HELP = "relevance mass and rank accuracy against ground-truth masks (Arras et al., " \
+           "CLEVR-XAI 2022)"
+    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d"}
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        summarize = partial(P.summarize_relevance, methods=methods)
+        if args.dataset == "shapes":
+            return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_relevance,
+                                summarize, methods=methods)
+        return _shapes_plan(args, _model(args, **_clip_options(args)), P.shapes_relevance,
+                            summarize, clips=True, methods=methods)
+
+
+class Sanity(_Literature):
+    HELP = "model parameter randomisation, cascading and independent: rank correlation and " \
+           "SSIM of the maps with the trained model's (Adebayo et al., NeurIPS 2018)"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        _Literature.add_arguments(parser)
+        parser.add_argument("--randomization", choices=("cascading", "independent", "both"),
+                            default="both", help="which randomisation (default %(default)s)")
+        parser.add_argument("--layers", default=None, help="comma-separated layers to "
+                            "randomise, top first (default: every layer with parameters)")
+
+    @classmethod
+    def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
+        modes = P.RANDOMIZATIONS if args.randomization == "both" else (args.randomization,)
+        layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers \
+            else None
+        options = dict(methods=methods, modes=modes, layers=layers, seed=args.seed)
+
+        def per_input(task: P.ClassTask, pixels: torch.Tensor, **opts: Any) -> dict[str, Any]:
+            x = task.model_input(pixels)
+            cls = int(task.confidences(x).argmax())
+            return {"class": cls, **P.sanity(task, x, cls, size=tuple(pixels.shape[2:]), **opts)}
+
+        return _literature_plan(args, P.shapes_sanity, per_input,
+                                partial(P.summarize_sanity, methods=methods), **options)
+
+
 PROTOCOLS: dict[str, type[Protocol]] = {
     "pointing": Pointing,
     "vqa-hat": VqaHat,
@@ -629,6 +793,11 @@ PROTOCOLS: dict[str, type[Protocol]] = {
     "occlusion": OcclusionAgreement,
     "localization": Localization,
     "faithfulness": Faithfulness,
+    "deletion": Deletion,
+    "insertion": Insertion,
+    "road": Road,
+    "relevance": Relevance,
+    "sanity": Sanity,
 }
 
 

@@ -23,6 +23,10 @@ References (``shared/papers/``):
 - Grad-CAM++ paper (``gradcam_plusplus.md``): explanation map E = L o I
   (eq. 25), Average Drop %, % Increase in Confidence, Win % (sec. 4.1),
   Loc_I^c(delta) (eq. 26, sec. 4.3).
+- The evaluation literature (not in ``shared/papers/``): deletion and insertion
+  (Petsiuk et al., RISE, BMVC 2018), ROAD (Rong et al., ICML 2022), relevance
+  mass and rank accuracy (Arras et al., CLEVR-XAI, 2022), model parameter
+  randomisation with Spearman and SSIM (Adebayo et al., NeurIPS 2018).
 """
 
 from __future__ import annotations
@@ -43,18 +47,32 @@ __all__ = [
     "Summary",
     "average_drop",
     "bbox_from_map",
+    "ROAD_FRACTIONS",
+    "ROAD_NEIGHBOURS",
+    "blurred_input",
     "box_inside_outside_ratio",
     "box_iou",
     "boxes_to_mask",
+    "curve_auc",
+    "deletion_curve",
     "explanation_input",
+    "insertion_curve",
     "increase_in_confidence",
     "loc_metric",
     "localization_correct",
     "localization_error",
     "mean_sem",
+    "noisy_linear_imputation",
+    "perturbation_curve",
     "pointing_accuracy",
     "pointing_game",
+    "randomizable_layers",
+    "randomized_models",
     "rank_correlation",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "road_curve",
+    "ssim",
     "summarize_ratios",
     "win_percent",
     "win_shares",
@@ -661,3 +679,467 @@ def win_shares(O: Mapping[str, Tensorish], Y: Tensorish) -> dict[str, float]:
     best = fall == fall.amin(dim=0, keepdim=True)
     share = best.to(fall.dtype) / best.sum(dim=0, keepdim=True).to(fall.dtype)
     return {name: float(share[i].mean() * 100) for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------- deletion / insertion
+#
+# The evaluation literature's measures (issue 19), beside the papers' own:
+# - deletion and insertion (Petsiuk et al., RISE, BMVC 2018, sec. 4.1);
+# - ROAD, remove and debias (Rong et al., ICML 2022, sec. 4, noisy linear imputation);
+# - relevance mass and rank accuracy (Arras et al., CLEVR-XAI, Information Fusion 2022,
+#   sec. 4.2, eq. 3 and 4);
+# - the sanity checks of Adebayo et al. (NeurIPS 2018, sec. 3): model parameter
+#   randomisation, cascading and independent, compared with Spearman and SSIM.
+#
+# A model enters these measures as ``score``: a callable taking a batch of inputs
+# (N, C, *grid) and returning (N, K, *extra) scores of the K targets (the K maps'
+# classes), e.g. softmax probabilities; ``extra`` axes are carried along (a
+# protocol may return the probability and a top-1 flag as (N, K, 2)).
+
+Score = Any  # Callable[[torch.Tensor], torch.Tensor]: (N, C, *grid) -> (N, K, *extra)
+
+
+def _cells(cell: int | Sequence[int], grid: tuple[int, ...], arg: str = "cell") -> tuple[int, ...]:
+    """Cell sizes per grid axis; each must divide its axis."""
+    sizes = (cell,) * len(grid) if isinstance(cell, int) and not isinstance(cell, bool) \
+        else tuple(cell) if isinstance(cell, Sequence) else None
+    if sizes is None or len(sizes) != len(grid) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise bad_value(arg, f"a positive int or {len(grid)} positive ints", cell)
+    if any(n % s for n, s in zip(grid, sizes)):
+        raise bad_value(arg, f"cell sizes that divide the input's grid {grid}", cell)
+    return sizes
+
+
+def _positive_int(value: Any, arg: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad_value(arg, what, value)
+    return value
+
+
+def _relevance_order(maps: torch.Tensor, grid: tuple[int, ...], cells: tuple[int, ...],
+                     descending: bool = True) -> torch.Tensor:
+    """Rank of every cell in the removal order, (K, L) long: 0 = first removed.
+
+    The maps (K, *grid') are resized to the input's ``grid``, averaged over each cell and
+    sorted (most relevant first unless ``descending`` is False); ties keep raster order
+    (a stable sort), so an all-zero or constant map removes its cells in raster order.
+    """
+    m = resize_grid(maps.to(_accum_dtype(maps.device)), grid)
+    k = m.shape[0]
+    split = [d for n, s in zip(grid, cells) for d in (n // s, s)]
+    m = m.reshape(k, *split)
+    m = m.mean(dim=tuple(range(2, 2 * len(grid) + 1, 2))).reshape(k, -1)  # (K, L) cell means
+    order = (-m if descending else m).argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(m.shape[1], device=m.device).expand_as(order))
+    return ranks
+
+
+def _cell_mask(chosen: torch.Tensor, grid: tuple[int, ...], cells: tuple[int, ...]
+               ) -> torch.Tensor:
+    """(N, L) bool over cells -> (N, 1, *grid) bool over pixels (every channel)."""
+    out = chosen.reshape(chosen.shape[0], *(n // s for n, s in zip(grid, cells)))
+    for axis, s in enumerate(cells):
+        out = out.repeat_interleave(s, dim=axis + 1)
+    return out.unsqueeze(1)
+
+
+def _pick(scores: torch.Tensor, targets: torch.Tensor, k: int, arg: str = "score"
+          ) -> torch.Tensor:
+    """Row i's score of its own target: (N, K, *extra) -> (N, *extra)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() < 2 or \
+            tuple(scores.shape[:2]) != (targets.numel(), k):
+        raise bad_value(arg, f"a callable returning (N, K, ...) scores, N = {targets.numel()} "
+                        f"inputs, K = {k} maps", scores)
+    return scores[torch.arange(targets.numel(), device=scores.device), targets.to(scores.device)]
+
+
+def _scored(score: Score, make: Any, total: int, batch_size: int, k: int) -> torch.Tensor:
+    """Score ``total`` perturbed inputs, ``batch_size`` per forward: make(rows) -> (inputs
+    (n, C, *grid), targets (n,)) for the row indices ``rows`` -> (total, *extra)."""
+    out = []
+    for start in range(0, total, batch_size):
+        rows = torch.arange(start, min(start + batch_size, total))
+        inputs, targets = make(rows)
+        with torch.no_grad():
+            out.append(_pick(score(inputs), targets, k).detach())
+    return torch.cat(out)
+
+
+def _curve_inputs(pixels: Any, maps: Any, baseline: Any, grid_dims: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Checked pixels (C, *grid), maps (K, *grid'), a baseline broadcast to the pixels, lead."""
+    _check_grid_dims(grid_dims)
+    layout = "(C, H, W)" if grid_dims == 2 else "(C, T, H, W)"
+    pixels = _maps(pixels, "pixels", grid_dims + 1, layout)
+    if pixels.dim() != grid_dims + 1:
+        raise bad_value("pixels", f"one input {layout}", pixels)
+    maps = _maps(maps, "maps", grid_dims).to(pixels.device)
+    lead = tuple(maps.shape[: maps.dim() - grid_dims])
+    maps = maps.reshape(-1, *maps.shape[maps.dim() - grid_dims:])
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        base = torch.full_like(pixels, float(baseline))
+    else:
+        base = _maps(baseline, "baseline", grid_dims + 1, layout).to(pixels)
+        try:
+            base = base.expand_as(pixels)
+        except RuntimeError as exc:
+            raise bad_value("baseline", f"a number or a tensor of the pixels' shape "
+                            f"{tuple(pixels.shape)}", baseline) from exc
+    return pixels, maps, base, lead
+
+
+def perturbation_curve(score: Score, pixels: torch.Tensor, maps: torch.Tensor, *,
+                       mode: str = "deletion", steps: int | None = None,
+                       cell: int | Sequence[int] = 1, baseline: float | torch.Tensor = 0.0,
+                       batch_size: int = 64, grid_dims: int = 2) -> torch.Tensor:
+    """Deletion or insertion curve (Petsiuk et al., RISE, sec. 4.1) of K maps of one input.
+
+    score   callable (N, C, *grid) -> (N, K, *extra): the K targets' scores (RISE: the
+            class probability); row n is read at its own target only
+    pixels  (C, H, W) one image, or (C, T, H, W) one clip with grid_dims=3
+    maps    (*lead, *grid') the K = prod(lead) maps, resized to the input's grid
+    -> (*lead, steps + 1, *extra): the score after 0, 1, ..., steps steps
+
+    The input is cut into cells of ``cell`` pixels per axis (1: pixels; a clip's
+    (1, 8, 8) cells are spatiotemporal), ranked by their mean map value, most
+    relevant first (ties in raster order). Step s removes -- deletion: replaces by
+    ``baseline``, RISE's zeros -- or inserts -- into ``baseline``, RISE's blurred
+    copy (:func:`blurred_input`) -- the first floor(s * L / steps) of the L cells;
+    ``steps`` defaults to L. All K (steps + 1) perturbed copies are scored
+    ``batch_size`` per forward.
+    """
+    if mode not in ("deletion", "insertion"):
+        raise bad_value("mode", "'deletion' or 'insertion'", mode)
+    pixels, maps, base, lead = _curve_inputs(pixels, maps, baseline, grid_dims)
+    grid = tuple(pixels.shape[1:])
+    cells = _cells(cell, grid)
+    ranks = _relevance_order(maps, grid, cells)  # (K, L)
+    length = ranks.shape[1]
+    steps = length if steps is None else _positive_int(steps, "steps", "a positive number of steps")
+    batch_size = _positive_int(batch_size, "batch_size", "a positive number of inputs per forward")
+    counts = torch.arange(steps + 1, device=ranks.device) * length // steps  # cells changed
+    first, second = (base, pixels) if mode == "deletion" else (pixels, base)
+
+    def make(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, s = rows // (steps + 1), rows % (steps + 1)
+        changed = ranks[k.to(ranks.device)] < counts[s.to(ranks.device)].unsqueeze(1)  # (n, L)
+        return torch.where(_cell_mask(changed, grid, cells), first, second), k
+
+    curve = _scored(score, make, len(maps) * (steps + 1), batch_size, len(maps))
+    return curve.reshape(*lead, steps + 1, *curve.shape[1:])
+
+
+def deletion_curve(score: Score, pixels: torch.Tensor, maps: torch.Tensor, **options: Any
+                   ) -> torch.Tensor:
+    """RISE deletion (sec. 4.1): most relevant cells removed first; a sharp drop (a low
+    AUC, :func:`curve_auc`) is a faithful map. See :func:`perturbation_curve`."""
+    return perturbation_curve(score, pixels, maps, mode="deletion", **options)
+
+
+def insertion_curve(score: Score, pixels: torch.Tensor, maps: torch.Tensor, **options: Any
+                    ) -> torch.Tensor:
+    """RISE insertion (sec. 4.1): most relevant cells inserted first into the baseline; a
+    sharp rise (a high AUC) is a faithful map. See :func:`perturbation_curve`."""
+    return perturbation_curve(score, pixels, maps, mode="insertion", **options)
+
+
+def curve_auc(curve: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Area under a curve sampled at evenly spaced fractions 0, 1/S, ..., 1 (trapezoids):
+    (sum(y) - y_0 / 2 - y_S / 2) / S, as RISE's ``auc``. ``dim``: the curve's axis."""
+    y = _maps(curve, "curve", 1).to(_accum_dtype(curve.device)).movedim(dim, -1)
+    if y.shape[-1] < 2:
+        raise bad_value("curve", "at least two points along the curve's axis", curve)
+    return (y.sum(-1) - (y[..., 0] + y[..., -1]) / 2) / (y.shape[-1] - 1)
+
+
+def blurred_input(pixels: torch.Tensor, kernel: int = 11, sigma: float = 5.0, *,
+                  grid_dims: int = 2) -> torch.Tensor:
+    """RISE's insertion baseline: each frame blurred by a Gaussian (kernel 11, sigma 5).
+
+    pixels (*lead, C, H, W), or (*lead, C, T, H, W) with grid_dims=3 (frames blurred
+    one by one, time untouched); borders reflect.
+    """
+    import torchvision.transforms.functional as TF
+
+    _check_grid_dims(grid_dims)
+    pixels = _maps(pixels, "pixels", grid_dims + 1)
+    if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise bad_value("kernel", "a positive odd number of pixels", kernel)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise bad_value("sigma", "a positive number of pixels", sigma)
+    height, width = pixels.shape[-2:]
+    frames = pixels.reshape(-1, 1, height, width)
+    out = TF.gaussian_blur(frames, [kernel, kernel], [float(sigma), float(sigma)])
+    return out.reshape(pixels.shape)
+
+
+# --------------------------------------------------------------------------- ROAD
+
+#: ROAD's noisy linear imputation (Rong et al. sec. 4.2): a removed pixel is the weighted
+#: mean of its 8 neighbours, direct ones weighted 1/6 and diagonal ones 1/12.
+ROAD_NEIGHBOURS = (((1, 1), 1 / 12), ((0, 1), 1 / 6), ((-1, 1), 1 / 12), ((1, -1), 1 / 12),
+                   ((0, -1), 1 / 6), ((-1, -1), 1 / 12), ((1, 0), 1 / 6), ((-1, 0), 1 / 6))
+#: ROAD's fractions of removed pixels (the paper's figures use 10 %, 20 %, ..., 90 %).
+ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def noisy_linear_imputation(pixels: torch.Tensor, removed: torch.Tensor, noise: float = 0.01,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """ROAD's imputation (Rong et al. sec. 4.2): removed pixels solved from their neighbours.
+
+    pixels  (C, H, W), or (C, T, H, W) a clip
+    removed (H, W) or (T, H, W) bool; at least one pixel must be kept
+    -> the pixels with every removed pixel x_i replaced by the solution of
+       sum_{j in N(i)} w_ij (x_j - x_i) = 0 (the 8 in-image neighbours, weights
+       :data:`ROAD_NEIGHBOURS`; kept neighbours are constants), plus Gaussian noise of
+       standard deviation ``noise`` (drawn from ``generator``). In a clip the same
+       pixel of the frames before and after is a neighbour too, weighted 1/6 as a
+       direct neighbour (an extension of ROAD to time: a frame whose pixels are all
+       removed is imputed from its neighbour frames).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import spsolve
+
+    pixels = _maps(pixels, "pixels", 3, "(C, H, W) or (C, T, H, W)")
+    if not isinstance(removed, torch.Tensor) or tuple(removed.shape) != tuple(pixels.shape[1:]):
+        raise bad_value("removed", f"a bool tensor of the pixels' grid {tuple(pixels.shape[1:])}",
+                        removed)
+    height, width = pixels.shape[-2:]
+    gone = removed.detach().cpu().numpy().astype(bool).reshape(-1, height, width)  # (T, H, W)
+    if bool(gone.all()):
+        raise bad_value("removed", "at least one kept pixel (nothing to impute from)",
+                        "every pixel removed", raw=True)
+    frames = len(gone)
+    neighbours = [((0, dy, dx), w) for (dy, dx), w in ROAD_NEIGHBOURS]
+    if frames > 1:
+        neighbours += [((-1, 0, 0), 1 / 6), ((1, 0, 0), 1 / 6)]
+    img = pixels.detach().cpu().double().numpy().reshape(pixels.shape[0], -1)  # (C, T*H*W)
+    flat = gone.reshape(-1)
+    idx = np.flatnonzero(flat)
+    out = pixels.detach().clone()
+    if not len(idx):
+        return out
+    var = np.full(flat.size, -1)
+    var[idx] = np.arange(len(idx))
+    t, y, x = np.unravel_index(idx, gone.shape)
+    rows, cols, vals, diag = [], [], [], np.zeros(len(idx))
+    b = np.zeros((len(idx), img.shape[0]))
+    for (dt, dy, dx), w in neighbours:  # ROAD's system, one equation per removed pixel
+        nt, ny, nx = t + dt, y + dy, x + dx
+        inside = (nt >= 0) & (nt < frames) & (ny >= 0) & (ny < height) & (nx >= 0) & (nx < width)
+        diag[inside] += w
+        j = np.ravel_multi_index((nt[inside], ny[inside], nx[inside]), gone.shape)
+        eq = np.flatnonzero(inside)
+        unknown = flat[j]
+        rows.append(eq[unknown])
+        cols.append(var[j[unknown]])
+        vals.append(np.full(int(unknown.sum()), w))
+        np.subtract.at(b, eq[~unknown], w * img[:, j[~unknown]].T)
+    rows.append(np.arange(len(idx)))
+    cols.append(np.arange(len(idx)))
+    vals.append(-diag)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(len(idx), len(idx))).tocsc()
+    solved = torch.from_numpy(np.asarray(spsolve(a, b)).reshape(len(idx), -1).T.copy())
+    solved = solved + noise * torch.randn(solved.shape, generator=generator, dtype=solved.dtype)
+    flat_out = out.reshape(out.shape[0], -1)
+    flat_out[:, torch.from_numpy(idx).to(out.device)] = solved.to(out)
+    return out
+
+
+def road_curve(score: Score, pixels: torch.Tensor, maps: torch.Tensor, *,
+               order: str = "morf", fractions: Sequence[float] = ROAD_FRACTIONS,
+               noise: float = 0.01, seed: int = 0, batch_size: int = 64,
+               grid_dims: int = 2) -> torch.Tensor:
+    """ROAD, remove and debias (Rong et al., ICML 2022, sec. 4): K maps of one input.
+
+    score, pixels, maps as :func:`perturbation_curve`
+    -> (*lead, len(fractions), *extra): the score with each fraction of the pixels
+       removed and imputed (:func:`noisy_linear_imputation`)
+
+    ``order`` "morf" removes the most relevant pixels first (a faithful map makes
+    the score fall fast), "lerf" the least relevant first (the score should stay).
+    The maps are resized to the input; a fraction p removes round(p * H * W) pixels
+    (round(p * T * H * W) of a clip); ties in raster order. The
+    noise is drawn from ``seed``, so runs repeat.
+    """
+    if order not in ("morf", "lerf"):
+        raise bad_value("order", "'morf' (most relevant first) or 'lerf' (least relevant "
+                        "first)", order)
+    values = _values(fractions, "fractions")
+    if bool(((values <= 0) | (values >= 1)).any()):
+        raise bad_value("fractions", "fractions of the pixels in (0, 1)", fractions)
+    pixels, maps, _, lead = _curve_inputs(pixels, maps, 0.0, grid_dims)
+    grid = tuple(pixels.shape[1:])
+    ranks = _relevance_order(maps, grid, (1,) * grid_dims, descending=order == "morf")
+    batch_size = _positive_int(batch_size, "batch_size", "a positive number of inputs per forward")
+    counts = [int(round(float(p) * ranks.shape[1])) for p in values.tolist()]
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def make(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, f = rows // len(counts), rows % len(counts)
+        imputed = [noisy_linear_imputation(pixels, (ranks[a] < counts[b]).reshape(grid),
+                                           noise, generator)
+                   for a, b in zip(k.tolist(), f.tolist())]
+        return torch.stack(imputed), k
+
+    curve = _scored(score, make, len(maps) * len(counts), batch_size, len(maps))
+    return curve.reshape(*lead, len(counts), *curve.shape[1:])
+
+
+# --------------------------------------------------------------------------- relevance mass / rank
+
+
+def _relevance_inputs(maps: Any, masks: Any, grid_dims: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Non-negative maps resized to the masks' grid and the masks, flattened: (N, L) each."""
+    _check_grid_dims(grid_dims)
+    maps = _maps(maps, "maps", grid_dims)
+    if bool((maps < 0).any()):
+        raise bad_value("maps", "non-negative relevance (e.g. a ReLU'd map or its positive "
+                        "part)", maps)
+    if not isinstance(masks, torch.Tensor):
+        raise bad_type("masks", "a torch.Tensor (*lead, *grid) of ground-truth masks", masks)
+    if masks.dim() < grid_dims:
+        raise bad_value("masks", f"masks with {grid_dims} grid axes", masks)
+    grid = tuple(masks.shape[-grid_dims:])
+    maps = resize_grid(maps.to(_accum_dtype(maps.device)), grid).clamp(min=0)
+    maps, masks = _broadcast_lead(maps, masks.to(maps.device) != 0, grid_dims, "masks")
+    lead = tuple(maps.shape[: maps.dim() - grid_dims])
+    flat_masks = masks.reshape(-1, math.prod(grid))
+    if not bool(flat_masks.any(dim=1).all()):
+        raise bad_value("masks", "a ground-truth mask with at least one pixel for every map",
+                        "an empty mask", raw=True)
+    return maps.reshape(-1, math.prod(grid)), flat_masks, lead
+
+
+def relevance_mass_accuracy(maps: torch.Tensor, masks: torch.Tensor, *,
+                            grid_dims: int = 2) -> torch.Tensor:
+    """Relevance mass accuracy (Arras et al., CLEVR-XAI, eq. 3): R_within / R_total.
+
+    maps  (*lead, *grid') non-negative relevance, resized to the masks' grid
+    masks (*lead', *grid) ground truth (non-zero = inside), leading axes broadcast
+    -> (*lead,) float64 in [0, 1]: the share of the map's relevance inside the mask
+
+    An all-zero map prefers no pixel: its value is that of a uniform map, the mask's
+    share of the grid (the limit of constant maps; Quantus divides 0 by 0).
+    """
+    m, mask, lead = _relevance_inputs(maps, masks, grid_dims)
+    total = m.sum(dim=1)
+    within = (m * mask).sum(dim=1)
+    uniform = mask.sum(dim=1).to(m.dtype) / mask.shape[1]
+    return torch.where(total > 0, within / torch.where(total > 0, total, 1), uniform).reshape(lead)
+
+
+def relevance_rank_accuracy(maps: torch.Tensor, masks: torch.Tensor, *,
+                            grid_dims: int = 2) -> torch.Tensor:
+    """Relevance rank accuracy (Arras et al., CLEVR-XAI, eq. 4): |P_top-K inside GT| / K.
+
+    K is the number of ground-truth pixels and P_top-K the K pixels of highest
+    relevance. Inputs as :func:`relevance_mass_accuracy` -> (*lead,) float64 in [0, 1].
+
+    Ties at the K-th value are shared: the pixels tied at that value fill the
+    remaining places in proportion, the expected value over random tie-breaking (so
+    a constant or all-zero map scores the chance level K / #pixels, whatever the
+    raster order; Quantus's argsort breaks ties by position).
+    """
+    m, mask, lead = _relevance_inputs(maps, masks, grid_dims)
+    k = mask.sum(dim=1)  # (N,)
+    kth = m.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))  # (N, 1)
+    above, tied = m > kth, m == kth
+    places = (k - above.sum(dim=1)).to(m.dtype)  # places left for the tied pixels
+    hits = (above & mask).sum(dim=1).to(m.dtype) + places * (tied & mask).sum(dim=1).to(
+        m.dtype) / tied.sum(dim=1).to(m.dtype)
+    return (hits / k.to(m.dtype)).reshape(lead)
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7, data_range: float | None = None,
+         grid_dims: int = 2) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004, eq. 13) of maps, as Adebayo et al. compare
+    explanations (sec. 3), computed as ``skimage.metrics.structural_similarity``'s default.
+
+    a, b (*lead, *grid): leading axes broadcast -> (*lead,) float64, mean SSIM
+
+    Uniform ``win_size`` windows (shrunk to the largest odd size the grid allows),
+    sample covariances, K1 = 0.01, K2 = 0.03, averaged over the windows that fit
+    inside the grid. ``data_range`` defaults to max - min over both maps (Quantus's
+    choice). Two equal constant maps have no range: their SSIM is 1.0.
+    """
+    import torch.nn.functional as F
+
+    _check_grid_dims(grid_dims)
+    a = _maps(a, "a", grid_dims)
+    b = _maps(b, "b", grid_dims).to(a.device)
+    if tuple(a.shape[-grid_dims:]) != tuple(b.shape[-grid_dims:]):
+        raise bad_value("b", f"maps of a's grid {tuple(a.shape[-grid_dims:])}", b)
+    a, b = _broadcast_lead(a, b, grid_dims, "b")
+    lead, grid = a.shape[: a.dim() - grid_dims], tuple(a.shape[-grid_dims:])
+    dtype = _accum_dtype(a.device)
+    x, y = (t.reshape(-1, 1, *grid).to(dtype) for t in (a, b))
+    win = _positive_int(win_size, "win_size", "a positive odd window size")
+    win = min(win, *(n if n % 2 else n - 1 for n in grid))
+    if data_range is None:
+        both = torch.cat([x.flatten(1), y.flatten(1)], dim=1)
+        rng = both.amax(dim=1) - both.amin(dim=1)
+    else:
+        rng = torch.full((x.shape[0],), float(data_range), dtype=dtype, device=x.device)
+    pool = F.avg_pool2d if grid_dims == 2 else F.avg_pool3d
+    mean = lambda t: pool(t, win, stride=1)  # noqa: E731 (windows inside the grid only)
+    ux, uy = mean(x), mean(y)
+    cov = win ** grid_dims / (win ** grid_dims - 1) if win > 1 else 1.0  # sample covariance
+    vx, vy = cov * (mean(x * x) - ux * ux), cov * (mean(y * y) - uy * uy)
+    vxy = cov * (mean(x * y) - ux * uy)
+    shape = (-1,) + (1,) * (grid_dims + 1)
+    c1, c2 = ((k * rng) ** 2 for k in (0.01, 0.03))
+    c1, c2 = c1.view(shape), c2.view(shape)
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    s = torch.where(rng.view(shape) > 0, s, 1.0)  # equal constant maps: identical
+    return s.flatten(1).mean(dim=1).reshape(lead)
+
+
+def randomizable_layers(model: Any) -> list[str]:
+    """The modules of ``model`` with parameters of their own and ``reset_parameters()``,
+    top (last registered, nearest the output) first: Adebayo et al.'s cascading order."""
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise bad_type("model", "an nn.Module (an adapter is one) to randomise", model)
+    return [name for name, module in reversed(list(model.named_modules()))
+            if callable(getattr(module, "reset_parameters", None))
+            and any(True for _ in module.parameters(recurse=False))]
+
+
+def randomized_models(model: Any, *, mode: str = "cascading",
+                      layers: Sequence[str] | None = None, seed: int = 0) -> Any:
+    """Adebayo et al.'s model parameter randomisation (sec. 3.1), on copies of ``model``.
+
+    Yields (layer name, randomised copy) for each of ``layers`` (default
+    :func:`randomizable_layers`, top first). "cascading": one copy, its layers
+    re-initialised one after the other from the top, each step adding to the last
+    (the copy yielded is changed further by the next step); "independent": a fresh
+    copy with only that layer re-initialised. A layer is re-initialised by its own
+    ``reset_parameters()`` with the RNG seeded ``seed + 1`` (as Quantus), the
+    global RNG left as it was. The caller's model is never changed.
+    """
+    import copy
+
+    if mode not in ("cascading", "independent"):
+        raise bad_value("mode", "'cascading' or 'independent'", mode)
+    every = randomizable_layers(model)
+    chosen = every if layers is None else list(layers)
+    if isinstance(layers, str) or not chosen or any(n not in every for n in chosen):
+        raise bad_value("layers", "names of the model's layers with reset_parameters() "
+                        f"(such as {', '.join(every[:4])})", layers)
+    current = copy.deepcopy(model)
+    for name in chosen:
+        if mode == "independent":
+            current = copy.deepcopy(model)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(int(seed) + 1)
+            current.get_submodule(name).reset_parameters()
+        yield name, current

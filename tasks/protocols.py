@@ -45,18 +45,27 @@ import torch
 from mmexplain.engine import Explanation, borrowed, call_model
 from mmexplain.errors import bad_value
 from mmexplain.metrics import (
+    ROAD_FRACTIONS,
     average_drop,
     bbox_from_map,
+    blurred_input,
     box_inside_outside_ratio,
     boxes_to_mask,
+    curve_auc,
     explanation_input,
     increase_in_confidence,
     loc_metric,
     localization_error,
     mean_sem,
+    perturbation_curve,
     pointing_accuracy,
     pointing_game,
+    randomized_models,
     rank_correlation,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    road_curve,
+    ssim,
     summarize_ratios,
     win_percent,
     win_shares,
@@ -546,6 +555,334 @@ def summarize_faithfulness(entries: Sequence[Mapping[str, Any]], methods: Sequen
     return out
 
 
+
+# --------------------------------------------------------------------------- the evaluation literature
+#
+# Deletion / insertion (Petsiuk et al., RISE, BMVC 2018), ROAD (Rong et al., ICML 2022),
+# relevance mass and rank accuracy (Arras et al., CLEVR-XAI 2022) and the model
+# parameter randomisation checks (Adebayo et al., NeurIPS 2018); the measures are
+# :mod:`mmexplain.metrics` functions, a model enters them through :func:`class_scorer`.
+
+#: Steps of a deletion / insertion curve (each removes or inserts 1/32 of the cells).
+CURVE_STEPS = 32
+#: Parameter randomisation modes of Adebayo et al. (sec. 3.1).
+RANDOMIZATIONS = ("cascading", "independent")
+
+
+def batch_confidences(task: ClassTask, pixels: torch.Tensor) -> torch.Tensor:
+    """The confidence of every class for N inputs at once: pixels (N, 3, *grid) in [0, 1]
+    -> (N, C) float64 (softmax of a classifier's logits; p(caption | image) of a captioner's
+    candidate captions), :meth:`ClassTask.confidences` batched."""
+    x = task.model_input(pixels)
+    n = x.shape[0]
+    with torch.no_grad():
+        if isinstance(task, CaptionTask):
+            c = task.tokens.shape[0]
+            logp = task.adapter.score(x.repeat_interleave(c, dim=0),
+                                      task.tokens.to(x.device).repeat(n, 1))
+            return logp.view(n, c).double().exp()
+        from mmexplain.engine import expand_context
+
+        with borrowed(task.adapter):
+            out = call_model(task.adapter, x, expand_context(task.context, 1, n))
+        return torch.softmax(logits_of(out).double(), dim=1)
+
+
+def class_scorer(task: ClassTask, classes: Sequence[int]) -> Any:
+    """The ``score`` of the perturbation metrics: pixels (N, 3, *grid) -> (N, K, 2), for
+    each of the K ``classes`` its confidence and 1.0 where it is still the top class."""
+    index = torch.tensor(list(classes), dtype=torch.long)
+
+    def score(pixels: torch.Tensor) -> torch.Tensor:
+        conf = batch_confidences(task, pixels)  # (N, C)
+        picked = conf[:, index.to(conf.device)]  # (N, K)
+        top = (conf.argmax(dim=1, keepdim=True) == index.to(conf.device)).to(conf.dtype)
+        return torch.stack([picked, top], dim=-1)
+
+    return score
+
+
+def baseline_of(pixels: torch.Tensor, kind: str) -> float | torch.Tensor:
+    """The pixels a deletion puts in / an insertion starts from: "black" (RISE's deletion),
+    "blur" (RISE's insertion: :func:`mmexplain.metrics.blurred_input`) or "mean" (the
+    input's mean colour). pixels (1, 3, *grid)."""
+    if kind == "black":
+        return 0.0
+    if kind == "blur":
+        return blurred_input(pixels[0], grid_dims=pixels.dim() - 2)
+    if kind == "mean":
+        dims = tuple(range(1, pixels.dim() - 1))
+        return pixels[0].mean(dim=dims, keepdim=True).expand_as(pixels[0])
+    raise bad_value("baseline", "'black', 'blur' or 'mean'", kind)
+
+
+def _predicted(task: ClassTask, pixels: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+    x = task.model_input(pixels)
+    y = task.confidences(x)
+    cls = int(y.argmax())
+    return x, cls, float(y[cls])
+
+
+def perturbation(task: ClassTask, pixels: torch.Tensor, *, mode: str = "deletion",
+                 methods: Sequence[str] = METHODS, steps: int = CURVE_STEPS,
+                 cell: int | Sequence[int] = 1, baseline: str | None = None,
+                 batch_size: int = 64) -> dict[str, Any]:
+    """Deletion or insertion (RISE sec. 4.1) of the predicted class's map of one input.
+
+    pixels (1, 3, H, W) or (1, 3, T, H, W) in [0, 1]; ``baseline`` default: black
+    for deletion, blurred for insertion, as RISE.
+    -> {"class", "Y", "curve": {method: steps + 1 confidences}, "auc": {method: AUC}}
+    """
+    x, cls, y = _predicted(task, pixels)
+    base = baseline_of(pixels, baseline or ("black" if mode == "deletion" else "blur"))
+    score = class_scorer(task, [cls])
+    out: dict[str, Any] = {"class": cls, "Y": y, "curve": {}, "auc": {}}
+    for method in methods:
+        maps = explain(task, x, [cls], method)  # (1, *grid)
+        curve = perturbation_curve(score, pixels[0], maps, mode=mode, steps=steps, cell=cell,
+                                   baseline=base, batch_size=batch_size,
+                                   grid_dims=pixels.dim() - 2)[0, :, 0]  # confidences
+        out["curve"][method] = curve.tolist()
+        out["auc"][method] = float(curve_auc(curve))
+    return out
+
+
+def road(task: ClassTask, pixels: torch.Tensor, *, methods: Sequence[str] = METHODS,
+         fractions: Sequence[float] = ROAD_FRACTIONS, noise: float = 0.01, seed: int = 0,
+         batch_size: int = 64) -> dict[str, Any]:
+    """ROAD (Rong et al. sec. 4) of the predicted class's map of one input, both orders.
+
+    -> {"class", "Y", "fractions", "morf" / "lerf": {method: confidence per fraction},
+        "morf_top1" / "lerf_top1": {method: 1.0 where the class is still the top one}}
+    """
+    x, cls, y = _predicted(task, pixels)
+    score = class_scorer(task, [cls])
+    out: dict[str, Any] = {"class": cls, "Y": y, "fractions": [float(f) for f in fractions]}
+    for key in ("morf", "lerf", "morf_top1", "lerf_top1"):
+        out[key] = {}
+    for method in methods:
+        maps = explain(task, x, [cls], method)
+        for order in ("morf", "lerf"):
+            curve = road_curve(score, pixels[0], maps, order=order, fractions=fractions,
+                               noise=noise, seed=seed, batch_size=batch_size,
+                               grid_dims=pixels.dim() - 2)[0]  # (F, 2)
+            out[order][method] = curve[:, 0].tolist()
+            out[f"{order}_top1"][method] = curve[:, 1].tolist()
+    return out
+
+
+def relevance(task: ClassTask, x: torch.Tensor, cls: int, mask: torch.Tensor, *,
+              methods: Sequence[str] = METHODS) -> dict[str, Any]:
+    """Relevance mass and rank accuracy (Arras et al. eq. 3, 4) of class ``cls``'s map
+    against a ground-truth mask (H, W) or (T, H, W); the map is resized to the mask."""
+    dims = mask.dim()
+    out: dict[str, Any] = {"mass": {}, "rank": {}}
+    for method in methods:
+        maps = explain(task, x, [cls], method)[0]
+        out["mass"][method] = float(relevance_mass_accuracy(maps, mask, grid_dims=dims))
+        out["rank"][method] = float(relevance_rank_accuracy(maps, mask, grid_dims=dims))
+    return out
+
+
+def word_relevance(adapter: Any, image: torch.Tensor, words: Sequence[str],
+                   positions: Sequence[int], masks: torch.Tensor, *,
+                   methods: Sequence[str] = METHODS) -> dict[str, Any]:
+    """Relevance mass and rank accuracy of K caption words' maps (one backward per method,
+    as :func:`word_pointing`) against their masks (K, H, W)."""
+    target, context = word_task(adapter, words, positions)
+    out: dict[str, Any] = {"mass": {}, "rank": {}}
+    for method in methods:
+        maps = evidence(make_cam(adapter, method)(image, target=target, **context).maps[0])
+        out["mass"][method] = relevance_mass_accuracy(maps, masks).tolist()
+        out["rank"][method] = relevance_rank_accuracy(maps, masks).tolist()
+    return out
+
+
+def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str] = METHODS,
+           modes: Sequence[str] = RANDOMIZATIONS, layers: Sequence[str] | None = None,
+           seed: int = 0, size: Sequence[int] | None = None) -> dict[str, Any]:
+    """Adebayo et al.'s parameter randomisation (sec. 3.1) for class ``cls`` of one input.
+
+    Every layer of ``layers`` (default: every layer with parameters, top first) is
+    randomised on a copy of the model (:func:`mmexplain.metrics.randomized_models`),
+    cascading and / or independently; each method's map of the copy is compared with
+    the trained model's, upsampled to ``size``: Spearman rank correlation and SSIM of
+    the min-max normalised maps.
+    -> {"layers": names, mode: {method: {"rho": per layer, "ssim": per layer}}}
+    """
+    import copy
+
+    from mmexplain.engine import normalize_maps
+
+    def norm(m: torch.Tensor) -> torch.Tensor:
+        return normalize_maps(m.unsqueeze(0), start_dim=1)[0]
+
+    original = {m: explain(task, x, [cls], m, size)[0] for m in methods}
+    out: dict[str, Any] = {"layers": None}
+    for mode in modes:
+        out[mode] = {m: {"rho": [], "ssim": []} for m in methods}
+        names = []
+        for name, model in randomized_models(task.adapter, mode=mode, layers=layers, seed=seed):
+            names.append(name)
+            randomized = copy.copy(task)
+            randomized.adapter = model
+            for m in methods:
+                r = explain(randomized, x, [cls], m, size)[0]
+                dims = r.dim()
+                out[mode][m]["rho"].append(float(rank_correlation(r, original[m],
+                                                                  grid_dims=dims)))
+                out[mode][m]["ssim"].append(float(ssim(norm(r), norm(original[m]),
+                                                       grid_dims=dims)))
+        out["layers"] = names
+    return out
+
+
+def _shapes_tasks(adapter: Any, sample: Any, *, first: bool = False
+                  ) -> list[tuple[dict[str, Any], ClassTask, Any]]:
+    """The inputs a shapes-world scene or clip gives a model: (info, task, qa or None).
+
+    A clip: one, the action classifier; a scene with a VQA model: one per question
+    (the first only with ``first``); with a captioner: its own greedy caption."""
+    if hasattr(sample, "video"):
+        return [({"action": int(sample.action)}, ClassTask(adapter), None)]
+    if hasattr(adapter, "answer_vocab"):
+        qas = sample.qas[:1] if first else sample.qas
+        return [({"question": qa.question, "truth": qa.answer},
+                 ClassTask(adapter, adapter.question_context(qa.question)), qa) for qa in qas]
+    caption = adapter.captions(scene_pixels(sample, device_of(adapter))).words[0]
+    return [({"caption": " ".join(caption)}, CaptionTask(adapter, [caption]), None)]
+
+
+def _named(adapter: Any, info: dict[str, Any], cls: int) -> dict[str, Any]:
+    """The entry's info with the model's answer named (VQA)."""
+    if "question" in info:
+        return {**info, "answer": adapter.answer_vocab.itos[cls]}
+    return info
+
+
+def shapes_perturbation(adapter: Any, sample: Any, *, mode: str = "deletion",
+                        methods: Sequence[str] = METHODS, **options: Any
+                        ) -> list[dict[str, Any]]:
+    """Deletion or insertion on a scene or clip: one entry per input of
+    :func:`_shapes_tasks` (``options`` as :func:`perturbation`)."""
+    pixels = scene_pixels(sample, device_of(adapter))
+    entries = []
+    for info, task, _ in _shapes_tasks(adapter, sample):
+        result = perturbation(task, pixels, mode=mode, methods=methods, **options)
+        entries.append({**_named(adapter, info, result["class"]), **result})
+    return entries
+
+
+def shapes_road(adapter: Any, sample: Any, *, methods: Sequence[str] = METHODS,
+                **options: Any) -> list[dict[str, Any]]:
+    """ROAD on a scene or clip, one entry per input (``options`` as :func:`road`)."""
+    pixels = scene_pixels(sample, device_of(adapter))
+    entries = []
+    for info, task, _ in _shapes_tasks(adapter, sample):
+        result = road(task, pixels, methods=methods, **options)
+        entries.append({**_named(adapter, info, result["class"]), **result})
+    return entries
+
+
+def shapes_relevance(adapter: Any, sample: Any, *, methods: Sequence[str] = METHODS
+                     ) -> list[dict[str, Any]]:
+    """Relevance mass and rank accuracy on the world's exact masks: a VQA model's answer
+    to each question about objects against their masks; a captioner's caption words
+    against the objects they name; an action classifier's predicted action against the
+    actor's masks in every frame (T, H, W)."""
+    pixels = scene_pixels(sample, device_of(adapter))
+    if hasattr(sample, "video"):
+        task = ClassTask(adapter)
+        x, cls, _ = _predicted(task, pixels)
+        mask = torch.from_numpy(sample.masks[sample.actor])
+        return [{"action": int(sample.action), "class": cls,
+                 **relevance(task, x, cls, mask, methods=methods)}]
+    if not hasattr(adapter, "answer_vocab"):
+        words = list(sample.caption.tokens)
+        positions = [i for i, refs in enumerate(sample.caption.refs) if refs]
+        if not positions:
+            return []
+        masks = torch.from_numpy(np.stack([sample.mask_of(sample.caption.refs[p])
+                                           for p in positions]))
+        got = word_relevance(adapter, pixels, words, positions, masks, methods=methods)
+        return [{"word": words[p], "position": p,
+                 "mass": {m: got["mass"][m][k] for m in methods},
+                 "rank": {m: got["rank"][m][k] for m in methods}} for k, p in enumerate(positions)]
+    entries = []
+    for info, task, qa in _shapes_tasks(adapter, sample):
+        if not qa.answer_refs:
+            continue  # "no" / "zero": no object to find
+        x, cls, _ = _predicted(task, pixels)
+        mask = torch.from_numpy(sample.mask_of(qa.answer_refs))
+        entries.append({**_named(adapter, info, cls), "class": cls,
+                        **relevance(task, x, cls, mask, methods=methods)})
+    return entries
+
+
+def shapes_sanity(adapter: Any, sample: Any, *, methods: Sequence[str] = METHODS,
+                  **options: Any) -> list[dict[str, Any]]:
+    """Parameter randomisation on a scene (a VQA model's first question, a captioner's own
+    caption) or a clip, maps compared at the input's size (``options`` as :func:`sanity`)."""
+    pixels = scene_pixels(sample, device_of(adapter))
+    info, task, _ = _shapes_tasks(adapter, sample, first=True)[0]
+    x, cls, _ = _predicted(task, pixels)
+    result = sanity(task, x, cls, methods=methods, size=tuple(pixels.shape[2:]), **options)
+    return [{**_named(adapter, info, cls), "class": cls, **result}]
+
+
+def _mean_curve(curves: Sequence[Sequence[float]]) -> list[float] | None:
+    return np.mean(np.asarray(curves, dtype=np.float64), axis=0).tolist() if curves else None
+
+
+def summarize_perturbation(entries: Sequence[Mapping[str, Any]], methods: Sequence[str]
+                           ) -> dict[str, Any]:
+    """Mean AUC (with its standard error) and the mean curve per method (RISE sec. 4.1):
+    lower is better for deletion, higher for insertion."""
+    return {m: {"auc": _finite_summary([e["auc"][m] for e in entries]),
+                "curve": _mean_curve([e["curve"][m] for e in entries])} for m in methods}
+
+
+def summarize_road(entries: Sequence[Mapping[str, Any]], methods: Sequence[str]
+                   ) -> dict[str, Any]:
+    """ROAD per method: the mean confidence and the accuracy (class still on top) at each
+    fraction, MoRF and LeRF, their means over the fractions ("area"; MoRF lower and LeRF
+    higher is better) and the gap LeRF - MoRF."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        res: dict[str, Any] = {}
+        for order in ("morf", "lerf"):
+            res[order] = _mean_curve([e[order][m] for e in entries])
+            res[f"{order}_accuracy"] = _mean_curve([e[f"{order}_top1"][m] for e in entries])
+            res[f"{order}_area"] = float(np.mean(res[order])) if res[order] else None
+        res["gap"] = (res["lerf_area"] - res["morf_area"]) if entries else None
+        out[m] = res
+    if entries:
+        out["fractions"] = list(entries[0]["fractions"])
+    return out
+
+
+def summarize_relevance(entries: Sequence[Mapping[str, Any]], methods: Sequence[str]
+                        ) -> dict[str, Any]:
+    """Mean relevance mass and rank accuracy per method (Arras et al. eq. 3, 4)."""
+    return {m: {key: _finite_summary([e[key][m] for e in entries]) for key in ("mass", "rank")}
+            for m in methods}
+
+
+def summarize_sanity(entries: Sequence[Mapping[str, Any]], methods: Sequence[str]
+                     ) -> dict[str, Any]:
+    """Per method and randomisation: the mean rank correlation and SSIM with the trained
+    model's maps after each layer (Adebayo et al. Fig. 2, 4), layers top first."""
+    if not entries:
+        return {m: None for m in methods}
+    layers = entries[0]["layers"]
+    out: dict[str, Any] = {"layers": layers}
+    for m in methods:
+        out[m] = {mode: {key: _mean_curve([e[mode][m][key] for e in entries])
+                         for key in ("rho", "ssim")}
+                  for mode in RANDOMIZATIONS if mode in entries[0]}
+    return out
+
+
 __all__ = [
     "CaptionTask", "ClassTask", "LOC_DELTAS", "METHODS", "SHAPES_BLUR", "SHAPES_TOLERANCE",
     "blurred", "clip_faithfulness", "explain", "faithfulness", "localize", "look_captions",
@@ -554,4 +891,8 @@ __all__ = [
     "shapes_occlusion", "shapes_pointing", "shapes_regions", "summarize_correlation",
     "summarize_faithfulness", "summarize_localization", "summarize_pointing",
     "summarize_regions", "word_pointing",
+    "CURVE_STEPS", "RANDOMIZATIONS", "baseline_of", "batch_confidences", "class_scorer",
+    "perturbation", "relevance", "road", "sanity", "shapes_perturbation", "shapes_relevance",
+    "shapes_road", "shapes_sanity", "summarize_perturbation", "summarize_relevance",
+    "summarize_road", "summarize_sanity", "word_relevance",
 ]

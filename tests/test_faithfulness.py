@@ -1,0 +1,391 @@
+"""The evaluation literature's measures (issue 19): deletion / insertion (RISE), ROAD, relevance
+mass and rank accuracy (CLEVR-XAI), parameter randomisation (Adebayo et al.) -- each against
+hand-computed values on tiny cases, then ``mmexplain eval`` end to end on the shapes world,
+then cross-checks against Quantus and torch-cam where those are installed."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mmexplain as mx
+from mmexplain.cli import main
+from mmexplain.errors import InputError
+from mmexplain.metrics import (
+    curve_auc,
+    deletion_curve,
+    insertion_curve,
+    noisy_linear_imputation,
+    perturbation_curve,
+    randomizable_layers,
+    randomized_models,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    road_curve,
+    ssim,
+)
+
+PIXELS = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])  # (1, 2, 2): one channel
+MAP = torch.tensor([[0.1, 0.4], [0.3, 0.2]])  # order: pixel 2.0, 3.0, 4.0, 1.0
+RAMP = torch.arange(9.0).view(1, 3, 3)
+
+
+def total(x: torch.Tensor) -> torch.Tensor:
+    """A score: the sum of the pixels, for one target, (N, 1)."""
+    return x.flatten(1).sum(1, keepdim=True)
+
+
+# --------------------------------------------------------------------------- deletion / insertion
+
+
+def test_deletion_and_insertion_follow_the_map_most_relevant_first() -> None:
+    assert deletion_curve(total, PIXELS, MAP).tolist() == [10, 8, 5, 1, 0]
+    assert insertion_curve(total, PIXELS, MAP).tolist() == [0, 2, 5, 9, 10]
+    # RISE's auc: trapezoids over 0, 1/4, ..., 1
+    assert float(curve_auc(deletion_curve(total, PIXELS, MAP))) == (10 / 2 + 8 + 5 + 1 + 0) / 4
+    assert float(curve_auc(torch.tensor([1.0, 0.0]))) == 0.5
+    assert float(curve_auc(torch.full((7,), 0.3))) == pytest.approx(0.3)
+    # steps: floor(s * L / steps) pixels at step s
+    assert deletion_curve(total, PIXELS, MAP, steps=2).tolist() == [10, 5, 0]
+    assert deletion_curve(total, PIXELS, MAP, steps=3).tolist() == [10, 8, 5, 0]  # 1, 2, 4
+
+
+def test_ties_an_all_zero_map_and_a_constant_map_remove_in_raster_order() -> None:
+    tied = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    raster = [10, 9, 7, 4, 0]
+    assert deletion_curve(total, PIXELS, tied).tolist() == raster
+    assert deletion_curve(total, PIXELS, torch.zeros(2, 2)).tolist() == raster
+    assert deletion_curve(total, PIXELS, torch.full((2, 2), 3.0)).tolist() == raster
+    base = torch.full_like(PIXELS, 10.0)  # a baseline image: deletion puts its pixels in
+    assert deletion_curve(total, PIXELS, MAP, baseline=base).tolist() == [10, 18, 25, 31, 40]
+
+
+def test_k_targets_are_read_each_at_its_own_score_and_batched_as_asked() -> None:
+    calls = []
+
+    def two(x: torch.Tensor) -> torch.Tensor:  # target 0: the sum, target 1: twice the sum
+        calls.append(len(x))
+        s = x.flatten(1).sum(1)
+        return torch.stack([s, 2 * s], dim=1)
+
+    maps = torch.stack([MAP, torch.zeros(2, 2)])  # (K=2, 2, 2)
+    curves = deletion_curve(two, PIXELS, maps, batch_size=3)
+    assert curves.tolist() == [[10, 8, 5, 1, 0], [20, 18, 14, 8, 0]]
+    assert calls == [3, 3, 3, 1]  # 2 x 5 copies, 3 per forward
+    # extra axes of the score are carried along: (K, steps + 1, 2)
+    pair = deletion_curve(lambda x: torch.stack([total(x), -total(x)], -1), PIXELS, MAP[None])
+    assert pair[0, :, 1].tolist() == [-10, -8, -5, -1, 0]
+
+
+def test_cells_of_clips_are_spatiotemporal() -> None:
+    clip = torch.arange(1.0, 9.0).view(1, 2, 2, 2)  # (C, T=2, 2, 2): frame sums 10 and 26
+    frame_map = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    curve = deletion_curve(total, clip, frame_map, cell=(1, 2, 2), grid_dims=3)
+    assert curve.tolist() == [36, 10, 0]  # the relevant frame goes first, whole
+    cells = deletion_curve(total, torch.ones(1, 4, 4), torch.eye(4), cell=2)
+    assert cells.tolist() == [16, 12, 8, 4, 0]  # 2x2 cells, the diagonal ones first
+    with pytest.raises(InputError, match="cell: expected cell sizes that divide"):
+        deletion_curve(total, torch.ones(1, 4, 4), torch.eye(4), cell=3)
+    with pytest.raises(InputError, match="score: expected a callable returning"):
+        deletion_curve(total, PIXELS, torch.stack([MAP, MAP]))  # K=2 maps, one score
+    with pytest.raises(InputError, match="mode: expected 'deletion' or 'insertion'"):
+        perturbation_curve(total, PIXELS, MAP, mode="both")
+
+
+# --------------------------------------------------------------------------- ROAD
+
+
+def test_noisy_linear_imputation_solves_the_neighbour_system() -> None:
+    one = torch.zeros(3, 3, dtype=torch.bool)
+    one[1, 1] = True  # the mean of its 8 neighbours on a linear ramp: 4
+    assert noisy_linear_imputation(RAMP, one, noise=0)[0, 1, 1] == pytest.approx(4.0)
+    two = one.clone()
+    two[0, 0] = True
+    # by hand: 12 x00 ... -> 5 x00 = 8 + x11 (corner: 1/6 + 1/6 + 1/12), 12 x11 = 48 + x00
+    out = noisy_linear_imputation(RAMP, two, noise=0)
+    assert out[0, 1, 1] == pytest.approx(248 / 59)
+    assert out[0, 0, 0] == pytest.approx((8 + 248 / 59) / 5)
+    assert torch.equal(out[0][~two], RAMP[0][~two])  # kept pixels are kept
+    noisy = noisy_linear_imputation(RAMP, one, noise=0.5, generator=torch.Generator().manual_seed(3))
+    noise = 0.5 * torch.randn((1, 1), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert noisy[0, 1, 1] == pytest.approx(4.0 + float(noise))
+    # a clip: a frame removed whole is imputed from the frames beside it
+    clip = torch.stack([torch.zeros(2, 2), torch.full((2, 2), 3.0)])[None]  # (1, 2, 2, 2)
+    gone = torch.zeros(2, 2, 2, dtype=torch.bool)
+    gone[0] = True
+    assert noisy_linear_imputation(clip, gone, noise=0)[0, 0].tolist() == [[3, 3], [3, 3]]
+    with pytest.raises(InputError, match="removed: expected at least one kept pixel"):
+        noisy_linear_imputation(RAMP, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_road_removes_most_or_least_relevant_pixels_and_imputes_them() -> None:
+    mean = lambda x: x.flatten(1).mean(1, keepdim=True)  # noqa: E731
+    relevance = RAMP[0]  # the brightest pixel is the most relevant
+    morf = road_curve(mean, RAMP, relevance, fractions=[1 / 9], noise=0)
+    assert float(morf[0]) == pytest.approx((36 - 8 + (4 / 12 + 5 / 6 + 7 / 6) / (5 / 12)) / 9)
+    lerf = road_curve(mean, RAMP, relevance, order="lerf", fractions=[1 / 9], noise=0)
+    assert float(lerf[0]) == pytest.approx((36 - 0 + 12 / 5) / 9)  # (1 + 3) / 6 + 4 / 12
+    assert road_curve(mean, RAMP, relevance, fractions=[0.5, 0.2], noise=0.1, seed=4).tolist() \
+        == road_curve(mean, RAMP, relevance, fractions=[0.5, 0.2], noise=0.1, seed=4).tolist()
+    with pytest.raises(InputError, match=r"fractions: expected fractions of the pixels in \(0, 1\)"):
+        road_curve(mean, RAMP, relevance, fractions=[1.0])
+
+
+# --------------------------------------------------------------------------- relevance mass / rank
+
+
+def test_relevance_mass_accuracy_is_the_share_inside_the_mask() -> None:
+    corner = torch.tensor([[1, 0], [0, 0]])
+    assert float(relevance_mass_accuracy(MAP, corner)) == pytest.approx(0.1)
+    assert float(relevance_mass_accuracy(torch.zeros(2, 2), corner)) == 0.25  # as uniform
+    assert float(relevance_mass_accuracy(torch.full((2, 2), 7.0), corner)) == 0.25
+    # maps resized to the mask's grid; 3-D grids; leading axes broadcast
+    assert float(relevance_mass_accuracy(torch.ones(1, 1), corner)) == 0.25
+    clip = torch.zeros(2, 2, 2)
+    clip[1] = 1.0
+    frame = torch.zeros(2, 2, 2, dtype=torch.bool)
+    frame[1, 0] = True
+    assert float(relevance_mass_accuracy(clip, frame, grid_dims=3)) == 0.5
+    both = relevance_mass_accuracy(torch.stack([MAP, MAP.flip(0)]), corner)
+    assert both.tolist() == pytest.approx([0.1, 0.3])
+    with pytest.raises(InputError, match="maps: expected non-negative relevance"):
+        relevance_mass_accuracy(-MAP, corner)
+    with pytest.raises(InputError, match="masks: expected a ground-truth mask with at least one"):
+        relevance_mass_accuracy(MAP, torch.zeros(2, 2))
+
+
+def test_relevance_rank_accuracy_shares_ties_at_the_kth_value() -> None:
+    corner = torch.tensor([[1, 0], [0, 0]])
+    diagonal = torch.tensor([[1, 0], [0, 1]])
+    assert float(relevance_rank_accuracy(MAP, diagonal)) == 0.0  # top 2: 0.4 and 0.3
+    assert float(relevance_rank_accuracy(torch.tensor([[0.4, 0.1], [0.3, 0.2]]), diagonal)) == 0.5
+    tied = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # K = 1 place, two pixels tied for it
+    assert float(relevance_rank_accuracy(tied, corner)) == 0.5
+    assert float(relevance_rank_accuracy(torch.zeros(2, 2), corner)) == 0.25  # chance: K / N
+    assert float(relevance_rank_accuracy(torch.full((2, 2), 2.0), diagonal)) == 0.5
+    two_above = torch.tensor([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0]])  # K = 3: 2 above, 1 of 3 tied
+    mask = torch.tensor([[1, 0, 1, 0, 0, 1]])
+    assert float(relevance_rank_accuracy(two_above, mask)) == pytest.approx((1 + 1 / 3) / 3)
+
+
+# --------------------------------------------------------------------------- sanity checks
+
+
+def test_ssim_equals_the_windowed_formula() -> None:
+    a = torch.arange(9.0).view(3, 3)
+    b = 8 - a  # one 3x3 window: means 4, sample variances 7.5, covariance -7.5, range 8
+    c1, c2 = (0.01 * 8) ** 2, (0.03 * 8) ** 2
+    expected = (2 * 16 + c1) * (-15 + c2) / ((32 + c1) * (15 + c2))
+    assert float(ssim(a, b, win_size=3)) == pytest.approx(expected)
+    assert float(ssim(a, b)) == pytest.approx(expected)  # a 7 window shrinks to the grid
+    assert float(ssim(a, a)) == pytest.approx(1.0)
+    assert float(ssim(torch.ones(4, 4), torch.ones(4, 4))) == 1.0  # equal constants
+    assert float(ssim(torch.zeros(3, 3), torch.zeros(3, 3))) == 1.0
+    assert float(ssim(torch.zeros(3, 3), torch.ones(3, 3), win_size=3)) == pytest.approx(
+        (0.01 ** 2) / (1 + 0.01 ** 2))  # the means' term alone, range 1
+
+
+def test_randomisation_changes_copies_top_first_and_never_the_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert randomizable_layers(model) == ["2", "0"]
+    changed = []
+    for name, copy in randomized_models(model, mode="cascading", seed=5):
+        changed.append([not torch.equal(copy.state_dict()[f"{n}.weight"], before[f"{n}.weight"])
+                        for n in ("0", "2")])
+    assert changed == [[False, True], [True, True]]  # cascading: top layer, then also below
+    independent = [[not torch.equal(c.state_dict()[f"{n}.weight"], before[f"{n}.weight"])
+                    for n in ("0", "2")] for _, c in randomized_models(model, mode="independent")]
+    assert independent == [[False, True], [True, False]]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG as it was
+    with pytest.raises(InputError, match="layers: expected names of the model's layers"):
+        list(randomized_models(model, layers=["1"]))  # a ReLU has no parameters
+
+
+# --------------------------------------------------------------------------- mmexplain eval
+
+SEED = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_eval(out: Path, *argv: str) -> dict:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["eval", *argv, "--weights", "random", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def entries(out: Path) -> list[dict]:
+    return [e for path in sorted(out.glob("records.rank*.jsonl"))
+            for line in path.read_text().splitlines() for e in json.loads(line)["entries"]]
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    from mmexplain.evaluate import load_model
+
+    return load_model("shapes-vqa", "random", seed=SEED).eval()
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from mmexplain.data.shapes import ShapesWorld
+
+    return ShapesWorld(seed=SEED).image(0)
+
+
+def test_eval_deletion_records_the_confidence_after_each_step(tmp_path: Path, vqa, scene
+                                                              ) -> None:
+    summary = run_eval(tmp_path, "deletion", "--limit", "1", "--steps", "4", "--method",
+                       "gradcam")
+    got = entries(tmp_path)
+    assert [e["question"] for e in got] == [qa.question for qa in scene.qas]
+    image = torch.from_numpy(scene.image)[None]
+    qa = scene.qas[0]
+    context = vqa.question_context(qa.question)
+    with torch.no_grad():
+        answer = int(vqa(image, **context).softmax(1)[0].argmax())
+    maps = mx.GradCAM(vqa)(image, target=answer, **context).maps[0]  # (1, h, w)
+
+    def confidence(x: torch.Tensor) -> torch.Tensor:
+        rows = {k: v.expand(len(x), *v.shape[1:]) for k, v in context.items()}
+        return vqa(x, **rows).softmax(1)[:, [answer]]
+
+    curve = deletion_curve(confidence, image[0], maps.clamp(min=0), steps=4)[0]
+    assert got[0]["class"] == answer and got[0]["answer"] == vqa.answer_vocab.itos[answer]
+    assert got[0]["curve"]["gradcam"] == pytest.approx(curve.tolist(), abs=1e-6)
+    assert got[0]["auc"]["gradcam"] == pytest.approx(float(curve_auc(curve)), abs=1e-6)
+    aucs = [e["auc"]["gradcam"] for e in got]
+    assert summary["gradcam"]["auc"]["mean"] == pytest.approx(float(np.mean(aucs)))
+    assert summary["gradcam"]["auc"]["n"] == len(scene.qas)
+
+
+def test_eval_road_and_relevance_on_vqa_resume_where_they_stopped(tmp_path: Path, scene
+                                                                 ) -> None:
+    road = run_eval(tmp_path / "road", "road", "--limit", "1", "--fractions", "0.5",
+                    "--method", "gradcam")
+    got = entries(tmp_path / "road")
+    assert road["fractions"] == [0.5] and len(got) == len(scene.qas)
+    assert road["gradcam"]["morf"] == pytest.approx([np.mean([e["morf"]["gradcam"][0]
+                                                              for e in got])])
+    assert road["gradcam"]["gap"] == pytest.approx(road["gradcam"]["lerf_area"]
+                                                   - road["gradcam"]["morf_area"])
+    rel = tmp_path / "relevance"
+    run_eval(rel, "relevance", "--limit", "1", "--method", "gradcam,eigencam")
+    first = (rel / "records.rank0.jsonl").read_text()
+    summary = run_eval(rel, "relevance", "--limit", "2", "--method", "gradcam,eigencam",
+                       "--resume")
+    assert (rel / "records.rank0.jsonl").read_text().startswith(first)  # scene0 kept, not redone
+    got = entries(rel)
+    assert [e["question"] for e in got][:len([q for q in scene.qas if q.answer_refs])] == [
+        q.question for q in scene.qas if q.answer_refs]  # questions about objects only
+    for m in ("gradcam", "eigencam"):
+        assert summary[m]["mass"]["mean"] == pytest.approx(np.mean([e["mass"][m] for e in got]))
+        assert all(0 <= e["rank"][m] <= 1 for e in got)
+
+
+def test_eval_sanity_on_clips_decorrelates_the_randomised_top_layers(tmp_path: Path) -> None:
+    summary = run_eval(tmp_path, "sanity", "--dataset", "shapes-clips", "--limit", "1",
+                       "--method", "gradcam", "--layers", "model.fc8,model.conv5b.0",
+                       "--randomization", "cascading")
+    (entry,) = entries(tmp_path)
+    assert entry["layers"] == summary["layers"] == ["model.fc8", "model.conv5b.0"]
+    rho = entry["cascading"]["gradcam"]["rho"]
+    assert len(rho) == 2 and all(-1 <= r <= 1 for r in rho)
+    assert summary["gradcam"]["cascading"]["rho"] == pytest.approx(rho)
+    assert "independent" not in summary["gradcam"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["road", "--fractions", "0,0.5"], "--fractions: expected comma-separated fractions in (0, 1)"),
+    (["deletion", "--cell", "0"], "--cell: expected a positive number of pixels"),
+    (["sanity", "--layers", "nowhere", "--limit", "1"], "layers: expected names of the model's"),
+])
+def test_bad_arguments_of_the_new_protocols_are_named(argv, message, tmp_path: Path,
+                                                      capsys) -> None:
+    rc = main(["eval", *argv, "--weights", "random", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def test_relevance_and_randomisation_measures_equal_quantus() -> None:
+    """Quantus (0.6) on the same maps: relevance mass and rank accuracy (maps without ties:
+    Quantus breaks ties by position, mmexplain shares them), Spearman and SSIM similarity,
+    and ROAD's noisy linear imputation without noise."""
+    quantus = pytest.importorskip("quantus")
+    from quantus.functions import perturb_func, similarity_func
+
+    rng = np.random.default_rng(0)
+    a = rng.random((1, 1, 8, 8)).astype(np.float32)
+    s = np.zeros((1, 1, 8, 8), dtype=np.float32)
+    s[..., 2:5, 3:7] = 1
+    x = rng.random((1, 1, 8, 8)).astype(np.float32)
+    for metric, ours in ((quantus.RelevanceMassAccuracy, relevance_mass_accuracy),
+                         (quantus.RelevanceRankAccuracy, relevance_rank_accuracy)):
+        theirs = metric(disable_warnings=True)(model=None, x_batch=x, y_batch=np.zeros(1, int),
+                                               a_batch=a, s_batch=s)
+        assert float(ours(torch.from_numpy(a[0, 0]), torch.from_numpy(s[0, 0]))) == \
+            pytest.approx(theirs[0], abs=1e-6)
+    b = rng.random((8, 8))
+    from mmexplain.metrics import rank_correlation
+
+    assert float(rank_correlation(torch.from_numpy(a[0, 0]), torch.from_numpy(b))) == \
+        pytest.approx(similarity_func.correlation_spearman(a[0, 0].ravel(), b.ravel()), abs=1e-6)
+    assert float(ssim(torch.from_numpy(a[0, 0]).double(), torch.from_numpy(b))) == \
+        pytest.approx(similarity_func.ssim(a[0, 0].astype(np.float64), b), abs=1e-6)
+    img = rng.random((3, 8, 8))
+    removed = np.zeros(64, dtype=bool)
+    removed[[9, 10, 27, 40]] = True
+    theirs = perturb_func.noisy_linear_imputation(arr=img, indices=np.flatnonzero(removed),
+                                                  noise=0.0)
+    ours = noisy_linear_imputation(torch.from_numpy(img), torch.from_numpy(removed).view(8, 8),
+                                   noise=0)
+    assert ours.numpy() == pytest.approx(theirs, abs=1e-6)
+
+
+def test_deletion_and_insertion_auc_equal_torch_cam() -> None:
+    """torch-cam's deletion / insertion metric on the same model, input and map, where the
+    definitions coincide: pixel order by the map resized to the input, the class's softmax
+    probability, zeros replacing pixels. They differ in the insertion baseline (RISE blurs,
+    torch-cam starts from zeros: compared here with baseline 0) and in how many pixels a step
+    changes (compared with steps that divide the image)."""
+    metrics = pytest.importorskip("torchcam.metrics")
+    peer = getattr(metrics, "DeletionInsertionMetric", None)
+    if peer is None:
+        pytest.skip("this torch-cam has no DeletionInsertionMetric")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 5)).eval()
+    x = torch.rand(1, 3, 16, 16)
+    cam = torch.rand(1, 16, 16)
+    cls = int(model(x).argmax())
+
+    def prob(batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).softmax(1)[:, [cls]]
+
+    peer_metric = peer(model, steps=16)
+    theirs = peer_metric(x, cam, cls)
+    for mode in ("deletion", "insertion"):
+        ours = perturbation_curve(prob, x[0], cam, mode=mode, steps=16)[0]
+        assert float(curve_auc(ours)) == pytest.approx(float(theirs[mode]), abs=1e-5)
