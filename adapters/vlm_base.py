@@ -123,6 +123,7 @@ class VisionLanguageAdapter(Adapter):
         self.weights_source = source or "a model passed in"
         self.eos_id, self.pad_id = self._special_ids()
         self._state: dict[str, Any] | None = None
+        self._prompt = self.default_prompt  # the last prepared prompt
 
     # -- what a family says ------------------------------------------------------------
 
@@ -235,11 +236,8 @@ class VisionLanguageAdapter(Adapter):
         """
         features = self.image_features(acts)
         rows = acts.shape[0]
-        if input_ids is None:
-            if question is None:
-                raise bad_value("input_ids", "the prompt's token ids (B, P) from "
-                                "prepare_image, or question= a prompt text", None)
-            prompt = self.prompt_context(question)
+        if input_ids is None:  # the question, else the last prepared prompt
+            prompt = self.prompt_context(self._prompt if question is None else question)
             input_ids, attention_mask = prompt.pop("input_ids"), prompt.pop("attention_mask")
             context = {**prompt, **context}
         ids = _rows("input_ids", input_ids, rows)
@@ -322,6 +320,7 @@ class VisionLanguageAdapter(Adapter):
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise bad_value("image", "an RGB picture (H, W, 3)", image)
         text = self.format_prompt(self.default_prompt if prompt is None else prompt)
+        self._prompt = text  # the prompt of calls without input_ids
         out = self._process(image if image.flags.writeable else image.copy(), text)
         inputs = out.pop("pixel_values")
         vision_device = device_of(self.vision)
@@ -370,13 +369,15 @@ class VisionLanguageAdapter(Adapter):
                         f"goes (this processor has no chat template to place it)",
                         repr(prompt), raw=True)
 
-    def prompt_context(self, prompt: str) -> dict[str, torch.Tensor]:
-        """Token ids (B, P) of a prompt for the images of the last ``encode``: the processor
-        run on a blank picture of their size (it only counts the image tokens)."""
-        if self._state is None:
+    def prompt_context(self, prompt: str, meta: Mapping[str, Any] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Token ids (B, P) of a prompt for the images of the last ``encode`` (or of
+        ``meta``): the processor run on a blank picture of their size (it only counts the
+        image tokens)."""
+        if meta is None and self._state is None:
             raise InputError("question: expected a prompt for the images of the last "
                              "encode(), received one before any encode()")
-        meta = self._state["meta"]
+        meta = self._state["meta"] if meta is None else meta
         height, width = meta.get("original", meta["size"])
         out = self._process(np.zeros((height, width, 3), dtype=np.uint8),
                             self.format_prompt(prompt))
@@ -389,9 +390,10 @@ class VisionLanguageAdapter(Adapter):
     def generate(self, inputs: torch.Tensor, *, max_new_tokens: int = 20, **context: Any
                  ) -> torch.Tensor:
         """Greedy generation -> the new tokens (B, T), padding after the end token."""
-        ids = context.get("input_ids")
-        if ids is None:
-            raise bad_value("input_ids", "the prompt's token ids from prepare_image", None)
+        if context.get("input_ids") is None:  # the last prepared prompt
+            meta = self._vision_batch(inputs, context)[1]
+            context = {**context, **self.prompt_context(self._prompt, meta)}
+        ids = context["input_ids"]
         kwargs = {k: v for k, v in context.items() if k not in ("tokens", "mask", "answers")}
         kwargs.update(self._model_pixels(inputs, kwargs))
         image_id = getattr(self.model.config, "image_token_id", None)
@@ -409,8 +411,10 @@ class VisionLanguageAdapter(Adapter):
         return {"pixel_values": inputs}
 
     def tokenize(self, texts: Sequence[str], **context: Any) -> torch.Tensor:
-        """Texts -> (N, T) token ids: each text's tokens then the end token, padded."""
+        """Texts (or word lists) -> (N, T) token ids: each text's tokens then the end token,
+        padded (unknown words become the tokenizer's unknown token)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [" ".join(t) if isinstance(t, (list, tuple)) else t for t in texts]  # words
         if not texts or not all(isinstance(t, str) for t in texts):
             raise bad_type("texts", "a string or a non-empty list of strings", texts)
         rows = [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) + [self.eos_id]
@@ -421,14 +425,18 @@ class VisionLanguageAdapter(Adapter):
             ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
         return ids.to(self._text_device())
 
+    def caption_context(self, captions: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"tokens": (B, T)}`` for caption strings (as the other captioners offer)."""
+        return {"tokens": self.tokenize(captions)}
+
     def decode(self, tokens: torch.Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(
             torch.as_tensor(tokens).tolist(), skip_special_tokens=True)]
 
     def word_groups(self, tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
-        """The words of one row of tokens (T,) with the steps of their subword tokens: a
-        token starts a word when the text decoded so far grows by a space-led piece."""
-        return word_groups(self.tokenizer, tokens)
+        """The words of one row of tokens (T,) with the steps of their subword tokens
+        (:func:`word_groups`; reading stops at the model's end token)."""
+        return word_groups(self.tokenizer, tokens, stop=(self.eos_id,))
 
     # -- Answer --------------------------------------------------------------------------
 
@@ -520,29 +528,46 @@ def _added_special(tokenizer: Any, token: int) -> bool:
             and tokenizer.decode([token]) != "")
 
 
-def word_groups(tokenizer: Any, tokens: torch.Tensor) -> list[tuple[str, list[int]]]:
-    """Words of a row of token ids (T,) and their steps; special tokens left out."""
+def word_groups(tokenizer: Any, tokens: torch.Tensor, stop: Sequence[int | None] = ()
+                ) -> list[tuple[str, list[int]]]:
+    """Words of a row of token ids (T,) and the steps of their subword tokens.
+
+    A token starts a word when the text decoded so far grows by a piece that begins
+    with a space (SentencePiece, byte-level BPE and WordPiece alike), or switches
+    between punctuation and letters/digits ("dog?" is two words, as the other
+    adapters count them). Reading stops at the first end token (``stop`` or the
+    tokenizer's); padding and special tokens are left out, the unknown word's token
+    is a word.
+    """
     ids = torch.as_tensor(tokens).flatten().tolist()
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    groups: list[tuple[list[int], list[int]]] = []
-    text = ""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", []) or []) - {unk}
+    ends = {t for t in (*stop, getattr(tokenizer, "eos_token_id", None)) if t is not None}
+    steps = []
     for step, token in enumerate(ids):
-        if token in special or _added_special(tokenizer, token):
-            if token == getattr(tokenizer, "eos_token_id", None):
-                break
-            continue
-        kept = [t for g, _ in groups for t in g] + [token]
-        grown = tokenizer.decode(kept, skip_special_tokens=True)
-        piece = grown[len(text):] if grown.startswith(text) else grown
-        if not groups or piece[:1].isspace() or not text:
-            groups.append(([token], [step]))
+        if token in ends:
+            break
+        if token not in special and (token == unk or not _added_special(tokenizer, token)):
+            steps.append(step)
+
+    def text_of(chosen: Sequence[int]) -> str:
+        return tokenizer.decode([ids[s] for s in chosen], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+
+    groups: list[list[int]] = []
+    before, word_kind = "", True
+    for i, step in enumerate(steps):
+        text = text_of(steps[:i + 1])
+        piece = text[len(before):] if text.startswith(before) else ""
+        kind = any(c.isalnum() for c in piece)
+        if not groups or piece[:1].isspace() or (piece and kind != word_kind):
+            groups.append([step])
+            word_kind = kind
         else:
-            groups[-1][0].append(token)
-            groups[-1][1].append(step)
-        text = grown
-    words = [(tokenizer.decode(g, skip_special_tokens=True).strip(), steps)
-             for g, steps in groups]
-    return [(w, s) for w, s in words if w]
+            groups[-1].append(step)
+        before = text
+    words = [(text_of(g).strip(), g) for g in groups]
+    return [(w, g) for w, g in words if w]
 
 
 def build(cls: type[VisionLanguageAdapter], path: Any, model: nn.Module | None,

@@ -17,7 +17,8 @@ from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
 from vlm_tiny_a import adapters, folders  # noqa: F401 (module fixtures)
 from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, built,
-                        image, model_inputs, reference_maps, check_commands, check_refusals)
+                        check_commands, check_refusals, image, model_inputs, reference_maps,
+                        run_cli)
 
 BUILDERS = {"llava": build_llava, "llava-next": build_llava_next,
             "llava-onevision": build_llava_onevision}
@@ -215,3 +216,21 @@ def test_padded_prompts_are_refused(adapters):
     padded["attention_mask"][0, 0] = 0
     with pytest.raises(InputError, match="attention_mask: expected prompts of one length"):
         mx.GradCAM(adapter)(inputs, target=Steps([0]), tokens=tokens, **padded)
+
+
+def test_eval_pointing_on_coco_runs_on_a_folder(folders, tmp_path, capsys):
+    """`mmexplain eval pointing --dataset coco --weights DIR` (LLaVA-Next: each COCO picture
+    its own tiles): prompt and image size from the model's own prepare_image."""
+    import json
+
+    from conftest import shared_file
+
+    instances = shared_file("coco", "instances.json")
+    captions = shared_file("coco", "captions.json")
+    code = run_cli("eval", "pointing", "--dataset", "coco", "--images", instances.parent,
+                   "--instances", instances, "--captions", captions, "--limit", "2",
+                   "--method", "gradcam", "--weights", folders["llava-next"], "--no-progress",
+                   "--out", tmp_path)
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["gradcam"]["hits"] + summary["gradcam"]["misses"] == 3  # man, man, elephant
