@@ -54,6 +54,17 @@ class PrefixImage(VisionLanguageAdapter):
             hidden = module(hidden.to(device_of(module)), *args)
         return hidden
 
+    def _vision_batch(self, inputs: Any, context: Mapping[str, Any]
+                      ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Pixel values (B, 3, S, S) at the encoder's size (its position embeddings)."""
+        size = self.vision.config.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 \
+                or tuple(inputs.shape[1:]) != (3, *size):
+            raise bad_value("inputs", f"pixel values (B, 3, {size[0]}, {size[1]}) from "
+                            "prepare_image (the vision encoder's size)", inputs)
+        return super()._vision_batch(inputs, context)
+
     def _grid(self, layer: str, tokens: torch.Tensor, meta: Mapping[str, Any]) -> TokenGrid:
         patch = int(self.vision.config.patch_size)
         return tokens_grid(tokens, size=meta["size"], patch=patch)  # CLS first: context

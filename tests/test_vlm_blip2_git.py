@@ -87,6 +87,8 @@ def test_default_layers_and_prompts(adapters):
         "[CLS]", "what", "is", "it"]
     with pytest.raises(InputError, match="prompt: expected a text prompt without '<image>'"):
         blip2.prepare_image(tiny.image(), "<image> what is it")
+    with pytest.raises(InputError, match=r"inputs: expected pixel values \(B, 3, 16, 16\)"):
+        git.encode(torch.zeros(1, 3, 64, 64))
     with pytest.raises(InputError, match="layer: expected one of the target layers of blip2"):
         get_adapter("blip2", model=blip2.model, processor=blip2.processor, layer="qformer")
 
