@@ -96,12 +96,13 @@ class LlavaNext(Llava):
         return tuple(int(n) for n in get_anyres_image_grid_shape(
             size, config.image_grid_pinpoints, config.vision_config.image_size))
 
-    def prepare_image(self, image: np.ndarray, prompt: str | None = None
+    def prepare_image(self, image: np.ndarray, prompt: str | None = None, *,
+                      size: int | None = None
                       ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
         """As the base, with the tiles as channels: inputs (1, tiles*3, S, S) (one image
         tensor, as tasks take them); the image's size is in the context and remembered
         for calls without it (``answer``, ``answer_task``)."""
-        inputs, shown, context = super().prepare_image(image, prompt)
+        inputs, shown, context = super().prepare_image(image, prompt, size=size)
         self._sizes = context["image_sizes"].detach().cpu()
         return inputs.flatten(1, 2), shown, context
 

@@ -314,9 +314,13 @@ class VisionLanguageAdapter(Adapter):
 
     # -- Caption -----------------------------------------------------------------------
 
-    def prepare_image(self, image: np.ndarray, prompt: str | None = None
+    def prepare_image(self, image: np.ndarray, prompt: str | None = None, *,
+                      size: int | None = None
                       ) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
         """An RGB picture (H, W, 3) uint8 and a prompt -> (pixel values, shown, context)."""
+        if size is not None:
+            raise bad_value("--size", "no size for a Hugging Face model (its image processor "
+                            "sets the size)", size)
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise bad_value("image", "an RGB picture (H, W, 3)", image)
         text = self.format_prompt(self.default_prompt if prompt is None else prompt)

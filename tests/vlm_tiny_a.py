@@ -352,8 +352,8 @@ def check_commands(adapter, folder: Path, tmp_path: Path) -> None:
 
 
 def check_refusals(folder: Path, other: str, tmp_path: Path, capsys) -> None:
-    """A folder run as another family, a missing folder and a prompt with two image slots
-    exit 2 with the argument named."""
+    """A folder run as another family, a missing folder, a prompt with two image slots and
+    a --size the processor decides exit 2 with the argument named."""
     picture = picture_file(tmp_path)
     assert run_cli("caption", picture, "--weights", folder, "--model", other) == 2
     assert "--weights: expected a folder of a model" in capsys.readouterr().err
@@ -361,6 +361,8 @@ def check_refusals(folder: Path, other: str, tmp_path: Path, capsys) -> None:
     assert run_cli("caption", picture, "--weights", folder, "--prompt",
                    "<image> <image> two slots") == 2
     assert "prompt: expected a prompt with" in capsys.readouterr().err
+    assert run_cli("caption", picture, "--weights", folder, "--size", 56) == 2
+    assert "--size: expected no size" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- CLIP / SigLIP
