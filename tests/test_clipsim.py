@@ -75,8 +75,15 @@ def test_any_text_becomes_a_category_and_bad_templates_are_named(tiny):
         get_adapter("clip", path=tiny["folders"]["siglip"])
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
-def test_classify_command_end_to_end(tiny, tmp_path, name):
+def test_the_readme_commands_run(tiny, tmp_path, capsys):
+    from vlm_tiny_b import check_readme_commands
+
+    folders = tiny["folders"]
+    check_readme_commands({"clip-vit-base-patch32": folders["clip"],
+                           "siglip-base-patch16-224": folders["siglip"]}, tmp_path, capsys, 2)
+
+
+def test_classify_command_end_to_end(tiny, tmp_path, name="clip"):
     picture = picture_file(tmp_path)
     out = tmp_path / "out"
     code = run_cli("classify", picture, "--weights", tiny["folders"][name], "--out", out,

@@ -16,6 +16,7 @@ from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import anyres_grid, raster_grid
 from mmexplain.errors import InputError
 from vlm_tiny_a import adapters, folders  # noqa: F401 (module fixtures)
+from vlm_tiny_b import check_readme_commands
 from vlm_tiny_a import (Steps, build_llava, build_llava_next, build_llava_onevision, built,
                         check_commands, check_refusals, image, model_inputs, reference_maps,
                         run_cli)
@@ -162,9 +163,15 @@ def test_prompts_without_one_image_slot_and_wrong_folders_are_named(folders, ada
         adapter.at_layer("model.vision_tower.encoder.layers.1")  # after LLaVA's feature layer
 
 
-@pytest.mark.parametrize("name", ['llava', 'llava-next', 'llava-onevision'])
-def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
-    check_commands(adapters[name], folders[name], tmp_path)
+def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path):
+    check_commands(adapters["llava-next"], folders["llava-next"], tmp_path)
+
+
+def test_the_readme_commands_run(folders, tmp_path, capsys):
+    check_readme_commands({"llava-1.5-7b-hf": folders["llava"],
+                           "llava-v1.6-mistral-7b-hf": folders["llava-next"],
+                           "llava-onevision-qwen2-0.5b-ov-hf": folders["llava-onevision"]},
+                          tmp_path, capsys, 5)
 
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):

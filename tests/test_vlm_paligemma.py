@@ -16,6 +16,7 @@ from mmexplain.adapters import get_adapter
 from mmexplain.adapters.tokengrid import raster_grid
 from mmexplain.errors import InputError
 from vlm_tiny_a import adapters, folders  # noqa: F401 (module fixtures)
+from vlm_tiny_b import check_readme_commands
 from vlm_tiny_a import (Steps, build_gemma3, build_paligemma, built, image, model_inputs,
                         reference_maps, check_commands, check_refusals)
 
@@ -114,9 +115,13 @@ def test_prompt_slots_and_folders(folders, adapters):
         get_adapter("paligemma", path=folders["gemma3"])
 
 
-@pytest.mark.parametrize("name", ['paligemma', 'gemma3'])
-def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path, name):
-    check_commands(adapters[name], folders[name], tmp_path)
+def test_caption_and_vqa_commands_end_to_end(folders, adapters, tmp_path):
+    check_commands(adapters["gemma3"], folders["gemma3"], tmp_path)
+
+
+def test_the_readme_commands_run(folders, tmp_path, capsys):
+    check_readme_commands({"paligemma-3b-mix-224": folders["paligemma"],
+                           "gemma-3-4b-it": folders["gemma3"]}, tmp_path, capsys, 4)
 
 
 def test_commands_refuse_wrong_folders_and_prompts(folders, tmp_path, capsys):
