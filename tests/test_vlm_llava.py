@@ -241,3 +241,30 @@ def test_eval_pointing_on_coco_runs_on_a_folder(folders, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["gradcam"]["hits"] + summary["gradcam"]["misses"] == 3  # man, man, elephant
+
+
+def test_base_tile_view_and_onevision_downsampled_tiles(folders, adapters):
+    """LLaVA-Next's view="base" maps the base tile; OneVision with anyres_max_1 shrinks the
+    joined tiles by interpolation (the maps stay on the tiles' grid, differentiated through)."""
+    base = get_adapter("llava-next", path=folders["llava-next"], view="base")
+    inputs, _, context, tokens = _prepared(base, tokens=3)
+    expl = mx.GradCAM(base)(inputs, target=Steps(range(3)), tokens=tokens, **context)
+    sizes = context["image_sizes"][0].tolist()
+    ref, _ = reference_maps(base, base.layer, inputs, context, tokens,
+                            anyres_grid(4, base._tiles(sizes), sizes, view="base"))
+    assert expl.maps.shape == (1, 3, 4, 4) and torch.allclose(expl.maps, ref, atol=1e-5)
+    onevision = adapters["llava-onevision"]
+    saved = onevision.model.config.vision_aspect_ratio
+    onevision.model.config.vision_aspect_ratio = "anyres_max_1"
+    onevision.processor.vision_aspect_ratio = "anyres_max_1"
+    try:
+        inputs, _, context, tokens = _prepared(onevision, tokens=3)
+        assert int((context["input_ids"] == onevision.model.config.image_token_id).sum()) \
+            == 16 + 3 * 5  # base tile + the 6 x 8 tiles shrunk to 3 x 4, newline per row
+        expl = mx.GradCAM(onevision)(inputs, target=Steps(range(3)), tokens=tokens, **context)
+        grid = _grid_of(onevision, "llava-onevision", onevision.layer, inputs, context)
+        ref, _ = reference_maps(onevision, onevision.layer, inputs, context, tokens, grid)
+        assert expl.maps.shape == (1, 3, 6, 8) and torch.allclose(expl.maps, ref, atol=1e-5)
+    finally:
+        onevision.model.config.vision_aspect_ratio = saved
+        onevision.processor.vision_aspect_ratio = saved
