@@ -217,13 +217,15 @@ class QwenVL(VisionLanguageAdapter):
         tail = types.new_zeros(rows, steps - 1)
         return {"image_grid_thw": thw, "mm_token_type_ids": torch.cat([types, tail], dim=1)}
 
-    def prepare_image(self, image: np.ndarray, prompt: str | None = None
+    def prepare_image(self, image: np.ndarray, prompt: str | None = None, *,
+                      size: int | None = None
                       ) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, Any]]:
         """An RGB picture (H, W, 3) uint8 and a prompt -> ({image_grid_thw, pixel_values},
         the picture at the size the model saw it, {input_ids, attention_mask,
         mm_token_type_ids})."""
-        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-            raise bad_value("image", "an RGB picture (H, W, 3)", image)
+        if size is not None or not isinstance(image, np.ndarray) or image.ndim != 3 \
+                or image.shape[2] != 3:
+            return super().prepare_image(image, prompt, size=size)  # its InputError
         self._prompt = self.format_prompt(self.default_prompt if prompt is None else prompt)
         out = self._process(image if image.flags.writeable else image.copy(), self._prompt)
         thw = out.pop("image_grid_thw")

@@ -170,6 +170,8 @@ def test_prompts_the_processor_cannot_place_an_image_in(prepared):
         adapter.prepare_image(tiny.image(), "<|image_pad|> and <|image_pad|>")
     with pytest.raises(InputError, match="image: expected an RGB picture"):
         adapter.prepare_image(np.zeros((8, 8), np.uint8))
+    with pytest.raises(InputError, match="--size: expected no size for a Hugging Face model"):
+        adapter.prepare_image(tiny.image(), size=224)
 
 
 def test_a_folder_of_the_other_family_is_named(folders):
