@@ -19,6 +19,13 @@ localization    top-1/top-5 localization error (sec. 4.1), Loc_I^c(delta)  shape
                 (Grad-CAM++ eq. 26)
 faithfulness    Average Drop %, % Increase in Confidence, Win %            shapes, shapes-clips,
                 (Grad-CAM++ sec. 4.1, 6.2; E = L o I, eq. 25)              folder, videos
+deletion        deletion curve and AUC (Petsiuk et al., RISE, 2018)        shapes, shapes-clips,
+insertion       insertion curve and AUC (RISE)                             folder
+road            ROAD MoRF / LeRF confidence and accuracy (Rong et al.      shapes, shapes-clips,
+                2022, noisy linear imputation)                             folder
+relevance       relevance mass and rank accuracy (Arras et al. 2022)       shapes, shapes-clips
+sanity          parameter randomisation, cascading / independent:          shapes, shapes-clips,
+                Spearman and SSIM (Adebayo et al. 2018)                    folder
 ==============  =========================================================  =====================
 
 An *item* is a shapes-world scene or clip, a COCO caption (pointing) or image

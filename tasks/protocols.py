@@ -22,7 +22,10 @@ Protocols (``shared/papers/``):
 - DenseCap inside/outside ratio (sec. 8.1): :func:`region_ratios`;
 - weakly-supervised localization (sec. 4.1) and Loc_I^c(delta) (Grad-CAM++
   eq. 26): :func:`localize`;
-- faithfulness, E = L o I (Grad-CAM++ eq. 25, sec. 4.1 and 6.2): :func:`faithfulness`.
+- faithfulness, E = L o I (Grad-CAM++ eq. 25, sec. 4.1 and 6.2): :func:`faithfulness`;
+- the evaluation literature: deletion / insertion (RISE) :func:`perturbation`, ROAD
+  :func:`road`, relevance mass and rank accuracy :func:`relevance`, parameter
+  randomisation (Adebayo et al.) :func:`sanity`.
 
 A model enters a protocol as a *task*: :class:`ClassTask` (class logits: an
 image classifier, a video model, or a VQA model with its question as context)

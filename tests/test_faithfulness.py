@@ -302,16 +302,62 @@ def test_eval_road_and_relevance_on_vqa_resume_where_they_stopped(tmp_path: Path
         assert all(0 <= e["rank"][m] <= 1 for e in got)
 
 
-def test_eval_sanity_on_clips_decorrelates_the_randomised_top_layers(tmp_path: Path) -> None:
+def test_eval_sanity_on_clips_gradient_maps_change_eigencam_only_below_its_layer(
+        tmp_path: Path) -> None:
+    """The C3D's maps are at conv3b: randomising fc8 changes every gradient map, but not
+    Eigen-CAM's, which reads the activations alone (Adebayo et al.'s insensitivity, in the
+    method built to show it); randomising conv3b itself changes both."""
     summary = run_eval(tmp_path, "sanity", "--dataset", "shapes-clips", "--limit", "1",
-                       "--method", "gradcam", "--layers", "model.fc8,model.conv5b.0",
+                       "--method", "gradcam,eigencam", "--layers", "model.fc8,model.conv3b.0",
                        "--randomization", "cascading")
     (entry,) = entries(tmp_path)
-    assert entry["layers"] == summary["layers"] == ["model.fc8", "model.conv5b.0"]
-    rho = entry["cascading"]["gradcam"]["rho"]
-    assert len(rho) == 2 and all(-1 <= r <= 1 for r in rho)
-    assert summary["gradcam"]["cascading"]["rho"] == pytest.approx(rho)
+    assert entry["layers"] == summary["layers"] == ["model.fc8", "model.conv3b.0"]
+    grad, eigen = (entry["cascading"][m] for m in ("gradcam", "eigencam"))
+    assert eigen["rho"][0] == pytest.approx(1.0) and eigen["ssim"][0] == pytest.approx(1.0)
+    assert grad["rho"][0] < 0.99 and eigen["rho"][1] < 0.99
+    assert summary["gradcam"]["cascading"]["rho"] == pytest.approx(grad["rho"])
     assert "independent" not in summary["gradcam"]
+
+
+def test_eval_insertion_on_clips_starts_blurred_and_ends_at_the_clip(tmp_path: Path) -> None:
+    from mmexplain.data.shapes import ShapesWorld
+    from mmexplain.evaluate import load_model
+    from mmexplain.metrics import blurred_input
+    from mmexplain.tasks.protocols import ClassTask
+
+    summary = run_eval(tmp_path, "insertion", "--dataset", "shapes-clips", "--limit", "1",
+                       "--steps", "2", "--cell", "1,8,8", "--method", "gradcam")
+    (entry,) = entries(tmp_path)
+    clip = torch.from_numpy(ShapesWorld(seed=SEED).clip(0).video)[None]  # (1, 3, T, H, W)
+    task = ClassTask(load_model("shapes-c3d", "random", seed=SEED))
+    with torch.no_grad():
+        blurred = task.confidences(task.model_input(blurred_input(clip, grid_dims=3)))
+    curve = entry["curve"]["gradcam"]
+    assert len(curve) == 3 and entry["action"] == ShapesWorld(seed=SEED).clip(0).action
+    assert curve[0] == pytest.approx(float(blurred[entry["class"]]), abs=1e-6)  # nothing in yet
+    assert curve[-1] == pytest.approx(entry["Y"], abs=1e-6)  # everything in: the clip itself
+    assert summary["gradcam"]["curve"] == pytest.approx(curve)
+
+
+def test_eval_relevance_of_caption_words_against_the_objects_they_name(tmp_path: Path,
+                                                                       scene) -> None:
+    from mmexplain.evaluate import load_model
+    from mmexplain.tasks.caption import WordLogProbs
+
+    run_eval(tmp_path, "relevance", "--model", "shapes-captioner", "--limit", "1", "--method",
+             "gradcam")
+    got = entries(tmp_path)
+    positions = [i for i, refs in enumerate(scene.caption.refs) if refs]
+    assert [e["word"] for e in got] == [scene.caption.tokens[p] for p in positions]
+    captioner = load_model("shapes-captioner", "random", seed=SEED)
+    tokens = captioner.caption_context([list(scene.caption.tokens)])["tokens"]
+    maps = mx.GradCAM(captioner)(torch.from_numpy(scene.image)[None],
+                                 target=WordLogProbs(positions), tokens=tokens).maps[0]
+    masks = torch.from_numpy(np.stack([scene.mask_of(scene.caption.refs[p]) for p in positions]))
+    assert [e["mass"]["gradcam"] for e in got] == pytest.approx(
+        relevance_mass_accuracy(maps.clamp(min=0), masks).tolist(), abs=1e-6)
+    assert [e["rank"]["gradcam"] for e in got] == pytest.approx(
+        relevance_rank_accuracy(maps.clamp(min=0), masks).tolist(), abs=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [
