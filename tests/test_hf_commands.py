@@ -323,23 +323,9 @@ def test_word_task_finds_a_datasets_words_among_the_models_subwords(saved) -> No
 def test_eval_pointing_on_coco_runs_on_a_folder(name, saved, tmp_path, capsys) -> None:
     """`mmexplain eval pointing --dataset coco ... --weights DIR`: the family from the folder,
     the images through its processor, each word's map from its subword tokens."""
-    import json
+    import vlm_tiny_b
 
-    from conftest import shared_file
-
-    instances = shared_file("coco", "instances.json")
-    captions = shared_file("coco", "captions.json")
-    rc = main(["eval", "pointing", "--dataset", "coco", "--images", str(instances.parent),
-               "--instances", str(instances), "--captions", str(captions), "--limit", "2",
-               "--method", "gradcam", "--weights", str(saved[name]), "--no-progress",
-               "--out", str(tmp_path)])
-    assert rc == 0, capsys.readouterr().err
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["gradcam"]["hits"] + summary["gradcam"]["misses"] == 3  # man, man, elephant
-    records = [json.loads(line) for p in sorted(tmp_path.glob("records.rank*.jsonl"))
-               for line in p.read_text().splitlines()]
-    hits = [e["hit"]["gradcam"] for r in records for e in r["entries"] if e["present"]]
-    assert len(hits) == 3 and set(hits) <= {0, 1}
+    vlm_tiny_b.check_eval_pointing(saved[name], tmp_path, capsys)
 
 
 def test_model_named_beside_its_folder_and_beam_search(saved, tmp_path, capsys) -> None:

@@ -154,3 +154,8 @@ def test_bf16_models_give_float32_maps_close_to_float32(adapters, folders, key):
                                         **context).maps)
     assert maps[0].dtype == torch.float32 and maps[0].shape == maps[1].shape == (1, 2, 4, 4)
     assert float((maps[0] - maps[1]).abs().max()) < 0.15 * float(maps[1].abs().max())
+
+
+@pytest.mark.parametrize("key", ["blip2-t5", "git"])
+def test_eval_pointing_on_coco(folders, key, tmp_path, capsys):
+    tiny.check_eval_pointing(folders[key], tmp_path, capsys)

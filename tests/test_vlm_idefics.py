@@ -131,3 +131,7 @@ def test_the_readme_commands_run(folders, tmp_path, capsys):
     if "smolvlm" in folders:
         readme["SmolVLM-256M-Instruct"] = folders["smolvlm"]
     tiny.check_readme_commands(readme, tmp_path, capsys, len(readme))
+
+
+def test_eval_pointing_on_coco(folders, tmp_path, capsys):
+    tiny.check_eval_pointing(folders["idefics3"], tmp_path, capsys)

@@ -196,3 +196,7 @@ def test_the_readme_commands_run(folders, tmp_path, capsys):
     tiny.check_readme_commands({"Qwen2-VL-2B-Instruct": folders["qwen2-vl"],
                                 "Qwen2.5-VL-3B-Instruct": folders["qwen2.5-vl"]},
                                tmp_path, capsys, 3)
+
+
+def test_eval_pointing_on_coco(folders, tmp_path, capsys):
+    tiny.check_eval_pointing(folders["qwen2.5-vl"], tmp_path, capsys)

@@ -463,3 +463,27 @@ def check_readme_commands(folders: dict, tmp: Path, capsys, count: int) -> None:
                     else [*argv, "--out", str(out)]) == 0, (command, capsys.readouterr().err)
         data, pngs = _results(out)
         assert len(pngs) == len(data["labels"]) == data["maps"].shape[1]
+
+
+def check_eval_pointing(folder: Path, tmp: Path, capsys) -> None:
+    """``mmexplain eval pointing --dataset coco ... --weights DIR`` on the shared COCO files
+    (2 captions): exit 0, a pointing trial (hit 0 / 1) for each of the 3 present words."""
+    import json
+
+    from conftest import shared_file
+
+    from mmexplain.cli import main
+
+    instances = shared_file("coco", "instances.json")
+    captions = shared_file("coco", "captions.json")
+    rc = main(["eval", "pointing", "--dataset", "coco", "--images", str(instances.parent),
+               "--instances", str(instances), "--captions", str(captions), "--limit", "2",
+               "--method", "gradcam", "--weights", str(folder), "--no-progress",
+               "--out", str(tmp)])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((tmp / "summary.json").read_text())
+    assert summary["gradcam"]["hits"] + summary["gradcam"]["misses"] == 3  # man, man, elephant
+    records = [json.loads(line) for p in sorted(tmp.glob("records.rank*.jsonl"))
+               for line in p.read_text().splitlines()]
+    hits = [e["hit"]["gradcam"] for r in records for e in r["entries"] if e["present"]]
+    assert len(hits) == 3 and set(hits) <= {0, 1}
