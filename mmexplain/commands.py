@@ -515,7 +515,7 @@ def _explain_video(args: argparse.Namespace, adapter: Any, path: Path, base: Pat
     print(f"{n_win} windows of {window} frames, stride {args.stride or window}; "
           f"frames 0-{stitched.num_frames - 1} explained")
     mp4 = base.with_suffix(".mp4")
-    frames = _render_video(adapter, path, stitched, mp4, info.fps)
+    frames = _render_video(adapter, path, found, mp4, info.fps)
     print(f"overlay video: {frames} frames at {info.fps:g} fps -> {mp4}")
     npz = base.with_suffix(".npz")
     np.savez(npz, maps=found["maps"].numpy(), scores=found["scores"].numpy(),
@@ -552,13 +552,39 @@ def _importance_strips(curves: torch.Tensor, width: int, height: int) -> np.ndar
     return strips
 
 
-def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float) -> int:
-    """Decode the video again (streamed) and write each explained frame once: the model's
-    view with its stitched map (one panel per target, each normalised over the whole video)
-    over a strip plotting each frame's share of the explanation, the frame marked."""
+def _nearest_windows(frame_indices: Sequence[Sequence[int]], frames: int) -> np.ndarray:
+    """(frames,) the window whose centre is nearest each frame among those covering it
+    (-1: none covers it)."""
+    first = np.array([idx[0] for idx in frame_indices])[None, :]
+    last = np.array([idx[-1] for idx in frame_indices])[None, :]
+    n = np.arange(frames)[:, None]
+    distance = np.where((first <= n) & (n <= last), np.abs(n - (first + last) / 2), np.inf)
+    return np.where(np.isfinite(distance.min(axis=1)), distance.argmin(axis=1), -1)
+
+
+def _label_band(text: str, width: int, height: int = 12) -> np.ndarray:
+    """(height, width, 3) uint8: ``text`` in white on black, cut to the width."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    band = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(band)
+    font = ImageFont.load_default()
+    while text and draw.textlength(text, font=font) > width - 2:
+        text = text[:-1]
+    draw.text((1, 0), text, fill=(255, 255, 255), font=font)
+    return np.asarray(band)
+
+
+def _render_video(adapter: Any, path: Path, found: dict[str, Any], mp4: Path, fps: float
+                  ) -> int:
+    """Decode the video again (streamed) and write each explained frame once: the action
+    of the window nearest the frame over the model's view with its stitched map (one panel
+    per target, each normalised over the whole video) over a strip plotting each frame's
+    share of the explanation, the frame marked."""
     from mmexplain.data.video import VideoWriter, iter_frames
     from mmexplain.render import overlay_clip
 
+    stitched = found["stitched"]
     maps = stitched.maps()  # (K, N, h', w')
     lo = maps.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
     span = maps.flatten(1).amax(dim=1).view(-1, 1, 1, 1) - lo
@@ -567,6 +593,12 @@ def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float
     h, w = adapter.preprocess.crop
     strips = _importance_strips(stitched.importance(), w, max(8, h // 8))  # (K, sh, w, 3)
     n = stitched.num_frames
+    nearest = _nearest_windows(found["frame_indices"], n)
+    bands: dict[str, np.ndarray] = {}
+
+    def label(frame: int, k: int) -> np.ndarray:
+        text = str(found["labels"][nearest[frame]][k]) if nearest[frame] >= 0 else ""
+        return bands.setdefault(text, _label_band(text, w))
 
     def panels(chunk: list[np.ndarray], start: int) -> np.ndarray:
         shown = np.stack(chunk)  # (n, h, w, 3) as the model saw them
@@ -578,8 +610,9 @@ def _render_video(adapter: Any, path: Path, stitched: Any, mp4: Path, fps: float
             strip = np.repeat(strips[k][None], len(chunk), axis=0)
             marks = np.clip((np.arange(start, end) * w) // n, 0, w - 1)
             strip[np.arange(len(chunk)), :, marks] = (255, 60, 60)
-            out.append(np.concatenate([over, strip], axis=1))
-        return np.concatenate(out, axis=2)  # (n, h + sh, K*w, 3)
+            top = np.stack([label(f, k) for f in range(start, end)])
+            out.append(np.concatenate([top, over, strip], axis=1))
+        return np.concatenate(out, axis=2)  # (n, 12 + h + sh, K*w, 3)
 
     with VideoWriter(mp4, fps) as writer:
         chunk, start = [], 0

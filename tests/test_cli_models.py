@@ -61,12 +61,12 @@ def test_video_with_a_small_c3d_per_slice_and_two_actions(tmp_path, capsys) -> N
     out = capsys.readouterr().out
     # windows at 0, 128, 256 and the tail window 264-279: all 280 frames, each once
     assert rc == 0 and "4 windows of 16 frames, stride 128" in out
-    mp4 = tmp_path / "armwrestling_c3d_gradcam.mp4"
+    mp4 = tmp_path / "armwrestling_c3d_gradcampp.mp4"  # gradcam++ -> gradcampp
     assert mp4_frames(mp4) == 280
     with av.open(str(mp4)) as container:  # two targets: two 32-pixel panels side by side
         stream = container.streams.video[0]  # over an 8-pixel importance strip
-        assert (stream.width, stream.height) == (64, 40)
-    saved = np.load(tmp_path / "armwrestling_c3d_gradcam.npz")
+        assert (stream.width, stream.height) == (64, 52)  # and a 12-pixel action band
+    saved = np.load(tmp_path / "armwrestling_c3d_gradcampp.npz")
     assert saved["maps"].shape == (4, 2, 2, 2, 2) and bool(saved["per_slice"])
     assert saved["frame_indices"][:, 0].tolist() == [0, 128, 256, 264]
     assert saved["frame_maps"].shape == (2, 280, 2, 2)
