@@ -20,12 +20,13 @@ localization    top-1/top-5 localization error (sec. 4.1), Loc_I^c(delta)  shape
 faithfulness    Average Drop %, % Increase in Confidence, Win %            shapes, shapes-clips,
                 (Grad-CAM++ sec. 4.1, 6.2; E = L o I, eq. 25)              folder, videos
 deletion        deletion curve and AUC (Petsiuk et al., RISE, 2018)        shapes, shapes-clips,
-insertion       insertion curve and AUC (RISE)                             folder
+insertion       insertion curve and AUC (RISE)                             folder, videos
 road            ROAD MoRF / LeRF confidence and accuracy (Rong et al.      shapes, shapes-clips,
-                2022, noisy linear imputation)                             folder
-relevance       relevance mass and rank accuracy (Arras et al. 2022)       shapes, shapes-clips
+                2022, noisy linear imputation)                             folder, videos
+relevance       relevance mass and rank accuracy (Arras et al. 2022)       shapes, shapes-clips,
+                                                                           coco
 sanity          parameter randomisation, cascading / independent:          shapes, shapes-clips,
-                Spearman and SSIM (Adebayo et al. 2018)                    folder
+                Spearman and SSIM (Adebayo et al. 2018)                    folder, videos
 ==============  =========================================================  =====================
 
 An *item* is a shapes-world scene or clip, a COCO caption (pointing) or image
@@ -600,26 +601,34 @@ class Faithfulness(Protocol):
     @staticmethod
     def _videos(args: argparse.Namespace, methods: tuple[str, ...],
                 summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Plan:
-        from mmexplain.data.video import read_video, uniform_clip
-        from mmexplain.data.video_folder import list_videos
+        return _videos_plan(args, P.faithfulness, summarize, methods=methods)
 
-        if args.videos is None:
-            _file(None, "--videos", "a folder <label>/<video> or a CSV/JSON list")
-        videos = list_videos(args.videos)
-        items = _limited([{"id": str(v.path), "index": i} for i, v in enumerate(videos)],
-                         args, "video")
-        model = _model(args, **({"size": args.size} if args.size else {}))
 
-        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
-            video = videos[item["index"]]
-            adapter = model()
-            clip = uniform_clip(read_video(video.path), getattr(adapter, "clip_length", 16))
-            frames = adapter.preprocess.geometry(clip.frames)  # (T, h, w, 3) uint8
-            pixels = frames.permute(3, 0, 1, 2)[None].float() / 255.0  # (1, 3, T, h, w)
-            result = P.faithfulness(P.ClassTask(adapter), pixels, methods=methods)
-            return {"entries": [{"label": video.label, **result}]}
+def _videos_plan(args: argparse.Namespace, per_input: Callable[..., dict[str, Any]],
+                 summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                 **options: Any) -> Plan:
+    """Items: the videos of --videos; a record holds ``per_input(ClassTask, pixels
+    (1, 3, T, h, w), **options)`` of one clip sampled uniformly over each video."""
+    from mmexplain.data.video import read_video, uniform_clip
+    from mmexplain.data.video_folder import list_videos
 
-        return Plan(items, evaluate, summarize)
+    if args.videos is None:
+        _file(None, "--videos", "a folder <label>/<video> or a CSV/JSON list")
+    videos = list_videos(args.videos)
+    items = _limited([{"id": str(v.path), "index": i} for i, v in enumerate(videos)],
+                     args, "video")
+    model = _model(args, **({"size": args.size} if args.size else {}))
+
+    def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+        video = videos[item["index"]]
+        adapter = model()
+        clip = uniform_clip(read_video(video.path), getattr(adapter, "clip_length", 16))
+        frames = adapter.preprocess.geometry(clip.frames)  # (T, h, w, 3) uint8
+        pixels = frames.permute(3, 0, 1, 2)[None].float() / 255.0  # (1, 3, T, h, w)
+        return {"entries": [{"label": video.label,
+                             **per_input(P.ClassTask(adapter), pixels, **options)}]}
+
+    return Plan(items, evaluate, summarize)
 
 
 # --------------------------------------------------------------------------- the evaluation literature
@@ -672,6 +681,8 @@ def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., li
     if args.dataset == "shapes-clips":
         return _shapes_plan(args, _model(args, **_clip_options(args)), shapes_protocol,
                             summarize, clips=True, **options)
+    if args.dataset == "videos":
+        return _videos_plan(args, per_input, summarize, **options)
     folder = _folder(args.images, "--images", "a folder of images")
     items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
                      args, "image")
@@ -687,11 +698,14 @@ def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., li
 class _Literature(Protocol):
     """Shared command line of the evaluation literature's measures."""
 
-    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18"}
+    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18",
+              "videos": "r3d_18"}
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
+        parser.add_argument("--videos", help="videos: a folder <label>/<video> or a CSV/JSON "
+                            "list of path,label")
         parser.add_argument("--batch-size", type=_positive, default=64,
                             help="perturbed copies per forward (default %(default)s)")
 
@@ -753,7 +767,13 @@ class Road(_Literature):
 class Relevance(Protocol):
     HELP = "relevance mass and rank accuracy against ground-truth masks (Arras et al., " \
            "CLEVR-XAI 2022)"
-    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d"}
+    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "coco": "resnet18"}
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--images", help="coco: folder of the images")
+        parser.add_argument("--instances", help="coco: instances_*.json (the segmentations); "
+                            "the classifier's outputs are its categories in id order")
 
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
@@ -761,8 +781,41 @@ class Relevance(Protocol):
         if args.dataset == "shapes":
             return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_relevance,
                                 summarize, methods=methods)
-        return _shapes_plan(args, _model(args, **_clip_options(args)), P.shapes_relevance,
-                            summarize, clips=True, methods=methods)
+        if args.dataset == "shapes-clips":
+            return _shapes_plan(args, _model(args, **_clip_options(args)), P.shapes_relevance,
+                                summarize, clips=True, methods=methods)
+        return cls._coco(args, methods, summarize)
+
+    @staticmethod
+    def _coco(args: argparse.Namespace, methods: tuple[str, ...],
+              summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Plan:
+        """One entry per category present in an image: its class's map (all K categories
+        of an image in one backward) against the union of its instance masks."""
+        from mmexplain.data.coco import CocoAnnotations
+
+        images = _folder(args.images, "--images", "the folder of the COCO images")
+        coco = CocoAnnotations(_file(args.instances, "--instances", "a COCO instances JSON"),
+                               image_dir=images)
+        ids = {name: cid for cid, name in coco.category_names().items()}
+        category_ids = sorted(ids.values())  # output index = position in id order
+        items = _limited([{"id": str(i), "image_id": i} for i in coco.image_ids()
+                          if coco.annotations(i)], args, "image with masks")
+        model = _model(args, num_classes=len(category_ids))
+
+        def evaluate(item: dict[str, Any]) -> dict[str, Any]:
+            masks = coco.category_masks(item["image_id"])  # {name: (H, W) bool}
+            present = list(masks)
+            classes = [category_ids.index(ids[n]) for n in present]
+            picture = _picture(str(coco.image_path(item["image_id"])))
+            task = P.ClassTask(model())
+            x = task.model_input(image_pixels(picture, args.size or DEFAULT_SIZE))
+            got = P.class_relevance(task, x, classes, torch.stack([masks[n] for n in present]),
+                                    methods=methods)
+            return {"entries": [{"category": n, "mass": {m: got["mass"][m][k] for m in methods},
+                                 "rank": {m: got["rank"][m][k] for m in methods}}
+                                for k, n in enumerate(present)]}
+
+        return Plan(items, evaluate, summarize)
 
 
 class Sanity(_Literature):

@@ -678,12 +678,22 @@ def relevance(task: ClassTask, x: torch.Tensor, cls: int, mask: torch.Tensor, *,
               methods: Sequence[str] = METHODS) -> dict[str, Any]:
     """Relevance mass and rank accuracy (Arras et al. eq. 3, 4) of class ``cls``'s map
     against a ground-truth mask (H, W) or (T, H, W); the map is resized to the mask."""
-    dims = mask.dim()
+    got = class_relevance(task, x, [cls], mask[None], methods=methods)
+    return {key: {m: values[0] for m, values in got[key].items()} for key in ("mass", "rank")}
+
+
+def class_relevance(task: ClassTask, x: torch.Tensor, classes: Sequence[int],
+                    masks: torch.Tensor, *, methods: Sequence[str] = METHODS
+                    ) -> dict[str, Any]:
+    """Relevance mass and rank accuracy of K classes' maps of one input (one backward per
+    method) against their masks (K, H, W), e.g. a COCO image's categories and their
+    segmentations, or (K, T, H, W) of a clip: {"mass": {method: K values}, "rank": ...}."""
+    dims = masks.dim() - 1
     out: dict[str, Any] = {"mass": {}, "rank": {}}
     for method in methods:
-        maps = explain(task, x, [cls], method)[0]
-        out["mass"][method] = float(relevance_mass_accuracy(maps, mask, grid_dims=dims))
-        out["rank"][method] = float(relevance_rank_accuracy(maps, mask, grid_dims=dims))
+        maps = explain(task, x, list(classes), method)  # (K, *grid), resized to the masks
+        out["mass"][method] = relevance_mass_accuracy(maps, masks, grid_dims=dims).tolist()
+        out["rank"][method] = relevance_rank_accuracy(maps, masks, grid_dims=dims).tolist()
     return out
 
 
@@ -894,7 +904,8 @@ __all__ = [
     "shapes_occlusion", "shapes_pointing", "shapes_regions", "summarize_correlation",
     "summarize_faithfulness", "summarize_localization", "summarize_pointing",
     "summarize_regions", "word_pointing",
-    "CURVE_STEPS", "RANDOMIZATIONS", "baseline_of", "batch_confidences", "class_scorer",
+    "CURVE_STEPS", "RANDOMIZATIONS", "baseline_of", "batch_confidences", "class_relevance",
+    "class_scorer",
     "perturbation", "relevance", "road", "sanity", "shapes_perturbation", "shapes_relevance",
     "shapes_road", "shapes_sanity", "summarize_perturbation", "summarize_relevance",
     "summarize_road", "summarize_sanity", "word_relevance",

@@ -360,6 +360,51 @@ def test_eval_relevance_of_caption_words_against_the_objects_they_name(tmp_path:
         relevance_rank_accuracy(maps.clamp(min=0), masks).tolist(), abs=1e-6)
 
 
+def test_eval_relevance_on_coco_scores_every_category_against_its_masks(tmp_path: Path
+                                                                       ) -> None:
+    from conftest import shared_file
+
+    from mmexplain.data.coco import CocoAnnotations
+    from mmexplain.data.images import image_pixels, read_image
+    from mmexplain.evaluate import load_model
+
+    instances = shared_file("coco", "instances.json")
+    summary = run_eval(tmp_path, "relevance", "--dataset", "coco", "--images",
+                       str(instances.parent), "--instances", str(instances), "--size", "64",
+                       "--limit", "1", "--method", "gradcam")
+    coco = CocoAnnotations(instances, image_dir=instances.parent)
+    image_id = [i for i in coco.image_ids() if coco.annotations(i)][0]
+    masks = coco.category_masks(image_id)
+    got = entries(tmp_path)
+    assert [e["category"] for e in got] == list(masks)
+    ids = sorted(coco.category_names())
+    model = load_model("resnet18", "random", seed=SEED, num_classes=len(ids))
+    first = list(masks)[0]
+    cls = ids.index({n: c for c, n in coco.category_names().items()}[first])
+    from mmexplain.tasks.protocols import ClassTask
+
+    task = ClassTask(model)
+    x = task.model_input(image_pixels(read_image(str(coco.image_path(image_id))), 64))
+    maps = mx.GradCAM(model)(x, target=cls).maps[0].clamp(min=0)
+    assert got[0]["mass"]["gradcam"] == pytest.approx(
+        float(relevance_mass_accuracy(maps, masks[first])), abs=1e-6)
+    assert summary["gradcam"]["rank"]["n"] == len(masks)
+
+
+def test_eval_deletion_on_a_video_list_starts_at_the_clip_confidence(tmp_path: Path) -> None:
+    from conftest import shared_file
+
+    video = shared_file("video", "armwrestling.mp4")
+    listing = tmp_path / "videos.csv"
+    listing.write_text(f"path,label\n{video},arm wrestling\n")
+    summary = run_eval(tmp_path / "out", "deletion", "--dataset", "videos", "--videos",
+                       str(listing), "--size", "64", "--steps", "2", "--method", "gradcam")
+    (entry,) = entries(tmp_path / "out")
+    assert entry["label"] == "arm wrestling" and summary["model"] == "r3d_18"
+    curve = entry["curve"]["gradcam"]  # the batched scorer agrees with the single forward
+    assert len(curve) == 3 and curve[0] == pytest.approx(entry["Y"], abs=1e-6)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["road", "--fractions", "0,0.5"], "--fractions: expected comma-separated fractions in (0, 1)"),
     (["deletion", "--cell", "0"], "--cell: expected a positive number of pixels"),
