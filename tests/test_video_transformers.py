@@ -293,3 +293,31 @@ def test_xclip_needs_texts_and_fixed_clip_sizes_are_named(folders, clip20, tmp_p
     with pytest.raises(InputError, match=r"inputs: expected a float tensor of \(B, 3, T, H, W\) "
                        r"clips with \(T, H, W\) = \(8, 32, 32\) for VideoMAEAdapter"):
         adapter.encode(torch.zeros(1, 3, 16, SIZE, SIZE))
+
+
+README_FOLDERS = {"videomae-base-finetuned-kinetics": "videomae",
+                  "timesformer-base-finetuned-k400": "timesformer",
+                  "vivit-b-16x2-kinetics400": "vivit", "xclip-base-patch32": "xclip"}
+
+
+def test_the_readme_commands_of_the_video_transformer_table_run(folders, clip20, tmp_path,
+                                                                capsys) -> None:
+    """Every `mmexplain video ... --weights NAME` of the README's video transformer table,
+    as written, with NAME -> the tiny folder and clip.mp4 -> a 20-frame clip."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Whole videos, folders and video transformers", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    commands = [c for c in re.findall(r"`(mmexplain video [^`]+)`", section)
+                if "--weights" in c and shlex.split(c)[shlex.split(c).index("--weights") + 1]
+                in README_FOLDERS]
+    assert len(commands) == 4, commands
+    for i, command in enumerate(commands):
+        argv = [str(folders[README_FOLDERS[a]]) if a in README_FOLDERS
+                else str(clip20) if a == "clip.mp4" else a for a in shlex.split(command)[1:]]
+        assert main([*argv, "--out", str(tmp_path / f"run{i}")]) == 0, capsys.readouterr().err
+        (mp4,) = (tmp_path / f"run{i}").glob("*.mp4")
+        assert mp4_frames(mp4) == 20
