@@ -79,6 +79,10 @@ def load_processor(path: Any, arg: str = "path") -> Any:
         raise InputError(f"{arg}: expected a folder holding the model's processor (tokenizer "
                          f"and image processor, as save_pretrained writes them), received "
                          f"{str(path)!r}: {first}") from exc
+    except ImportError as exc:  # a processor needing a package (SmolVLM's: num2words)
+        raise InputError(f"{arg}: expected a model whose processor this environment can load, "
+                         f"received {str(path)!r}, whose processor needs a package that is "
+                         f"not installed: {str(exc).splitlines()[0]}") from exc
 
 
 def _rows(name: str, value: Any, rows: int) -> torch.Tensor:

@@ -135,3 +135,16 @@ def test_the_readme_commands_run(folders, tmp_path, capsys):
 
 def test_eval_pointing_on_coco(folders, tmp_path, capsys):
     tiny.check_eval_pointing(folders["idefics3"], tmp_path, capsys)
+
+
+def test_a_processor_needing_a_missing_package_is_named(folders, monkeypatch):
+    """SmolVLM's processor needs num2words: without it, an InputError naming the folder
+    and the package (was an ImportError traceback)."""
+    if "smolvlm" not in folders:
+        pytest.skip("SmolVLM's processor needs the num2words package")
+    from transformers.models.smolvlm import processing_smolvlm
+
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)
+    with pytest.raises(InputError, match="path: expected a model whose processor this "
+                       "environment can load.*num2words"):
+        get_adapter("smolvlm", path=folders["smolvlm"])
