@@ -417,6 +417,25 @@ def test_bad_arguments_of_the_new_protocols_are_named(argv, message, tmp_path: P
     assert message in capsys.readouterr().err
 
 
+def test_the_readme_commands_of_the_new_protocols_parse() -> None:
+    """Every ``mmexplain eval`` line of the README's section on these measures names
+    options the command has (parsed, not run)."""
+    import shlex
+
+    from mmexplain.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Faithfulness and sanity: the evaluation literature")[1]
+    block = section.split("```bash")[1].split("```")[0]
+    lines = [ln.split("  #")[0] for ln in block.splitlines() if ln.startswith("mmexplain eval")]
+    assert {shlex.split(ln)[2] for ln in lines} == {"deletion", "insertion", "road",
+                                                     "relevance", "sanity"}
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.protocol == shlex.split(line)[2]
+
+
 # --------------------------------------------------------------------------- peers
 
 
