@@ -23,7 +23,10 @@ language model reads, which is what users of LLaVA-class models expect.
 
 **Strategy.** ``strategy = "loop"``: the engine runs the head once and takes K
 backward passes to A only (no parameter gradient), the right choice for large
-language models (a K-fold expanded batch would cost K forwards). ``rows`` (a
+language models (a K-fold expanded batch would cost K forwards);
+``strategy="batched"`` takes the K backward passes as one vmapped backward (the same
+maps; on a ViT-B/16 + 4 x 1024 LLaVA, 8 tokens, one CPU thread: 12.3 s against the
+loop's 13.7 s, at K times the backward's transient memory). ``rows`` (a
 factory option) caps the language-model rows per forward when candidate answers
 are scored (B x C rows), the memory budget of that forward.
 
