@@ -32,8 +32,8 @@ are scored (B x C rows), the memory budget of that forward.
 
 **Dtypes and devices.** Half-precision models run as they are; maps are float32
 (the engine casts A and its gradients). Every tensor is moved to the device of
-the module that reads it, so ``device_map`` models whose vision tower and
-language model sit on different devices work.
+the module that reads it, for ``device_map`` models whose vision tower and
+language model sit on different devices (written for it; the tests run on one CPU).
 
 A family subclass sets ``model_class``, ``vision_path``, ``projector_path`` and
 implements :meth:`_feature_stages` (which vision stages feed the projector),
