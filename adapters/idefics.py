@@ -31,6 +31,7 @@ features at the ``<image>`` tokens, what the language model reads).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -94,9 +95,9 @@ class Idefics3(VisionLanguageAdapter):
         if not isinstance(input_ids, torch.Tensor):
             raise bad_value("input_ids", "the prompt's token ids from prepare_image (its "
                             "<row_r_col_c> tokens say how the image was split)", input_ids)
-        present = set(input_ids[0].tolist())
-        found = [(r, c) for r in range(1, 7) for c in range(1, 7)
-                 if self.tokenizer.convert_tokens_to_ids(f"<row_{r}_col_{c}>") in present]
+        names = self.tokenizer.convert_ids_to_tokens(sorted(set(input_ids[0].tolist())))
+        found = [tuple(int(n) for n in m.groups()) for m in
+                 (re.fullmatch(r"<row_(\d+)_col_(\d+)>", str(name)) for name in names) if m]
         rows = max((r for r, _ in found), default=0)
         cols = max((c for _, c in found), default=0)
         if rows * cols + 1 != tiles:
