@@ -508,7 +508,9 @@ def _explain_video(args: argparse.Namespace, adapter: Any, path: Path, base: Pat
     from mmexplain.data.video import probe_video
 
     info = probe_video(path)
-    print(f"video: {path}: {info.num_frames} frames at {info.fps:g} fps ({info.duration:.2f} s)")
+    length = (f"{info.num_frames} frames at {info.fps:g} fps ({info.duration:.2f} s)"
+              if info.num_frames else f"{info.fps:g} fps (its header gives no frame count)")
+    print(f"video: {path}: {length}")
     found = _explain_windows(args, adapter, path, window)
     stitched = found["stitched"]
     n_win = len(found["frame_indices"])
