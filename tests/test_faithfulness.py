@@ -450,11 +450,9 @@ def test_relevance_and_randomisation_measures_equal_quantus() -> None:
     a = rng.random((1, 1, 8, 8)).astype(np.float32)
     s = np.zeros((1, 1, 8, 8), dtype=np.float32)
     s[..., 2:5, 3:7] = 1
-    x = rng.random((1, 1, 8, 8)).astype(np.float32)
     for metric, ours in ((quantus.RelevanceMassAccuracy, relevance_mass_accuracy),
                          (quantus.RelevanceRankAccuracy, relevance_rank_accuracy)):
-        theirs = metric(disable_warnings=True).evaluate_instance(  # the per-input rule
-            model=None, x=x[0], y=np.int64(0), a=a[0], s=s[0])
+        theirs = metric(disable_warnings=True).evaluate_batch(a_batch=a, s_batch=s)[0]
         assert float(ours(torch.from_numpy(a[0, 0]), torch.from_numpy(s[0, 0]))) == \
             pytest.approx(theirs, abs=1e-6)
     b = rng.random((8, 8))
@@ -474,28 +472,94 @@ def test_relevance_and_randomisation_measures_equal_quantus() -> None:
     assert ours.numpy() == pytest.approx(theirs, abs=1e-6)
 
 
+def test_road_accuracy_equals_quantus_road() -> None:
+    """Quantus's ROAD (0.6) end to end on one grey 8 x 8 input (Quantus ranks the map
+    broadcast over the channels but imputes pixel indices, so one channel is where the two
+    read the same), without noise, at fractions where round and floor of p * 64 agree;
+    the score is ROAD's: is the class still the prediction."""
+    quantus = pytest.importorskip("quantus")
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 3)).eval()
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 1, 8, 8)).astype(np.float32)
+    a = rng.random((8, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(1).numpy()
+    road = quantus.ROAD(noise=0.0, percentages=[25, 50, 75], disable_warnings=True)
+    theirs = road(model=model, x_batch=x, y_batch=y, a_batch=a, channel_first=True,
+                  device="cpu")
+    ours = []
+    for xi, ai, yi in zip(x, a, y):
+        def kept(batch: torch.Tensor, cls: int = int(yi)) -> torch.Tensor:
+            return (model(batch.float()).argmax(1) == cls).double()[:, None]
+
+        ours.append(road_curve(kept, torch.from_numpy(xi).double(), torch.from_numpy(ai[0]),
+                               fractions=[0.25, 0.5, 0.75], noise=0))
+    accuracy = torch.stack(ours).mean(0)  # measured: 0.625, 0.5, 0.5 -- inputs do flip
+    assert accuracy.tolist() == pytest.approx([theirs[p] for p in (25, 50, 75)])
+    assert accuracy.tolist() != [1.0, 1.0, 1.0]
+
+
+def test_randomised_copies_equal_quantus_layer_generator() -> None:
+    """Quantus's model parameter randomisation (0.6, ``get_random_layer_generator``): the same
+    layers, re-initialised with the same seed, give the same weights, cascading (Quantus's
+    "top_down") and independently (Quantus goes bottom up there; each layer alone is the
+    same)."""
+    pytest.importorskip("quantus")
+    from quantus.helpers.model.pytorch_model import PyTorchModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    peer = PyTorchModel(model, channel_first=True, softmax=False, device="cpu")
+
+    def states(pairs) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in pairs}
+
+    for ours_mode, their_order in (("cascading", "top_down"), ("independent", "independent")):
+        ours = states(randomized_models(model, mode=ours_mode, seed=42))
+        theirs = states(peer.get_random_layer_generator(order=their_order, seed=42))
+        assert set(ours) == set(theirs) == {"0", "3"}
+        for name in ours:
+            assert all(torch.equal(ours[name][k], theirs[name][k]) for k in ours[name])
+
+
 def test_deletion_and_insertion_auc_equal_torch_cam() -> None:
-    """torch-cam's deletion / insertion metric on the same model, input and map, where the
-    definitions coincide: pixel order by the map resized to the input, the class's softmax
-    probability, zeros replacing pixels. They differ in the insertion baseline (RISE blurs,
-    torch-cam starts from zeros: compared here with baseline 0) and in how many pixels a step
-    changes (compared with steps that divide the image)."""
+    """torch-cam's ``DeletionInsertionMetric`` (0.5) on the same model, input and map.
+
+    Where the definitions coincide: positions ranked by the map (stable descending sort:
+    ties in raster order in both), the class's softmax probability, zeros replacing
+    pixels, AUC by trapezoids over the fraction perturbed. Where they differ, the test
+    makes them agree: torch-cam's insertion starts from zeros (RISE, and mmexplain's
+    default, from the blurred input: compared here with ``baseline=0``); torch-cam steps
+    ceil(L / steps) positions, mmexplain floor(s L / steps) (equal when steps divide L:
+    256 pixels, 16 steps); torch-cam resizes its CAM in float32 (the target layer keeps
+    the input's 16 x 16, so neither resizes).
+    """
     metrics = pytest.importorskip("torchcam.metrics")
-    peer = getattr(metrics, "DeletionInsertionMetric", None)
-    if peer is None:
-        pytest.skip("this torch-cam has no DeletionInsertionMetric")
+    from functools import partial
+
+    from torchcam.methods import GradCAM as PeerGradCAM
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(4, 5)).eval()
     x = torch.rand(1, 3, 16, 16)
-    cam = torch.rand(1, 16, 16)
-    cls = int(model(x).argmax())
+    extractor = PeerGradCAM(model, target_layer="0")
+    try:
+        metric = metrics.DeletionInsertionMetric(extractor, partial(torch.softmax, dim=-1),
+                                                 steps=16, batch_size=8)
+        metric.update(x)
+        theirs = metric.summary()
+        scores = model(x).softmax(-1)  # torch-cam explains the score after its logits_fn
+        cls = int(scores.argmax())
+        cam = extractor.fuse_cams(extractor(cls, scores)).detach()  # (1, 16, 16): its map
+    finally:
+        extractor.remove_hooks()
 
     def prob(batch: torch.Tensor) -> torch.Tensor:
         return model(batch).softmax(1)[:, [cls]]
 
-    peer_metric = peer(model, steps=16)
-    theirs = peer_metric(x, cam, cls)
     for mode in ("deletion", "insertion"):
-        ours = perturbation_curve(prob, x[0], cam, mode=mode, steps=16)[0]
-        assert float(curve_auc(ours)) == pytest.approx(float(theirs[mode]), abs=1e-5)
+        ours = perturbation_curve(prob, x[0], cam, mode=mode, steps=16, baseline=0.0)[0]
+        assert float(curve_auc(ours)) == pytest.approx(theirs[f"{mode}_auc"], abs=1e-6)
