@@ -18,6 +18,11 @@ Rows (random weights everywhere: speed and agreement do not depend on training):
 5. Guided Grad-CAM of one 224x224 image for 10 classes (ResNet-50).
 6. Occlusion sensitivity (ResNet-18, one 224x224 image, patch 32, stride 16, 64 copies
    per forward call) against captum's ``Occlusion`` at the same settings.
+7. Every token of a 32-token answer of a LLaVA-class model (random weights: CLIP ViT-B/16
+   at 224 px, a 4-layer 1024-wide Llama) at the projector, against a per-token loop (one
+   forward + backward per token, as a peer is called once per token) and a hand-written
+   ``retain_graph`` loop; its least work is one forward plus 32 activation-only backward
+   passes, and its memory goal is relative to that run's peak.
 
 How each contestant is used. mmexplain explains K targets with one backward (the
 engine's expanded head). The peers are used as their documentation shows: one
@@ -82,6 +87,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -103,7 +109,7 @@ from torch import nn
 
 import mmexplain as mx
 from mmexplain.adapters import get_adapter
-from mmexplain.engine import Explanation
+from mmexplain.engine import Explanation, normalize_maps, resize_grid
 from mmexplain.errors import InputError
 from mmexplain.tasks.caption import WordLogProbs
 from mmexplain.vocab import Vocabulary
@@ -121,6 +127,9 @@ SINGLE_MIN_SPEEDUP = 2.5  # ... and at least 2.5x faster than pytorch-grad-cam
 MANY_MIN_SPEEDUP = 10.0  # rows 2, 3, 5: against loop / repeat approaches
 RETAIN_MIN_SPEEDUP = 1.5  # row 2, larger captioner: against torch-cam's retain_graph loop
 OCCLUSION_MIN_SPEEDUP = 1.0  # row 6: no slower than captum
+VLM_MAX_LEAST = 1.3  # row 7: within 1.3x of one forward + K activation-only backward passes
+VLM_MIN_SPEEDUP = 3.0  # ... at least 3x faster than a per-token loop
+VLM_MAX_MEMORY = 1.5  # ... peak memory at most 1.5x one forward with its graph + backward
 
 
 # --------------------------------------------------------------------------- configuration
@@ -163,6 +172,12 @@ class Config:
     stride: int = 16
     occlusion_batch: int = 64
     video: Path = VIDEO  # the clip explained in sliding windows (--video)
+    # row 7: a LLaVA-class model (CLIP ViT-B/16 at 224 px, Llama 4 x 1024), every token of
+    # a 32-token answer
+    vlm_vision: tuple[int, int, int, int, int] = (768, 3072, 12, 12, 16)  # hidden, mlp, layers, heads, patch
+    vlm_image: int = 224
+    vlm_text: tuple[int, int, int, int] = (1024, 2816, 4, 16)  # hidden, mlp, layers, heads
+    vlm_tokens: int = 32
 
 
 FULL = Config()
@@ -175,6 +190,7 @@ QUICK = Config(
     clip_size=32, c3d_width=0.125, window=16, window_stride=16, max_windows=2, clip_batch=2,
     guided_arch="resnet18", guided_size=96, guided_targets=3, occlusion_arch="resnet18",
     occlusion_size=32, patch=8, stride=8, occlusion_batch=8,
+    vlm_vision=(32, 64, 2, 2, 8), vlm_image=32, vlm_text=(32, 64, 1, 2), vlm_tokens=4,
 )
 
 
@@ -752,8 +768,138 @@ def row_occlusion(s: Config, device: torch.device) -> list[Case]:
                                 lambda out: out[:, 0], kind="single")])]
 
 
+# --------------------------------------------------------------------------- row 7: a VLM
+
+VLM_WORDS = [f"w{i}" for i in range(2000)]
+
+
+def tiny_vlm(s: Config, device: torch.device) -> Any:
+    """A random-weight LlavaForConditionalGeneration (CLIP vision tower, Llama language
+    model) with an offline word-level tokenizer and its processor, as the ``llava`` adapter."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    vocab = {w: i for i, w in enumerate(specials + VLM_WORDS + ["USER", "ASSISTANT", ":"])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                     pad_token="<pad>", unk_token="<unk>",
+                                     extra_special_tokens=["<image>"])
+    vh, vm, vl, va, patch = s.vlm_vision
+    th, tm, tl, ta = s.vlm_text
+    vision = dict(model_type="clip_vision_model", hidden_size=vh, intermediate_size=vm,
+                  num_hidden_layers=vl, num_attention_heads=va, image_size=s.vlm_image,
+                  patch_size=patch, projection_dim=vh)
+    text = dict(model_type="llama", vocab_size=len(vocab), hidden_size=th, intermediate_size=tm,
+                num_hidden_layers=tl, num_attention_heads=ta, num_key_value_heads=ta,
+                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=4,
+                            vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = tf.LlavaForConditionalGeneration(config).eval().to(device)
+    side = {"height": s.vlm_image, "width": s.vlm_image}
+    images = tf.CLIPImageProcessor(size={"shortest_edge": s.vlm_image}, crop_size=side)
+    processor = tf.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=patch,
+                                  vision_feature_select_strategy="default",
+                                  num_additional_image_tokens=1)
+    return get_adapter("llava", model=model, processor=processor)
+
+
+class TokenSteps:
+    """log p(token t) of the answer at K steps (the per-token targets)."""
+
+    def __init__(self, steps: Sequence[int]) -> None:
+        self.steps = list(steps)
+        self.num_targets = len(self.steps)
+
+    def __call__(self, out: Any) -> torch.Tensor:
+        return out.token_logprobs()[:, self.steps]
+
+    def expand(self, k: int) -> "TokenSteps":
+        return self
+
+
+def vlm_user_grads(adapter: Any, inputs: Any, context: dict, tokens: torch.Tensor,
+                   steps: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a user writes without mmexplain: a hook on the projector, the model's own
+    forward over prompt + answer, then one ``autograd.grad`` per token (``retain_graph``)
+    to the projector's output only. -> (activations (N, D), gradients (K, N, D))."""
+    model = adapter.model
+    ids = torch.cat([context["input_ids"], tokens[:, :-1]], dim=1)
+    captured = {}
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        captured["a"] = out.detach().requires_grad_(True)
+        return captured["a"]
+
+    handle = model.get_submodule(adapter.projector_path).register_forward_hook(hook)
+    try:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       pixel_values=inputs).logits[:, -tokens.shape[1]:]
+    finally:
+        handle.remove()
+    lp = logits.float().log_softmax(-1).gather(2, tokens.unsqueeze(2))[0, :, 0]
+    a = captured["a"]
+    grads = [torch.autograd.grad(lp[t], a, retain_graph=i < len(steps) - 1)[0]
+             for i, t in enumerate(steps)]
+    return a.detach()[0], torch.stack(grads)[:, 0]
+
+
+def vlm_user_maps(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM eq. 1-2 of the image tokens (N, D) as a square grid, per token: (K, h, w)."""
+    side = math.isqrt(a.shape[0])
+    maps = torch.relu((g.mean(dim=1, keepdim=True) * a[None]).sum(-1))  # (K, N)
+    return maps.view(-1, side, side)
+
+
+def row_vlm(s: Config, device: torch.device) -> list[Case]:
+    """Row 7: a map for every token of an answer of a LLaVA-class model."""
+    adapter = tiny_vlm(s, device)
+    picture = np.random.default_rng(0).integers(0, 256, (s.vlm_image, s.vlm_image, 3),
+                                                dtype=np.uint8)
+    inputs, _, context = adapter.prepare_image(picture, prompt="USER: <image> w1 w2 ASSISTANT:")
+    k = s.vlm_tokens
+    tokens = torch.randint(5, 5 + len(VLM_WORDS), (1, k), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(device)
+    steps = list(range(k))
+    size = inputs.shape[-2:]
+
+    def ours() -> Shown:
+        cam = mx.GradCAM(adapter)  # the adapter's strategy: one forward, K backward passes
+        return shown(cam(inputs, target=TokenSteps(steps), tokens=tokens, **context), size)
+
+    def user_maps(out: Any) -> torch.Tensor:
+        maps = out if isinstance(out, torch.Tensor) else vlm_user_maps(*out)
+        return normalize_maps(resize_grid(maps[:, None], tuple(size)))[:, 0]
+
+    def per_token() -> torch.Tensor:  # one call per token, as pytorch-grad-cam is called
+        return torch.cat([vlm_user_maps(*vlm_user_grads(adapter, inputs, context, tokens, [t]))
+                          for t in steps])
+
+    def floor() -> Any:
+        with torch.no_grad():
+            return adapter.head(adapter.encode(inputs, **context), tokens=tokens,
+                                **context).token_logprobs()
+
+    least = Contestant("least work", f"one forward + {k} activation-only backward passes",
+                       lambda: vlm_user_grads(adapter, inputs, context, tokens, steps),
+                       kind=LEAST)
+    vh, _, vl, _, patch = s.vlm_vision
+    title = (f"LLaVA-class: CLIP {vl}x{vh}/{patch} at {s.vlm_image} px + Llama "
+             f"{s.vlm_text[2]}x{s.vlm_text[0]}, {k}-token answer")
+    return [Case(7, "7-vlm", title, k, Contestant(FLOOR, "plain forward, torch.no_grad", floor,
+                                                 kind=FLOOR), [
+        Contestant(OURS, f"{k} tokens: one forward, {k} backward passes to A", ours, ours_maps),
+        Contestant("retain_graph loop", "hook + one forward + a backward per token (by hand)",
+                   lambda: vlm_user_grads(adapter, inputs, context, tokens, steps), user_maps,
+                   kind="retain_graph"),
+        Contestant("per-token loop", "a forward + backward per token (a peer called per token)",
+                   per_token, user_maps, kind="loop")], least=[least])]
+
+
 ROWS: dict[int, Callable[[Config, torch.device], list[Case]]] = {
-    1: row_images, 2: row_captioners, 3: row_vqa, 4: row_video, 5: row_guided, 6: row_occlusion}
+    1: row_images, 2: row_captioners, 3: row_vqa, 4: row_video, 5: row_guided, 6: row_occlusion,
+    7: row_vlm}
 
 
 def build_row(row: int, config: Config, device: torch.device) -> list[Case]:
@@ -1052,6 +1198,19 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if c["kind"] == "retain_graph" and res["key"] == "2-show-tell":
                     add(res, "vs torch-cam retain_graph >= 1.5x", c.get("speedup"),
                         RETAIN_MIN_SPEEDUP, False, c)
+        elif row == 7:
+            least = [c for c in res["contestants"] if c["kind"] == LEAST and c.get("seconds")]
+            if least and by[OURS].get("seconds"):
+                add(res, f"x least work <= {VLM_MAX_LEAST}",
+                    by[OURS]["seconds"] / least[0]["seconds"], VLM_MAX_LEAST, True)
+            if "per-token loop" in by:
+                add(res, f"vs per-token loop >= {VLM_MIN_SPEEDUP}x",
+                    by["per-token loop"].get("speedup"), VLM_MIN_SPEEDUP, False,
+                    by["per-token loop"])
+            peak, base = by[OURS].get("peak_mib"), least[0].get("peak_mib") if least else None
+            if isinstance(peak, float) and isinstance(base, float) and base > 0:
+                add(res, f"peak memory <= {VLM_MAX_MEMORY} x (forward + backward)",
+                    peak / base, VLM_MAX_MEMORY, True)
         elif row == 6 and "captum" in by:
             add(res, "vs captum >= 1x", by["captum"].get("speedup"), OCCLUSION_MIN_SPEEDUP,
                 False, by["captum"])
