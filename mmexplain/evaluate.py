@@ -829,13 +829,17 @@ class Sanity(_Literature):
                             default="both", help="which randomisation (default %(default)s)")
         parser.add_argument("--layers", default=None, help="comma-separated layers to "
                             "randomise, top first (default: every layer with parameters)")
+        parser.add_argument("--guided", action="store_true", help="also Guided "
+                            "Backpropagation's maps (the method Adebayo et al. found "
+                            "insensitive), reported as guided-backprop")
 
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
         modes = P.RANDOMIZATIONS if args.randomization == "both" else (args.randomization,)
         layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers \
             else None
-        options = dict(methods=methods, modes=modes, layers=layers, seed=args.seed)
+        options = dict(methods=methods, modes=modes, layers=layers, seed=args.seed,
+                       guided=args.guided)
 
         def per_input(task: P.ClassTask, pixels: torch.Tensor, **opts: Any) -> dict[str, Any]:
             x = task.model_input(pixels)

@@ -711,16 +711,33 @@ def word_relevance(adapter: Any, image: torch.Tensor, words: Sequence[str],
     return out
 
 
+#: The name under which :func:`sanity` reports Guided Backpropagation's maps.
+GUIDED = "guided-backprop"
+
+
+def guided_map(task: ClassTask, x: torch.Tensor, cls: int) -> torch.Tensor:
+    """Guided Backpropagation's map of class ``cls`` (Springenberg et al.; Grad-CAM sec. 3.2)
+    for one input, (*grid): the absolute input gradient summed over the colour channels,
+    as Adebayo et al. compare it (sec. 3)."""
+    from mmexplain.guided import GuidedBackprop
+
+    inputs, target, context = task.problem(x, [cls])
+    grads = GuidedBackprop(task.adapter)(inputs, target=target, **context)  # (1, 1, C, *grid)
+    return grads.flatten(0, 1)[0].abs().sum(dim=0)
+
+
 def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str] = METHODS,
            modes: Sequence[str] = RANDOMIZATIONS, layers: Sequence[str] | None = None,
-           seed: int = 0, size: Sequence[int] | None = None) -> dict[str, Any]:
+           seed: int = 0, size: Sequence[int] | None = None, guided: bool = False
+           ) -> dict[str, Any]:
     """Adebayo et al.'s parameter randomisation (sec. 3.1) for class ``cls`` of one input.
 
     Every layer of ``layers`` (default: every layer with parameters, top first) is
     randomised on a copy of the model (:func:`mmexplain.metrics.randomized_models`),
     cascading and / or independently; each method's map of the copy is compared with
     the trained model's, upsampled to ``size``: Spearman rank correlation and SSIM of
-    the min-max normalised maps.
+    the min-max normalised maps. With ``guided``, Guided Backpropagation (:func:`guided_map`,
+    at the input's resolution) is compared too, reported as :data:`GUIDED`.
     -> {"layers": names, mode: {method: {"rho": per layer, "ssim": per layer}}}
     """
     import copy
@@ -730,7 +747,11 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
     def norm(m: torch.Tensor) -> torch.Tensor:
         return normalize_maps(m.unsqueeze(0), start_dim=1)[0]
 
-    original = {m: explain(task, x, [cls], m, size)[0] for m in methods}
+    def map_of(t: ClassTask, m: str) -> torch.Tensor:
+        return guided_map(t, x, cls) if m == GUIDED else explain(t, x, [cls], m, size)[0]
+
+    methods = list(methods) + ([GUIDED] if guided else [])
+    original = {m: map_of(task, m) for m in methods}
     out: dict[str, Any] = {"layers": None}
     for mode in modes:
         out[mode] = {m: {"rho": [], "ssim": []} for m in methods}
@@ -740,7 +761,7 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
             randomized = copy.copy(task)
             randomized.adapter = model
             for m in methods:
-                r = explain(randomized, x, [cls], m, size)[0]
+                r = map_of(randomized, m)
                 dims = r.dim()
                 out[mode][m]["rho"].append(float(rank_correlation(r, original[m],
                                                                   grid_dims=dims)))
@@ -889,7 +910,9 @@ def summarize_sanity(entries: Sequence[Mapping[str, Any]], methods: Sequence[str
         return {m: None for m in methods}
     layers = entries[0]["layers"]
     out: dict[str, Any] = {"layers": layers}
-    for m in methods:
+    modes = [mode for mode in RANDOMIZATIONS if mode in entries[0]]
+    extra = [GUIDED] if modes and GUIDED in entries[0][modes[0]] else []
+    for m in list(methods) + extra:
         out[m] = {mode: {key: _mean_curve([e[mode][m][key] for e in entries])
                          for key in ("rho", "ssim")}
                   for mode in RANDOMIZATIONS if mode in entries[0]}
@@ -904,9 +927,8 @@ __all__ = [
     "shapes_occlusion", "shapes_pointing", "shapes_regions", "summarize_correlation",
     "summarize_faithfulness", "summarize_localization", "summarize_pointing",
     "summarize_regions", "word_pointing",
-    "CURVE_STEPS", "RANDOMIZATIONS", "baseline_of", "batch_confidences", "class_relevance",
-    "class_scorer",
-    "perturbation", "relevance", "road", "sanity", "shapes_perturbation", "shapes_relevance",
+    "CURVE_STEPS", "GUIDED", "RANDOMIZATIONS", "baseline_of", "batch_confidences",
+    "class_relevance", "class_scorer", "guided_map", "perturbation", "relevance", "road", "sanity", "shapes_perturbation", "shapes_relevance",
     "shapes_road", "shapes_sanity", "summarize_perturbation", "summarize_relevance",
     "summarize_road", "summarize_sanity", "word_relevance",
 ]

@@ -309,7 +309,7 @@ def test_eval_sanity_on_clips_gradient_maps_change_eigencam_only_below_its_layer
     method built to show it); randomising conv3b itself changes both."""
     summary = run_eval(tmp_path, "sanity", "--dataset", "shapes-clips", "--limit", "1",
                        "--method", "gradcam,eigencam", "--layers", "model.fc8,model.conv3b.0",
-                       "--randomization", "cascading")
+                       "--randomization", "cascading", "--guided")
     (entry,) = entries(tmp_path)
     assert entry["layers"] == summary["layers"] == ["model.fc8", "model.conv3b.0"]
     grad, eigen = (entry["cascading"][m] for m in ("gradcam", "eigencam"))
@@ -317,6 +317,22 @@ def test_eval_sanity_on_clips_gradient_maps_change_eigencam_only_below_its_layer
     assert grad["rho"][0] < 0.99 and eigen["rho"][1] < 0.99
     assert summary["gradcam"]["cascading"]["rho"] == pytest.approx(grad["rho"])
     assert "independent" not in summary["gradcam"]
+    # Guided Backprop: |input gradient| summed over colours, trained vs fc8 randomised
+    from mmexplain.data.shapes import ShapesWorld
+    from mmexplain.evaluate import load_model
+    from mmexplain.guided import GuidedBackprop
+    from mmexplain.metrics import rank_correlation
+
+    c3d = load_model("shapes-c3d", "random", seed=SEED)
+    (_, top), = list(randomized_models(c3d, layers=["model.fc8"], seed=SEED))
+    clip = torch.from_numpy(ShapesWorld(seed=SEED).clip(0).video)[None]
+    x = (clip - torch.tensor(c3d.preprocess.mean).view(1, 3, 1, 1, 1)) / torch.tensor(
+        c3d.preprocess.std).view(1, 3, 1, 1, 1)
+    maps = [GuidedBackprop(m)(x, target=entry["class"])[0, 0].abs().sum(0) for m in (c3d, top)]
+    assert entry["cascading"]["guided-backprop"]["rho"][0] == pytest.approx(
+        float(rank_correlation(maps[1], maps[0], grid_dims=3)), abs=1e-6)
+    assert summary["guided-backprop"]["cascading"]["rho"] == pytest.approx(
+        entry["cascading"]["guided-backprop"]["rho"])
 
 
 def test_eval_insertion_on_clips_starts_blurred_and_ends_at_the_clip(tmp_path: Path) -> None:
