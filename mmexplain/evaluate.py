@@ -148,25 +148,20 @@ def _needs_vocab(args: argparse.Namespace) -> bool:
     return True
 
 
-def _file(value: str | None, option: str, what: str) -> Path:
-    """An existing file given as ``option``, or an error naming the option."""
+def _file(value: str | None, option: str, what: str, *, folder: bool = False) -> Path:
+    """An existing file (or ``folder``) given as ``option``, or an error naming the option."""
     if value is None:
         raise bad_value(option, f"{what} (required for this dataset)", "nothing", raw=True)
     path = Path(value)
-    if not path.is_file():
-        raise bad_value(option, f"an existing file: {what}", f"{str(path)!r}, which does not "
-                        "exist", raw=True)
+    if not (path.is_dir() if folder else path.is_file()):
+        kind, missing = ("folder", "is not a folder") if folder else ("file", "does not exist")
+        raise bad_value(option, f"an existing {kind}: {what}", f"{str(path)!r}, which "
+                        f"{missing}", raw=True)
     return path
 
 
 def _folder(value: str | None, option: str, what: str) -> Path:
-    if value is None:
-        raise bad_value(option, f"{what} (required for this dataset)", "nothing", raw=True)
-    path = Path(value)
-    if not path.is_dir():
-        raise bad_value(option, f"an existing folder: {what}", f"{str(path)!r}, which is not "
-                        "a folder", raw=True)
-    return path
+    return _file(value, option, what, folder=True)
 
 
 def _limited(items: list[dict[str, Any]], args: argparse.Namespace, what: str
