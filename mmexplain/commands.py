@@ -32,8 +32,9 @@ beside the pictures:
   (N, K, T', H', W') per window with ``frame_indices`` (N, window), ``scores``,
   ``classes``, ``labels``, and ``frame_maps`` (K, frames, H', W'),
   ``frame_windows``, ``frame_importance``; one JSON line per video on stdout and
-  in ``videos.jsonl``. Frames are decoded as the windows need them, in a worker
-  thread; existing outputs are refused unless ``--overwrite`` / ``--resume``.
+  in ``records.rank{R}.jsonl`` with ``summary.json`` (:mod:`mmexplain.runs`: sharded
+  under torchrun, ``--resume``). Frames are decoded as the windows need them, in a
+  worker thread; existing outputs are refused unless ``--overwrite`` / ``--resume``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,17 @@ FALLBACK = {"caption": "show-tell", "vqa": "vqa-lstm"}
 # --------------------------------------------------------------------------- shared pieces
 
 
-def _add_common(parser: argparse.ArgumentParser, default_model: str | None) -> None:
+SIZE_HELP = "image side in pixels (default: the model's, else 224)"
+
+
+def _add_common(parser: argparse.ArgumentParser, default_model: str | None,
+                image: bool = False, size: str | None = None) -> None:
+    """The options every model command takes (``image``: and its IMAGE argument first;
+    ``size``: the help of its --size)."""
+    if image:
+        parser.add_argument("input", metavar="IMAGE", help="image file")
+    if size is not None:
+        _add_size(parser, size)
     shown = default_model or "the shipped model, else a random-weight stand-in"
     parser.add_argument("--model", default=default_model,
                         help=f"registered adapter name (default: {shown}); "
@@ -77,6 +87,10 @@ def _add_common(parser: argparse.ArgumentParser, default_model: str | None) -> N
     parser.add_argument("--out", default=None,
                         help="output folder (default: mmexplain-out/<command>)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def _add_size(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--size", type=int, default=None, help=help)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -206,14 +220,12 @@ class Classify:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("input", metavar="IMAGE", help="image file")
-        _add_common(parser, None)
+        _add_common(parser, None, image=True)
         parser.add_argument("--classes", default=None,
                             help="comma-separated class names or indices (default: the top ones)")
         parser.add_argument("--top", type=int, default=1,
                             help="explain the top K predictions when --classes is not given")
-        parser.add_argument("--size", type=int, default=None,
-                            help="crop size of the preprocessing (default: the weights')")
+        _add_size(parser, "crop size of the preprocessing (default: the weights')")
         parser.add_argument("--num-classes", type=int, default=None)
 
     @staticmethod
@@ -269,13 +281,22 @@ def _language_adapter(args: argparse.Namespace, task: str) -> Any:
     return build_adapter(args.model, args.weights, args.layer, args.device, **options)
 
 
+def _language_input(args: argparse.Namespace, task: str, capability: str, prompt: str | None
+                    ) -> tuple[Any, Any, np.ndarray, dict[str, Any]]:
+    """The caption / vqa model with the capability ``task`` needs (its weights said), and
+    the image prepared for it: (adapter, inputs, the picture shown, the context)."""
+    image = read_image(args.input)
+    adapter = _capable(_language_adapter(args, task), capability, task)
+    print(_weights_line(adapter))
+    return (adapter, *_prepared(adapter, image, prompt, args.size))
+
+
 class Caption:
     HELP = "explain a captioner's caption (or some of its words) on an image"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("input", metavar="IMAGE", help="image file")
-        _add_common(parser, None)
+        _add_common(parser, None, image=True, size=SIZE_HELP)
         parser.add_argument("--caption", default=None,
                             help="caption to explain (default: the model's own caption)")
         parser.add_argument("--words", default="all",
@@ -287,8 +308,6 @@ class Caption:
                             "one: BLIP 'a picture of', a VQA model's question)")
         parser.add_argument("--max-tokens", type=int, default=20,
                             help="most tokens of the generated caption (default 20)")
-        parser.add_argument("--size", type=int, default=None,
-                            help="image side in pixels (default: the model's, else 224)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
@@ -296,10 +315,7 @@ class Caption:
 
         if args.max_tokens < 1:
             raise bad_value("--max-tokens", "a positive number of tokens", args.max_tokens)
-        image = read_image(args.input)
-        adapter = _capable(_language_adapter(args, "caption"), "caption", "caption")
-        print(_weights_line(adapter))
-        x, shown, context = _prepared(adapter, image, args.prompt, args.size)
+        adapter, x, shown, context = _language_input(args, "caption", "caption", args.prompt)
         words: Any = (None if args.words == "caption" else args.words
                       if args.words in ("all", "visual") else _split(args.words))
         expl, labels = explain_caption(adapter, x, args.caption, words, args.method,
@@ -315,25 +331,19 @@ class VQA:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("input", metavar="IMAGE", help="image file")
-        _add_common(parser, None)
+        _add_common(parser, None, image=True, size=SIZE_HELP)
         parser.add_argument("--question", required=True, help="the question")
         parser.add_argument("--answers", default=None,
                             help="comma-separated answers to explain beside the model's own "
                             "(forced answers: 'what if it said yellow?')")
         parser.add_argument("--top", type=int, default=1,
                             help="explain the model's top K answers when --answers is not given")
-        parser.add_argument("--size", type=int, default=None,
-                            help="image side in pixels (default: the model's, else 224)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from mmexplain.tasks.vqa import explain_vqa
 
-        image = read_image(args.input)
-        adapter = _capable(_language_adapter(args, "vqa"), "answer", "vqa")
-        print(_weights_line(adapter))
-        x, shown, _ = _prepared(adapter, image, args.question, args.size)
+        adapter, x, shown, _ = _language_input(args, "vqa", "answer", args.question)
         own = [a for a, _ in adapter.answer(x, args.question, top=args.top)[0] if str(a).strip()]
         print(f"question: {args.question}")
         print(f"model's answer: {', '.join(map(str, own)) or '(none: an empty text)'}")
@@ -378,8 +388,7 @@ class Video:
                             help="explain each window's top K actions when --actions is not given")
         parser.add_argument("--per-slice", action="store_true",
                             help="channel weights per time slice instead of over T x H x W")
-        parser.add_argument("--size", type=int, default=None,
-                            help="crop size (default: the model's, 112; C3D is built for it)")
+        _add_size(parser, "crop size (default: the model's, 112; C3D is built for it)")
         parser.add_argument("--width", type=float, default=None,
                             help="C3D width multiplier (e.g. 0.25 for a fast random model)")
         parser.add_argument("--num-classes", type=int, default=None)
@@ -388,16 +397,16 @@ class Video:
         parser.add_argument("--overwrite", action="store_true",
                             help="replace outputs that exist (default: refuse, naming them)")
         parser.add_argument("--resume", action="store_true",
-                            help="skip videos whose outputs exist (an interrupted run goes on)")
+                            help="skip the videos with a record in OUT/records.rank*.jsonl "
+                            "(an interrupted run goes on)")
         parser.add_argument("--sequential", action="store_true",
                             help="decode in the main thread, in turn with the model (default: "
                             "a worker thread decodes the next windows while the model runs)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from tqdm import tqdm
-
         from mmexplain.data.video_folder import expand_video_inputs, output_stems
+        from mmexplain.runs import join_world, leave_world, read_records, run_items
 
         for arg, value in (("--batch-size", args.batch_size), ("--top", args.top)):
             if value < 1:
@@ -418,28 +427,35 @@ class Video:
         if fixed is not None and window != fixed[0]:
             raise bad_value("--window", f"{fixed[0]} frames for {args.model} (its fully "
                             "connected layers fix the clip length)", window)
-        with tqdm(total=len(jobs), unit="video", disable=len(jobs) < 2, file=sys.stderr) as bar, \
-                open(out / "videos.jsonl", "a", encoding="utf-8") as log:
-            for path, base in jobs:
-                line = json.dumps(_explain_video(args, adapter, path, base, window))
-                print(line)
-                log.write(line + "\n")
-                log.flush()
-                bar.update(1)
+        items = [{"id": base.name, "path": path, "base": base} for path, base in jobs]
+        if args.resume:
+            done = len(set(read_records(out)) & {item["id"] for item in items})
+            print(f"resume: {done} of {len(items)} videos already done")
+
+        def explain(item: dict[str, Any]) -> dict[str, Any]:
+            record = _explain_video(args, adapter, item["path"], item["base"], window)
+            print(json.dumps(record))
+            return record
+
+        world = join_world()  # torchrun --nproc-per-node N: every N-th video per process
+        try:
+            run_items(items, explain, _video_summary, out, resume=args.resume, desc="video",
+                      progress=world.is_main and len(items) > 1, world=world)
+        finally:
+            leave_world(world)
         return 0
+
+
+def _video_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"videos": len(records), "frames": sum(r["frames"] for r in records),
+            "windows": sum(r["windows"] for r in records)}
 
 
 def _video_jobs(args: argparse.Namespace, jobs: list[tuple[Path, Path]]
                 ) -> list[tuple[Path, Path]]:
-    """The (video, output base) pairs to run: with --resume those whose .npz and .mp4 both
-    exist are skipped; otherwise an existing output is an error unless --overwrite."""
-    if args.resume:
-        left = [(p, b) for p, b in jobs
-                if not (b.with_suffix(".npz").is_file() and b.with_suffix(".mp4").is_file())]
-        if len(left) < len(jobs):
-            print(f"resume: {len(jobs) - len(left)} of {len(jobs)} videos already done")
-        return left
-    if not args.overwrite:
+    """The (video, output base) pairs: an existing output is an error unless --overwrite,
+    or --resume (which skips the videos whose records are written, see mmexplain.runs)."""
+    if not args.overwrite and not args.resume:
         existing = [str(f) for _, b in jobs for f in (b.with_suffix(".mp4"), b.with_suffix(".npz"))
                     if f.exists()]
         if existing:
