@@ -442,8 +442,10 @@ def test_the_readme_commands_of_the_new_protocols_parse() -> None:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### Faithfulness and sanity: the evaluation literature")[1]
-    block = section.split("```bash")[1].split("```")[0]
-    lines = [ln.split("  #")[0] for ln in block.splitlines() if ln.startswith("mmexplain eval")]
+    section = section.split("\n## ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```bash")[1:]]
+    lines = [ln.split("  #")[0] for b in blocks for ln in b.splitlines()
+             if ln.startswith("mmexplain eval")]
     assert {shlex.split(ln)[2] for ln in lines} == {"deletion", "insertion", "road",
                                                      "relevance", "sanity"}
     parser = build_parser()
