@@ -156,22 +156,33 @@ def test_a_folder_with_equal_stems_overwrite_and_resume(tmp_path, capsys) -> Non
     assert output_stems(paths) == ["a__clip", "b__c__clip", "b__clip"]
     out = tmp_path / "out"
     args = ["video", str(videos), *R3D, "--max-windows", "1", "--out", str(out)]
+    torch.manual_seed(0)  # random weights: the same model when resumed
     assert main(args) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [r["video"] for r in lines] == [str(p) for p in paths]
     assert sorted(p.name for p in out.glob("*.npz")) == \
         [f"{s}_r3d-18_gradcam.npz" for s in ("a__clip", "b__c__clip", "b__clip")]
-    assert len((out / "videos.jsonl").read_text().splitlines()) == 3
+    records = (out / "records.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in records] == \
+        [f"{s}_r3d-18_gradcam" for s in ("a__clip", "b__c__clip", "b__clip")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["videos"], summary["frames"], summary["windows"]) == (3, 48, 3)  # 1 window
     stamp = (out / "a__clip_r3d-18_gradcam.mp4").stat().st_mtime_ns
     assert main(args) == 2  # nothing a user made is overwritten
     err = capsys.readouterr().err
     assert f"--out: expected a folder without this run's outputs (or --overwrite / --resume), " \
            f"received '{out}', which holds 6 of them" in err
     assert (out / "a__clip_r3d-18_gradcam.mp4").stat().st_mtime_ns == stamp
-    (out / "b__clip_r3d-18_gradcam.npz").unlink()  # as if interrupted before the last one
+    # as if interrupted while the last video's outputs were being written
+    (out / "records.rank0.jsonl").write_text("\n".join(records[:2]) + "\n")
+    (out / "b__clip_r3d-18_gradcam.npz").unlink()
+    torch.manual_seed(0)
     assert main([*args, "--resume"]) == 0
     assert "resume: 2 of 3 videos already done" in capsys.readouterr().out
     assert (out / "b__clip_r3d-18_gradcam.npz").is_file()
+    again = (out / "records.rank0.jsonl").read_text().splitlines()
+    assert again[:2] == records[:2] and json.loads(again[2]) == json.loads(records[2])
+    assert (out / "a__clip_r3d-18_gradcam.mp4").stat().st_mtime_ns == stamp  # not redone
     assert main([*args, "--overwrite"]) == 0
     assert (out / "a__clip_r3d-18_gradcam.mp4").stat().st_mtime_ns != stamp
 
