@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--fps", type=int, default=30)
     parser.add_argument("--model", default="r3d_18")
     parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4, help="windows in flight")
     parser.add_argument("--keep", default=None, help="folder for the clips and outputs")
     args = parser.parse_args()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="mmexplain-memory-"))
@@ -86,8 +87,10 @@ def main() -> None:
         clip = folder / f"synthetic_{minutes:g}min.mp4"
         if not clip.is_file():
             write_clip(clip, minutes * 60, args.fps)
-        extra = ["--model", args.model, "--size", str(args.size), "--weights", "random"]
+        extra = ["--model", args.model, "--size", str(args.size), "--weights", "random",
+                 "--batch-size", str(args.batch_size)]
         row = {"minutes": minutes, "frames": int(round(minutes * 60 * args.fps)),
+               "size": args.size, "batch_size": args.batch_size,
                **measure(clip, folder / "out", extra)}
         rows.append(row)
         print(json.dumps(row), flush=True)
