@@ -53,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MMExplainError as exc:
         print(f"mmexplain {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a hint, not a traceback
+        hint = (" (what was finished is recorded: run the same command with --resume to go "
+                "on)" if args.command == "eval" else "")
+        print(f"mmexplain {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

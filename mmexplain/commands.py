@@ -109,6 +109,9 @@ def _slug(text: str) -> str:
 
 def _out_dir(args: argparse.Namespace) -> Path:
     out = Path(args.out or f"mmexplain-out/{args.command}")
+    if out.exists() and not out.is_dir():
+        raise bad_value("--out", "a folder to write into", f"{str(out)!r}, which is a file",
+                        raw=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -149,11 +152,24 @@ def build_adapter(name: str, weights: str | None, layer: str | None, device: str
         option = "--" + (bad.group(1).replace("_", "-") if bad else "?")
         raise InputError(f"{option}: expected an option that model {name!r} takes, received "
                          f"{option} for {name!r}, which has no such setting") from exc
+    return adapter.to(check_device(device))
+
+
+def check_device(device: str) -> torch.device:
+    """A torch device this machine has, or an InputError naming --device (was a raw
+    RuntimeError 'Found no NVIDIA driver' on a machine without a GPU)."""
     try:
         device_ = torch.device(device)
     except RuntimeError as exc:
         raise bad_value("--device", "a torch device such as cpu or cuda", device) from exc
-    return adapter.to(device_)
+    if device_.type == "cuda" and not torch.cuda.is_available():
+        raise bad_value("--device", "a device this machine has (no CUDA GPU is available "
+                        "here: use --device cpu)", device)
+    if device_.type == "cuda" and device_.index is not None and \
+            device_.index >= torch.cuda.device_count():
+        raise bad_value("--device", f"one of the {torch.cuda.device_count()} CUDA devices "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})", device)
+    return device_
 
 
 def _weights_line(adapter: Any) -> str:
@@ -439,11 +455,36 @@ class Video:
 
         world = join_world()  # torchrun --nproc-per-node N: every N-th video per process
         try:
-            run_items(items, explain, _video_summary, out, resume=args.resume, desc="video",
-                      progress=world.is_main and len(items) > 1, world=world)
+            summary = run_items(items, explain, _video_summary, out, resume=args.resume,
+                                desc="video", progress=world.is_main and len(items) > 1,
+                                world=world)
         finally:
             leave_world(world)
+        if summary is not None:  # rank 0
+            print(f"run: {summary['videos']} videos -> {_video_index(out, items)}")
         return 0
+
+
+def _video_index(out: Path, items: list[dict[str, Any]]) -> Path:
+    """OUT/index.html: per video (in input order) its overlay MP4, its top actions and the
+    curve of each frame's share of the explanation (the first target)."""
+    from mmexplain.render import Report
+    from mmexplain.runs import read_records
+
+    records = read_records(out)
+    report = Report(f"mmexplain video: {len(items)} videos")
+    for item in items:
+        record = records[item["id"]]
+        report.section(f"{record['video']} ({record['frames']} frames, "
+                       f"{record['windows']} windows)")
+        report.text("; ".join(f"{a['action']}: top action of {a['windows']} windows, mean "
+                              f"score {a['mean_score']:.4g}" for a in record["actions"]))
+        report.video(record["mp4"])
+        with np.load(record["npz"]) as saved:
+            curve = torch.from_numpy(saved["frame_importance"][:1])
+        report.image(_importance_strips(curve, 480, 48)[0],
+                     caption="each frame's share of the explanation, first to last frame")
+    return report.save(out / "index.html")
 
 
 def _video_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
