@@ -421,6 +421,27 @@ def test_eval_deletion_on_a_video_list_starts_at_the_clip_confidence(tmp_path: P
     assert len(curve) == 3 and curve[0] == pytest.approx(entry["Y"], abs=1e-6)
 
 
+def test_eval_relevance_under_torchrun_gives_the_single_process_summary(tmp_path: Path
+                                                                         ) -> None:
+    import os
+    import subprocess
+    import sys
+
+    argv = ["relevance", "--limit", "2", "--method", "gradcam", "--weights", "random",
+            "--no-progress"]
+    single = run_eval(tmp_path / "one", *argv[:-3])
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "mmexplain", "eval", *argv, "--out", str(tmp_path / "two")], env=env,
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text()) == single
+    ids = [[json.loads(ln)["id"] for ln in (tmp_path / "two" / f"records.rank{r}.jsonl")
+            .read_text().splitlines()] for r in (0, 1)]
+    assert ids == [["scene0"], ["scene1"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["road", "--fractions", "0,0.5"], "--fractions: expected comma-separated fractions in (0, 1)"),
     (["deletion", "--cell", "0"], "--cell: expected a positive number of pixels"),
