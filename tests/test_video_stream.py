@@ -165,6 +165,9 @@ def test_a_folder_with_equal_stems_overwrite_and_resume(tmp_path, capsys) -> Non
     records = (out / "records.rank0.jsonl").read_text().splitlines()
     assert [json.loads(r)["id"] for r in records] == \
         [f"{s}_r3d-18_gradcam" for s in ("a__clip", "b__c__clip", "b__clip")]
+    index = (out / "index.html").read_text()  # each video's overlay, actions and curve
+    assert index.count("<video") == 3 and index.count("<img") == 3
+    assert index.index(f"{paths[0]} (16 frames, 1 windows)") < index.index(str(paths[2]))
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["videos"], summary["frames"], summary["windows"]) == (3, 48, 3)  # 1 window
     stamp = (out / "a__clip_r3d-18_gradcam.mp4").stat().st_mtime_ns
