@@ -141,7 +141,8 @@ def _info(stream: Any, p: Path, counted: int | None = None) -> VideoInfo:
 
 
 def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
-    """The frame rate, duration, frame size and (header) frame count of ``path``; decodes nothing."""
+    """The frame rate, duration, frame size and (header) frame count of ``path``; decodes
+    nothing."""
     container, stream, p = _open(path)
     try:
         return _info(stream, p)
@@ -313,8 +314,9 @@ def stream_windows(path: str | os.PathLike[str], length: int = 16, stride: int |
     grow with the video's length; with ``transform`` (e.g. :meth:`Preprocess.frame`)
     each frame is transformed once as it is decoded, so the windows hold transformed
     frames and overlapping windows do not resize a frame twice. The number of frames
-    is known only at the end of the stream, so the tail window comes last; a video shorter than ``length``
-    raises the same error as :func:`sliding_clips` once its end is reached.
+    is known only at the end of the stream, so the tail window comes last; a video
+    shorter than ``length`` raises the same error as :func:`sliding_clips` once its end
+    is reached.
     """
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise bad_value("length", "a positive number of frames per clip", length)
