@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmexplain.engine import batch_size_of, borrowed, call_model, resize_grid, resolve_layer
-from mmexplain.errors import InputError, bad_type, bad_value, describe
+from mmexplain.errors import bad_type, bad_value, describe
 from mmexplain.methods import get_method
 from mmexplain.targets import as_target, check_scores
 

@@ -7,22 +7,23 @@ The shapes world instead of CIFAR-10: scenes of one object on a textured
 background (mmexplain.data.shapes), cut to 32x32 windows that hold the object
 somewhere; the class is the object's shape (5 classes). A deeper teacher CNN (7
 convolutions) is trained first; then the same shallower student (4 convolutions,
-the same initial weights, batches and steps)
-is trained three times, as the paper's first three rows:
+the same initial weights, batches and steps) is trained with each loss, as the
+paper's first three rows:
 
     L_cross_ent                    cross-entropy alone
     L_exp_student(Grad-CAM)        eq. 27 with the teacher's Grad-CAM maps
     L_exp_student(Grad-CAM++)      eq. 27 with the teacher's Grad-CAM++ maps
 
-(alpha = 0.01 as in the paper; both nets explained at their last convolution,
-8x8; each row the mean of ``--seeds`` students, the k-th student of every row
-starting from the same weights and drawing the same batches). The paper's Table 4 reports the test error only; the table adds the
-faithfulness measures of its sec. 4.1 (Average Drop %, % Increase in Confidence,
-eq. 25: the input times the model's own Grad-CAM++ map of its predicted class),
-the pointing game on the object's mask (the map's maximum on the object, no
-tolerance) and how far the model's Grad-CAM and Grad-CAM++ maps of the true class
-are from the teacher's (eq. 28 averaged over the test scenes). Deterministic: fixed seeds
-and thread count; the training scenes are world seed 0, the test scenes seed 1.
+alpha = 0.01 as in the paper; both nets are explained at their last convolution
+(8x8); each row is the mean of ``--seeds`` students, the k-th student of every
+row starting from the same weights and drawing the same batches. The paper's
+Table 4 reports the test error only; the table adds the faithfulness measures of
+its sec. 4.1 (Average Drop %, % Increase in Confidence; eq. 25: the input times
+the model's own Grad-CAM++ map of its predicted class), the pointing game on the
+object's mask (the map's maximum on the object, no tolerance) and how far the
+model's Grad-CAM and Grad-CAM++ maps of the true class are from the teacher's
+(eq. 28 averaged over the test scenes). Deterministic: fixed seeds and thread
+count; the training scenes are world seed 0, the test scenes seed 1.
 """
 
 from __future__ import annotations
