@@ -60,7 +60,7 @@ def main() -> None:
     torch.manual_seed(0)
     adapter = get_adapter("r3d_18", weights=False, size=args.size)
     run = argparse.Namespace(stride=None, max_windows=None, batch_size=4, actions=None,
-                             method="gradcam", per_slice=False, top=1)
+                             method="gradcam", per_slice=False, top=1, bf16=False)
     floor = floor_batches(adapter, paths, 16, 4)
 
     def explain_all(sequential: bool) -> None:

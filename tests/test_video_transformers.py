@@ -295,6 +295,21 @@ def test_xclip_needs_texts_and_fixed_clip_sizes_are_named(folders, clip20, tmp_p
         adapter.encode(torch.zeros(1, 3, 16, SIZE, SIZE))
 
 
+def test_bf16_autocast_keeps_float32_maps_close_to_float32_runs(folders, clip20, tmp_path
+                                                                ) -> None:
+    """--bf16 on the tiny VideoMAE (CPU: bf16 3-D convolutions are far slower than float32
+    on this machine's CPU, linear layers are not)."""
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        assert main(["video", str(clip20), "--weights", str(folders["videomae"]), "--stride", "6",
+                     "--actions", "act1", "--out", str(tmp_path / name), *extra]) == 0
+        runs[name] = np.load(tmp_path / name / "walk_videomae_gradcam.npz")
+    full, half = runs["fp32"], runs["bf16"]
+    assert half["maps"].dtype == np.float32 and half["frame_maps"].dtype == np.float32
+    np.testing.assert_allclose(half["maps"], full["maps"], atol=0.05 * np.abs(full["maps"]).max())
+    assert half["labels"].tolist() == full["labels"].tolist() == [["act1"]] * 3
+
+
 README_FOLDERS = {"videomae-base-finetuned-kinetics": "videomae",
                   "timesformer-base-finetuned-k400": "timesformer",
                   "vivit-b-16x2-kinetics400": "vivit", "xclip-base-patch32": "xclip"}
