@@ -315,6 +315,8 @@ class MViTAdapter(StagedAdapter):
     head on the CLS token. Layers ``blocks.N``; default the block before the last.
     """
 
+    input_grid_reason = "its position encoding fixes the clip length"
+
     @staticmethod
     def fixed_grid(model: nn.Module) -> tuple[int, ...] | None:
         """(T, H, W) of the clips the position encoding was built for."""

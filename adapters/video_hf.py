@@ -123,6 +123,7 @@ class HFVideoAdapter(Adapter):
     layers_path = ""
     block_args: tuple[Any, ...] = ()  # after the tokens (X-CLIP's layers: attention_mask=None)
     prefix = 0  # context tokens before the grid (CLS)
+    input_grid_reason = "its position embeddings fix the clip length"
     mean_std = IMAGENET
 
     def __init__(self, model: nn.Module, preprocess: Preprocess | None = None,

@@ -445,8 +445,9 @@ class Video:
         window = args.window or getattr(adapter, "clip_length", None) or 16
         fixed = getattr(adapter, "input_grid", None)
         if fixed is not None and window != fixed[0]:
-            raise bad_value("--window", f"{fixed[0]} frames for {args.model} (its fully "
-                            "connected layers fix the clip length)", window)
+            why = getattr(adapter, "input_grid_reason", "its fully connected layers fix the "
+                          "clip length")
+            raise bad_value("--window", f"{fixed[0]} frames for {args.model} ({why})", window)
         items = [{"id": base.name, "path": path, "base": base} for path, base in jobs]
         if args.resume:
             done = len(set(read_records(out)) & {item["id"] for item in items})

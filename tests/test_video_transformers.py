@@ -289,6 +289,10 @@ def test_xclip_needs_texts_and_fixed_clip_sizes_are_named(folders, clip20, tmp_p
                  "--out", str(tmp_path)]) == 2
     assert "texts: expected one or more texts to match the clips against" \
         in capsys.readouterr().err
+    assert main(["video", str(clip20), "--weights", str(folders["videomae"]), "--window", "4",
+                 "--out", str(tmp_path)]) == 2
+    assert ("--window: expected 8 frames for videomae (its position embeddings fix the clip "
+            "length), received int 4") in capsys.readouterr().err
     adapter = hf_adapter("videomae", folders["videomae"])
     with pytest.raises(InputError, match=r"inputs: expected a float tensor of \(B, 3, T, H, W\) "
                        r"clips with \(T, H, W\) = \(8, 32, 32\) for VideoMAEAdapter"):
