@@ -108,12 +108,17 @@ class StitchedMaps:
     """
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None  # (K, N, h, w)
-        self.counts = torch.zeros(0)  # (N,) windows covering each frame
+        self._sums: torch.Tensor | None = None  # (K, capacity, h, w)
+        self._counts = torch.zeros(0)  # (capacity,) windows covering each frame
+        self.num_frames = 0  # frames 0 .. num_frames - 1 seen so far
 
     @property
-    def num_frames(self) -> int:
-        return int(self.counts.shape[0])
+    def sums(self) -> torch.Tensor | None:
+        return None if self._sums is None else self._sums[:, :self.num_frames]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._counts[:self.num_frames]
 
     def add(self, maps: torch.Tensor, indices: Sequence[int]) -> None:
         if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
@@ -127,15 +132,18 @@ class StitchedMaps:
                             f"{tuple(self.sums.shape[2:])} grid like the windows before",
                             describe(maps), raw=True)
         need = int(idx.max()) + 1
-        if need > self.num_frames:  # grow to the frames seen so far
+        if need > self._counts.shape[0]:  # grow, doubling: few copies over a long video
             k, _, *grid = per_frame.shape
-            grown = torch.zeros(k, need, *grid)
-            if self.sums is not None:
+            capacity = max(need, 2 * self._counts.shape[0])
+            grown = torch.zeros(k, capacity, *grid)
+            counts = torch.zeros(capacity)
+            if self._sums is not None:
                 grown[:, :self.num_frames] = self.sums
-            self.sums = grown
-            self.counts = torch.cat([self.counts, torch.zeros(need - self.num_frames)])
-        self.sums.index_add_(1, idx, per_frame)
-        self.counts.index_add_(0, idx, torch.ones(len(idx)))
+                counts[:self.num_frames] = self.counts
+            self._sums, self._counts = grown, counts
+        self.num_frames = max(self.num_frames, need)
+        self._sums.index_add_(1, idx, per_frame)
+        self._counts.index_add_(0, idx, torch.ones(len(idx)))
 
     def maps(self) -> torch.Tensor:
         """(K, N, h, w): frame n's map, the mean over the windows covering it."""
