@@ -572,12 +572,10 @@ class Faithfulness(Protocol):
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
         summarize = partial(P.summarize_faithfulness, methods=methods)
-        if args.dataset == "shapes":
-            return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_faithfulness,
-                                summarize, methods=methods)
-        if args.dataset == "shapes-clips":
-            return _shapes_plan(args, _model(args, **_clip_options(args)), P.clip_faithfulness,
-                                summarize, clips=True, methods=methods)
+        world = _world_plan(args, P.shapes_faithfulness, P.clip_faithfulness, summarize,
+                            methods=methods)
+        if world is not None:
+            return world
         if args.dataset == "folder":
             folder = _folder(args.images, "--images", "a folder of images")
             items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
@@ -663,6 +661,19 @@ def _clip_options(args: argparse.Namespace) -> dict[str, Any]:
                 num_classes=len(ACTIONS))
 
 
+def _world_plan(args: argparse.Namespace, scenes: Callable[..., list],
+                clips: Callable[..., list], summarize: Callable[..., Any], **options: Any
+                ) -> Plan | None:
+    """The plan on the shapes world: scenes with the VQA model or a captioner, clips with the
+    action model; None for another dataset."""
+    if args.dataset == "shapes":
+        return _shapes_plan(args, _model(args, CAPTIONER + VQA), scenes, summarize, **options)
+    if args.dataset == "shapes-clips":
+        return _shapes_plan(args, _model(args, **_clip_options(args)), clips, summarize,
+                            clips=True, **options)
+    return None
+
+
 def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., list],
                      per_input: Callable[..., dict[str, Any]],
                      summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
@@ -670,12 +681,9 @@ def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., li
     """The plan of a measure of the evaluation literature on the shapes world (scenes with
     the VQA model or a captioner, clips with the action model) or an image folder
     (``per_input(ClassTask, pixels (1, 3, H, W), **options)``, the top class)."""
-    if args.dataset == "shapes":
-        return _shapes_plan(args, _model(args, CAPTIONER + VQA), shapes_protocol, summarize,
-                            **options)
-    if args.dataset == "shapes-clips":
-        return _shapes_plan(args, _model(args, **_clip_options(args)), shapes_protocol,
-                            summarize, clips=True, **options)
+    world = _world_plan(args, shapes_protocol, shapes_protocol, summarize, **options)
+    if world is not None:
+        return world
     if args.dataset == "videos":
         return _videos_plan(args, per_input, summarize, **options)
     folder = _folder(args.images, "--images", "a folder of images")
@@ -773,13 +781,9 @@ class Relevance(Protocol):
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
         summarize = partial(P.summarize_relevance, methods=methods)
-        if args.dataset == "shapes":
-            return _shapes_plan(args, _model(args, CAPTIONER + VQA), P.shapes_relevance,
-                                summarize, methods=methods)
-        if args.dataset == "shapes-clips":
-            return _shapes_plan(args, _model(args, **_clip_options(args)), P.shapes_relevance,
-                                summarize, clips=True, methods=methods)
-        return cls._coco(args, methods, summarize)
+        world = _world_plan(args, P.shapes_relevance, P.shapes_relevance, summarize,
+                            methods=methods)
+        return world if world is not None else cls._coco(args, methods, summarize)
 
     @staticmethod
     def _coco(args: argparse.Namespace, methods: tuple[str, ...],
