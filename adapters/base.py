@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmexplain.errors import InputError, bad_value
+from mmexplain.errors import InputError
 
 
 class SequenceOutput:
@@ -116,6 +116,28 @@ def resized_image(image: Any, side: int, device: torch.device | None = None
     x = image_pixels(image, side)
     shown = (x[0] * 255).round().byte().permute(1, 2, 0).numpy()
     return (x.to(device) if device is not None else x), shown
+
+
+def group_words(steps: Sequence[int], text_of: Callable[[Sequence[int]], str]
+                ) -> list[tuple[str, list[int]]]:
+    """Subword tokens at ``steps`` grouped into words: a token starts a word when the text
+    decoded so far (``text_of(steps so far)``) grows by a piece that begins with a space
+    (SentencePiece, byte-level BPE and WordPiece alike), or switches between punctuation
+    and letters/digits ("dog?" is two words). -> [(word, its steps)], empty words left out."""
+    groups: list[list[int]] = []
+    before, word_kind = "", True
+    for i, step in enumerate(steps):
+        text = text_of(steps[:i + 1])
+        piece = text[len(before):] if text.startswith(before) else ""
+        kind = any(c.isalnum() for c in piece)
+        if not groups or piece[:1].isspace() or (piece and kind != word_kind):
+            groups.append([step])
+            word_kind = kind
+        else:
+            groups[-1].append(step)
+        before = text
+    words = [(text_of(g).strip(), g) for g in groups]
+    return [(w, g) for w, g in words if w]
 
 
 def check_layer(layer: str, layers: Iterable[str], owner: str) -> None:

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from mmexplain.adapters import register_adapter
-from mmexplain.adapters.base import Adapter, SequenceOutput, run_steps
+from mmexplain.adapters.base import Adapter, SequenceOutput, group_words, run_steps
 from mmexplain.adapters.captioner import caption_mask
 from mmexplain.adapters.families import register_family
 from mmexplain.engine import expand_context
@@ -501,23 +501,9 @@ class HFVisionAdapter(Adapter):
         steps = [t for t in range(len(ids)) if bool(mask[t]) and ids[t] not in special]
         if tok is None:
             return [(f"#{ids[t]}", [t]) for t in steps]
-        groups: list[list[int]] = []
-        before, word_kind = "", True
-        for i, t in enumerate(steps):
-            text = tok.decode([ids[s] for s in steps[:i + 1]], skip_special_tokens=False,
-                              clean_up_tokenization_spaces=False)
-            piece = text[len(before):] if text.startswith(before) else ""
-            # a space starts a word; so does punctuation after letters and letters after it
-            kind = any(c.isalnum() for c in piece)
-            if not groups or piece[:1].isspace() or (piece and kind != word_kind):
-                groups.append([t])
-                word_kind = kind
-            else:
-                groups[-1].append(t)
-            before = text
-        words = [tok.decode([ids[s] for s in g], skip_special_tokens=False,
-                            clean_up_tokenization_spaces=False).strip() for g in groups]
-        return [(w, g) for w, g in zip(words, groups) if w]
+        return group_words(steps, lambda chosen: tok.decode(
+            [ids[s] for s in chosen], skip_special_tokens=False,
+            clean_up_tokenization_spaces=False))
 
     def text_ids(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Texts (or word lists) -> token ids (N, L): each text's tokens then the end token,
@@ -893,34 +879,29 @@ class BlipVQA(HFVisionAdapter):
 # --------------------------------------------------------------------------- registry
 
 
-@register_adapter("hf-vision-encoder-decoder")
-def hf_vision_encoder_decoder(path: Any = None, *, model: nn.Module | None = None,
-                              tokenizer: Any = None, processor: Any = None,
-                              layer: str | None = None,
-                              interpolate_pos_encoding: bool = False
-                              ) -> VisionEncoderDecoderCaptioner:
-    """Hugging Face VisionEncoderDecoderModel captioner (ViT-style encoder), path or cache."""
-    return _build(VisionEncoderDecoderCaptioner, "VisionEncoderDecoderModel", path, model, layer,
-                  tokenizer, processor, interpolate_pos_encoding=interpolate_pos_encoding)
+def _factory(cls: type, class_name: str, doc: str) -> Any:
+    """The registered factory of a family: ``(path, *, model, tokenizer, processor, layer,
+    interpolate_pos_encoding)`` -> the adapter, from a local path or the HF cache."""
 
-
-@register_adapter("blip-caption")
-def blip_caption(path: Any = None, *, model: nn.Module | None = None, tokenizer: Any = None,
-                 processor: Any = None, layer: str | None = None,
-                 interpolate_pos_encoding: bool = False) -> BlipCaptioner:
-    """BLIP captioner (BlipForConditionalGeneration), from a local path or the HF cache."""
-    return _build(BlipCaptioner, "BlipForConditionalGeneration", path, model, layer,
-                  tokenizer, processor, interpolate_pos_encoding=interpolate_pos_encoding)
-
-
-@register_adapter("blip-vqa")
-def blip_vqa(path: Any = None, *, model: nn.Module | None = None, tokenizer: Any = None,
+    def make(path: Any = None, *, model: nn.Module | None = None, tokenizer: Any = None,
              processor: Any = None, layer: str | None = None,
-             interpolate_pos_encoding: bool = False) -> BlipVQA:
-    """BLIP VQA (BlipForQuestionAnswering) answer scores, from a local path or the HF cache."""
-    return _build(BlipVQA, "BlipForQuestionAnswering", path, model, layer,
-                  tokenizer, processor, interpolate_pos_encoding=interpolate_pos_encoding)
+             interpolate_pos_encoding: bool = False) -> Any:
+        return _build(cls, class_name, path, model, layer, tokenizer, processor,
+                      interpolate_pos_encoding=interpolate_pos_encoding)
 
+    make.__doc__ = doc
+    return make
+
+
+hf_vision_encoder_decoder = register_adapter("hf-vision-encoder-decoder")(_factory(
+    VisionEncoderDecoderCaptioner, "VisionEncoderDecoderModel",
+    "Hugging Face VisionEncoderDecoderModel captioner (ViT-style encoder), path or cache."))
+blip_caption = register_adapter("blip-caption")(_factory(
+    BlipCaptioner, "BlipForConditionalGeneration",
+    "BLIP captioner (BlipForConditionalGeneration), from a local path or the HF cache."))
+blip_vqa = register_adapter("blip-vqa")(_factory(
+    BlipVQA, "BlipForQuestionAnswering",
+    "BLIP VQA (BlipForQuestionAnswering) answer scores, from a local path or the HF cache."))
 
 register_family("BlipForConditionalGeneration", "blip-caption", tasks=("caption",))
 register_family("BlipForQuestionAnswering", "blip-vqa", tasks=("caption", "vqa"))

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmexplain.adapters.base import Adapter, SequenceOutput, check_layer
+from mmexplain.adapters.base import Adapter, SequenceOutput, check_layer, group_words
 from mmexplain.adapters.hf import load_pretrained, sequence_mask
 from mmexplain.adapters.tokengrid import TokenGrid
 from mmexplain.errors import InputError, bad_type, bad_value, describe
@@ -565,20 +565,7 @@ def word_groups(tokenizer: Any, tokens: torch.Tensor, stop: Sequence[int | None]
         return tokenizer.decode([ids[s] for s in chosen], skip_special_tokens=False,
                                 clean_up_tokenization_spaces=False)
 
-    groups: list[list[int]] = []
-    before, word_kind = "", True
-    for i, step in enumerate(steps):
-        text = text_of(steps[:i + 1])
-        piece = text[len(before):] if text.startswith(before) else ""
-        kind = any(c.isalnum() for c in piece)
-        if not groups or piece[:1].isspace() or (piece and kind != word_kind):
-            groups.append([step])
-            word_kind = kind
-        else:
-            groups[-1].append(step)
-        before = text
-    words = [(text_of(g).strip(), g) for g in groups]
-    return [(w, g) for w, g in words if w]
+    return group_words(steps, text_of)
 
 
 def build(cls: type[VisionLanguageAdapter], path: Any, model: nn.Module | None,

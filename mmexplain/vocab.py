@@ -139,21 +139,11 @@ class Vocabulary:
             raise bad_value("vocab", f"a vocabulary with the {token} token", repr(self), raw=True)
         return self.stoi[token]
 
-    @property
-    def pad_id(self) -> int:
-        return self._special(PAD)
-
-    @property
-    def start_id(self) -> int:
-        return self._special(START)
-
-    @property
-    def end_id(self) -> int:
-        return self._special(END)
-
-    @property
-    def unk_id(self) -> int:
-        return self._special(UNK)
+    # the ids of the special tokens (an error naming the vocabulary where one is missing)
+    pad_id = property(lambda self: self._special(PAD))
+    start_id = property(lambda self: self._special(START))
+    end_id = property(lambda self: self._special(END))
+    unk_id = property(lambda self: self._special(UNK))
 
     def missing(self, words: Iterable[str]) -> list[str]:
         """The words (in order, once each) that are not in the vocabulary."""
