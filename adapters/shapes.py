@@ -110,6 +110,20 @@ def stored_config(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.get("mmexplain_config", "{}"))
 
 
+def _trunk_model(factory: Any, name: str, weights: str | Path | bool | None, layer: str | None,
+                 device: str | torch.device | None, random: dict[str, Any]) -> Adapter:
+    """A shipped trunk model (its weights, or ``random`` settings for weights=False) on the
+    shapes trunk of the stored channels, named ``name``."""
+    path = shipped_weights(name) if weights is None else weights
+    cfg = stored_config(path) if weights is not False else {}
+    channels = tuple(cfg.get("trunk_channels", TRUNK_CHANNELS))
+    extra = {} if weights is not False else dict(trunk_channels=channels, **random)
+    adapter = factory(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
+                      device=device, **extra)
+    adapter.name = name
+    return adapter
+
+
 @register_adapter("shapes-captioner")
 def shapes_captioner(*, weights: str | Path | bool | None = None, layer: str | None = None,
                      device: str | torch.device | None = None) -> Adapter:
@@ -117,15 +131,8 @@ def shapes_captioner(*, weights: str | Path | bool | None = None, layer: str | N
     from mmexplain.adapters.captioner import show_tell
     from mmexplain.data.shapes import CAPTION_VOCAB
 
-    path = shipped_weights("shapes-captioner") if weights is None else weights
-    cfg = stored_config(path) if weights is not False else {}
-    channels = tuple(cfg.get("trunk_channels", TRUNK_CHANNELS))
-    extra = {} if weights is not False else dict(vocab=CAPTION_VOCAB, normalize=None,
-                                                 trunk_channels=channels, **CAPTIONER_SIZES)
-    adapter = show_tell(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
-                        device=device, **extra)
-    adapter.name = "shapes-captioner"
-    return adapter
+    return _trunk_model(show_tell, "shapes-captioner", weights, layer, device,
+                        dict(vocab=CAPTION_VOCAB, normalize=None, **CAPTIONER_SIZES))
 
 
 @register_adapter("shapes-vqa")
@@ -135,16 +142,9 @@ def shapes_vqa(*, weights: str | Path | bool | None = None, layer: str | None = 
     from mmexplain.adapters.vqa import vqa_lstm
     from mmexplain.data.shapes import ANSWER_VOCAB, QUESTION_VOCAB
 
-    path = shipped_weights("shapes-vqa") if weights is None else weights
-    cfg = stored_config(path) if weights is not False else {}
-    channels = tuple(cfg.get("trunk_channels", TRUNK_CHANNELS))
-    extra = {} if weights is not False else dict(
-        question_vocab=QUESTION_VOCAB, answer_vocab=ANSWER_VOCAB, normalize=None,
-        trunk_channels=channels, **VQA_SIZES)
-    adapter = vqa_lstm(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
-                       device=device, **extra)
-    adapter.name = "shapes-vqa"
-    return adapter
+    return _trunk_model(vqa_lstm, "shapes-vqa", weights, layer, device,
+                        dict(question_vocab=QUESTION_VOCAB, answer_vocab=ANSWER_VOCAB,
+                             normalize=None, **VQA_SIZES))
 
 
 @register_adapter("shapes-c3d")
