@@ -303,9 +303,7 @@ class CaptionerAdapter(TrunkAdapter):
     """A ``ShowTell`` captioner split at a trunk stage; ``head`` scores a caption."""
 
     capabilities = ("split", "caption")
-
-    def __init__(self, model: ShowTell, name: str = "show-tell") -> None:
-        super().__init__(model, name)
+    name = "show-tell"
 
     @property
     def vocab(self) -> Vocabulary:

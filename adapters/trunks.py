@@ -280,10 +280,12 @@ def check_images(images: Any, arg: str = "images") -> torch.Tensor:
 class TrunkAdapter(Adapter):
     """Adapter base of an ``ImageModel``: target layers = the trunk's stages."""
 
-    def __init__(self, model: ImageModel, name: str) -> None:
+    name = "trunk-model"  # each family's registered name
+
+    def __init__(self, model: ImageModel, name: str | None = None) -> None:
         super().__init__()
         self.model = model
-        self.name = name
+        self.name = name or type(self).name
         self.layers = model.trunk.names
         self.default_layer = model.default_layer
         self.layer = self.default_layer

@@ -145,9 +145,7 @@ class VQAAdapter(TrunkAdapter):
     """An ``LSTMQNormI`` split at a trunk stage; ``head`` gives the answer logits."""
 
     capabilities = ("split", "answer")
-
-    def __init__(self, model: LSTMQNormI, name: str = "vqa-lstm") -> None:
-        super().__init__(model, name)
+    name = "vqa-lstm"
 
     @property
     def question_vocab(self) -> Vocabulary:
