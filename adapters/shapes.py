@@ -110,6 +110,10 @@ def stored_config(path: str | Path) -> dict[str, Any]:
     return json.loads(meta.get("mmexplain_config", "{}"))
 
 
+#: The side of the shapes world's scenes, which the shipped models were trained at.
+WORLD_SIZE = 64
+
+
 def _trunk_model(factory: Any, name: str, weights: str | Path | bool | None, layer: str | None,
                  device: str | torch.device | None, random: dict[str, Any]) -> Adapter:
     """A shipped trunk model (its weights, or ``random`` settings for weights=False) on the
@@ -121,6 +125,7 @@ def _trunk_model(factory: Any, name: str, weights: str | Path | bool | None, lay
     adapter = factory(trunk=shapes_trunk(channels), weights=path, layer=layer or DEFAULT_LAYER,
                       device=device, **extra)
     adapter.name = name
+    adapter.image_size = WORLD_SIZE  # explained at the size it was trained at (issue 18 #1)
     return adapter
 
 

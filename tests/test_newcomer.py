@@ -39,3 +39,21 @@ def test_ctrl_c_exits_130_with_a_hint_to_resume(monkeypatch: pytest.MonkeyPatch,
                  "--no-progress", "--out", str(tmp_path)]) == 130
     assert "mmexplain eval: interrupted (what was finished is recorded: run the same command " \
            "with --resume to go on)" in capsys.readouterr().err
+
+
+def test_the_shapes_models_are_explained_at_the_size_they_were_trained_at(tmp_path: Path
+                                                                        ) -> None:
+    """A 64x64 scene was resized to 224 px and the maps lit edges and background."""
+    import numpy as np
+    from PIL import Image
+
+    from mmexplain.data.shapes import ShapesWorld
+
+    scene = ShapesWorld(seed=5).image(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray((scene.image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    for command, extra in (("caption", []), ("vqa", ["--question", "what color is the circle ?"])):
+        assert main([command, str(path), *extra, "--out", str(tmp_path / command)]) == 0
+        saved = np.load(next((tmp_path / command).glob("*.npz")))
+        assert saved["image"].shape == (64, 64, 3)  # the picture the model saw: 64 px
+        assert saved["maps"].shape[-2:] == (16, 16)  # conv3's grid at 64 px (was 56 x 56)
