@@ -334,6 +334,20 @@ class Rows:
         return out
 
 
+def expand_for(model: Any, context: Mapping[str, Any], batch: int, k: int) -> dict[str, Any]:
+    """The context for K rows per input (row b*K+j = input b): the model's own
+    ``expand_context(context, rows)`` where it has one (one written for a plain K gets K),
+    else every per-input entry repeated (:meth:`Rows.expand`). The engine's runner and
+    guided backprop both expand through here."""
+    rows = Rows(batch, k)
+    if k == 1:
+        return dict(context)
+    expand = getattr(type(model), "expand_context", None)
+    if expand is None:
+        return rows.expand(context)
+    return model.expand_context(dict(context), rows if _takes(expand, "rows") else k)
+
+
 @functools.lru_cache(maxsize=256)
 def _takes(func: Callable[..., Any], name: str) -> bool:
     """Whether ``func`` declares a parameter called ``name``."""
@@ -512,14 +526,8 @@ class _AdapterRunner:
             self._cache = (id(inputs), acts.detach())
         acts = self._cache[1]
         rows = Rows(acts.shape[0], k)
-        ctx = dict(context)
-        if k > 1:
-            acts = rows.repeat(acts)
-            expand = getattr(type(self.adapter), "expand_context", None)
-            if expand is None:
-                ctx = rows.expand(ctx)
-            else:  # an adapter's own rule; one written for the plain K gets K
-                ctx = self.adapter.expand_context(ctx, rows if _takes(expand, "rows") else k)
+        ctx = expand_for(self.adapter, context, rows.batch, k)
+        acts = rows.repeat(acts) if k > 1 else acts
         leaf = acts.clone().requires_grad_(True)
         if _takes(getattr(type(self.adapter), "head", self.adapter.head), "rows"):
             ctx["rows"] = rows

@@ -64,7 +64,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from mmexplain.engine import (STRATEGIES, Explanation, borrowed, check_finite, choose_strategy,
-                              expand_context, expanded_grads, grads_after_forward, grads_looped,
+                              expand_context, expand_for, expanded_grads, grads_after_forward,
+                              grads_looped,
                               rows_target)
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 from mmexplain.targets import as_target, check_scores
@@ -153,17 +154,6 @@ def _check_scripted(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- the explainer
 
 
-def expand_rows(model: Any, context: Mapping[str, Any], batch: int, k: int) -> dict[str, Any]:
-    """The context for K rows per input (row b*K+j is input b), as the engine builds it.
-
-    A model (adapter) with ``expand_context(context, k)`` expands it itself.
-    """
-    if k == 1:
-        return dict(context)
-    expand = getattr(model, "expand_context", None)
-    return expand(dict(context), k) if callable(expand) else expand_context(context, batch, k)
-
-
 def check_pixels(inputs: Any, arg: str = "inputs") -> torch.Tensor:
     """A floating-point (B, C, *grid) tensor of pixels or voxels."""
     if not isinstance(inputs, torch.Tensor):
@@ -213,7 +203,7 @@ class ExplainedInput:
         """``model`` on ``rows`` (B*k rows of the explained input, row b*k+j = input b),
         every other per-input input repeated k times as the engine does."""
         batch = self.x.shape[0]
-        kwargs = expand_rows(model, self.kwargs, batch, k)
+        kwargs = expand_for(model, self.kwargs, batch, k)
         args = {i: a for i, a in enumerate(self.args) if i != self.slot}
         if k > 1:
             args = expand_context(args, batch, k)

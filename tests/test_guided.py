@@ -364,3 +364,23 @@ def test_to_image_centres_and_scales_each_map() -> None:
     img = to_image(maps)
     torch.testing.assert_close(img[0, 0, 0], torch.tensor([[0.6, 0.4], [0.6, 0.4]]))
     assert torch.equal(img[0, 1], torch.full((1, 2, 2), 0.5))  # a constant map: 0.5, no NaN
+
+
+def test_expanded_rows_go_through_the_adapters_own_context_rule() -> None:
+    """Guided backprop expands a captioner's caption with the adapter's expand_context(rows),
+    as the engine does (a plain K there failed for two images)."""
+    from mmexplain.adapters import get_adapter
+    from mmexplain.tasks.caption import WordLogProbs
+    from mmexplain.vocab import Vocabulary
+
+    torch.manual_seed(0)
+    adapter = get_adapter("show-tell", vocab=Vocabulary.with_specials("a red blue dot".split()),
+                          trunk="tiny", trunk_channels=(4, 6, 8), embed_size=6, hidden_size=7)
+    tokens = torch.tensor([[4, 5, 6, 7, 2], [5, 4, 7, 6, 2]])
+    x = torch.rand(2, 3, 16, 16)
+    expanded = mx.GuidedBackprop(adapter, strategy="expand")(x, target=WordLogProbs([0, 2]),
+                                                           tokens=tokens)
+    looped = mx.GuidedBackprop(adapter, strategy="loop")(x, target=WordLogProbs([0, 2]),
+                                                       tokens=tokens)
+    assert expanded.shape == (2, 2, 3, 16, 16) and expanded.abs().max() > 0
+    torch.testing.assert_close(expanded, looped, rtol=1e-5, atol=1e-7)
