@@ -554,17 +554,26 @@ class Localization(Protocol):
         return Plan(items, evaluate, summarize)
 
 
+#: The models of the protocols that run on the shapes world, image folders and video lists.
+WORLD_AND_FOLDER_MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d",
+                           "folder": "resnet18", "videos": "r3d_18"}
+
+
+def _add_folder_inputs(parser: argparse.ArgumentParser) -> None:
+    """--images and --videos of the protocols that run on image folders and video lists."""
+    parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
+    parser.add_argument("--videos", help="videos: a folder <label>/<video> or a CSV/JSON "
+                        "list of path,label")
+
+
 class Faithfulness(Protocol):
     HELP = "Average Drop %, % Increase in Confidence and Win % of E = L o I " \
            "(Grad-CAM++ sec. 4.1, 6.2)"
-    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18",
-              "videos": "r3d_18"}
+    MODELS = WORLD_AND_FOLDER_MODELS
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
-        parser.add_argument("--videos", help="videos: a folder <label>/<video> or a CSV/JSON "
-                            "list of path,label")
+        _add_folder_inputs(parser)
         parser.add_argument("--width", type=float, default=0.25,
                             help="shapes-clips with --model c3d: the C3D's width multiplier "
                             "(default %(default)s)")
@@ -572,29 +581,8 @@ class Faithfulness(Protocol):
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
         summarize = partial(P.summarize_faithfulness, methods=methods)
-        world = _world_plan(args, P.shapes_faithfulness, P.clip_faithfulness, summarize,
-                            methods=methods)
-        if world is not None:
-            return world
-        if args.dataset == "folder":
-            folder = _folder(args.images, "--images", "a folder of images")
-            items = _limited([{"id": str(p.relative_to(folder))} for p in _image_files(folder)],
-                             args, "image")
-            model = _model(args)
-
-            def evaluate(item: dict[str, Any]) -> dict[str, Any]:
-                pixels = image_pixels(_picture(str(folder / item["id"])),
-                                      args.size or DEFAULT_SIZE)
-                return {"entries": [P.faithfulness(P.ClassTask(model()), pixels,
-                                                   methods=methods)]}
-
-            return Plan(items, evaluate, summarize)
-        return cls._videos(args, methods, summarize)
-
-    @staticmethod
-    def _videos(args: argparse.Namespace, methods: tuple[str, ...],
-                summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> Plan:
-        return _videos_plan(args, P.faithfulness, summarize, methods=methods)
+        return _literature_plan(args, P.shapes_faithfulness, P.faithfulness, summarize,
+                                clips_protocol=P.clip_faithfulness, methods=methods)
 
 
 def _videos_plan(args: argparse.Namespace, per_input: Callable[..., dict[str, Any]],
@@ -677,11 +665,14 @@ def _world_plan(args: argparse.Namespace, scenes: Callable[..., list],
 def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., list],
                      per_input: Callable[..., dict[str, Any]],
                      summarize: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                     clips_protocol: Callable[..., list] | None = None,
                      **options: Any) -> Plan:
-    """The plan of a measure of the evaluation literature on the shapes world (scenes with
-    the VQA model or a captioner, clips with the action model) or an image folder
-    (``per_input(ClassTask, pixels (1, 3, H, W), **options)``, the top class)."""
-    world = _world_plan(args, shapes_protocol, shapes_protocol, summarize, **options)
+    """The plan of a measure on the shapes world (scenes with the VQA model or a captioner,
+    clips with the action model: ``clips_protocol``, by default ``shapes_protocol``), a
+    video list or an image folder (``per_input(ClassTask, pixels (1, 3, H, W), **options)``,
+    the top class)."""
+    world = _world_plan(args, shapes_protocol, clips_protocol or shapes_protocol, summarize,
+                        **options)
     if world is not None:
         return world
     if args.dataset == "videos":
@@ -701,14 +692,11 @@ def _literature_plan(args: argparse.Namespace, shapes_protocol: Callable[..., li
 class _Literature(Protocol):
     """Shared command line of the evaluation literature's measures."""
 
-    MODELS = {"shapes": "shapes-vqa", "shapes-clips": "shapes-c3d", "folder": "resnet18",
-              "videos": "r3d_18"}
+    MODELS = WORLD_AND_FOLDER_MODELS
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--images", help="folder: a folder of images (searched recursively)")
-        parser.add_argument("--videos", help="videos: a folder <label>/<video> or a CSV/JSON "
-                            "list of path,label")
+        _add_folder_inputs(parser)
         parser.add_argument("--batch-size", type=_positive, default=64,
                             help="perturbed copies per forward (default %(default)s)")
 
