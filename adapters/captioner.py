@@ -40,7 +40,7 @@ from mmexplain.adapters.base import SequenceOutput, StagedTrunk
 from mmexplain.adapters.shared_lstm import _equal_in_groups, _SharedRowsLSTM
 from mmexplain.adapters.trunks import ImageModel, TrunkAdapter
 from mmexplain.adapters.weights import build_model
-from mmexplain.engine import Rows, borrowed
+from mmexplain.engine import Rows, borrowed, device_of
 from mmexplain.errors import bad_type, bad_value
 from mmexplain.vocab import PAD, START, Vocabulary
 
@@ -346,7 +346,7 @@ class CaptionerAdapter(TrunkAdapter):
         if isinstance(captions, str):
             captions = [captions]
         tokens, _ = self.vocab.encode_batch(captions, end=True, strict=strict, arg="captions")
-        return {"tokens": tokens.to(self._device())}
+        return {"tokens": tokens.to(device_of(self.model))}
 
     def captions(self, images: torch.Tensor, max_len: int = 16, beam_size: int = 1) -> Captions:
         """Captions for ``images`` (greedy for ``beam_size=1``, else beam search)."""

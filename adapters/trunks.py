@@ -17,6 +17,7 @@ from torch import nn
 from mmexplain.adapters.base import Adapter, StagedTrunk, resized_image
 from mmexplain.adapters.weights import (find_torchvision_weights, load_state, read_checkpoint,
                                         torchvision_cache_dir)
+from mmexplain.engine import device_of
 from mmexplain.errors import bad_type, bad_value
 
 
@@ -301,7 +302,7 @@ class TrunkAdapter(Adapter):
                       ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
         """An (H, W, 3) uint8 image -> ((1, 3, s, s) in [0, 1], the picture (s, s, 3), the
         context of ``prompt``), s = ``size`` or ``image_size`` (the model normalises)."""
-        x, shown = resized_image(image, size or self.image_size, self._device())
+        x, shown = resized_image(image, size or self.image_size, device_of(self.model))
         return x, shown, self.prompt_context(prompt)
 
     def prompt_context(self, prompt: str | None) -> dict[str, Any]:
@@ -309,9 +310,6 @@ class TrunkAdapter(Adapter):
             raise bad_value("prompt", f"no prompt for {self.name} (it reads only the image)",
                             prompt)
         return {}
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     def _check_context(self, context: Mapping[str, Any], allowed: Iterable[str]) -> None:
         if context:

@@ -54,14 +54,8 @@ from torch import nn
 from mmexplain.adapters.base import Adapter, SequenceOutput, check_layer, group_words
 from mmexplain.adapters.hf import load_pretrained, sequence_mask
 from mmexplain.adapters.tokengrid import TokenGrid
+from mmexplain.engine import device_of
 from mmexplain.errors import InputError, bad_type, bad_value, describe
-
-
-def device_of(module: nn.Module) -> torch.device:
-    """The device of a module's first parameter (or buffer); CPU for an empty module."""
-    for tensor in (*module.parameters(recurse=True), *module.buffers(recurse=True)):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def dtype_of(module: nn.Module) -> torch.dtype:

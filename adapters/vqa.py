@@ -31,7 +31,7 @@ from mmexplain.adapters import register_adapter
 from mmexplain.adapters.base import StagedTrunk
 from mmexplain.adapters.trunks import ImageModel, TrunkAdapter
 from mmexplain.adapters.weights import build_model
-from mmexplain.engine import Rows, borrowed
+from mmexplain.engine import Rows, borrowed, device_of
 from mmexplain.errors import bad_type, bad_value
 from mmexplain.vocab import Vocabulary
 
@@ -193,7 +193,7 @@ class VQAAdapter(TrunkAdapter):
             raise bad_value("question", "the question as context: question=(B, L) ids "
                             "(adapter.question_context(questions))", question)
         q, n = self.model.check_question(question, lengths, rows)
-        return self.model.question_code(q.to(self._device()), n)
+        return self.model.question_code(q.to(device_of(self.model)), n)
 
     def expand_context(self, context: dict[str, Any], rows: Rows) -> dict[str, Any]:
         """The context for K rows per input (row b*K+j = input b): the question is encoded
@@ -232,7 +232,8 @@ class VQAAdapter(TrunkAdapter):
         if isinstance(questions, str):
             questions = [questions]
         ids, lengths = self.question_vocab.encode_batch(questions, arg="questions")
-        return {"question": ids.to(self._device()), "question_lengths": lengths.to(self._device())}
+        device = device_of(self.model)
+        return {"question": ids.to(device), "question_lengths": lengths.to(device)}
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, questions: str | Sequence[str]) -> torch.Tensor:
