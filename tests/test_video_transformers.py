@@ -340,3 +340,26 @@ def test_the_readme_commands_of_the_video_transformer_table_run(folders, clip20,
         assert main([*argv, "--out", str(tmp_path / f"run{i}")]) == 0, capsys.readouterr().err
         (mp4,) = (tmp_path / f"run{i}").glob("*.mp4")
         assert mp4_frames(mp4) == 20
+
+
+def test_swin3d_from_a_weight_file_through_the_video_command(clip20, tmp_path, capsys) -> None:
+    """A torchvision Swin3D kept as a user keeps it (a state_dict file) through
+    ``mmexplain video --model swin3d_t --weights FILE``: the file's weights, every frame
+    once, the tail window, maps on the last stage's grid."""
+    from torchvision.models.video import swin3d_t
+
+    torch.manual_seed(0)
+    weights = tmp_path / "swin3d_t.pth"
+    torch.save(swin3d_t().state_dict(), weights)
+    out = tmp_path / "out"
+    rc = main(["video", str(clip20), "--model", "swin3d_t", "--weights", str(weights),
+               "--size", "64", "--window", "16", "--stride", "16", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and f"weights: file {weights}" in printed, printed
+    stem = out / "walk_swin3d-t_gradcam"
+    assert mp4_frames(stem.with_suffix(".mp4")) == 20
+    saved = np.load(stem.with_suffix(".npz"))
+    assert str(saved["layer"]) == "features.6"
+    assert saved["frame_indices"].tolist() == [list(range(0, 16)), list(range(4, 20))]
+    assert saved["maps"].shape == (2, 1, 8, 2, 2)  # t/2 (tubelets of 2), 64 px / 32
+    assert np.isfinite(saved["maps"]).all() and saved["maps"].max() > 0
