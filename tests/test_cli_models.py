@@ -165,3 +165,40 @@ def test_caption_and_vqa_commands_with_the_stand_in_models(tmp_path, capsys) -> 
     saved = np.load(npz)  # one map per word of the model's own caption
     assert saved["labels"].tolist() == str(saved["caption"]).split()
     assert saved["maps"].shape[:2] == (1, len(saved["labels"]))
+
+
+def test_caption_and_vqa_from_checkpoint_files_as_a_user_keeps_them(tmp_path, capsys) -> None:
+    """Show-and-Tell and the VQA model saved to files (their config inside) and explained by
+    ``--weights FILE``: the file's model, and maps equal to the library call on it."""
+    from mmexplain.adapters import get_adapter
+    from mmexplain.adapters.weights import save_checkpoint
+    from mmexplain.data import shapes
+    from mmexplain.data.images import read_image
+    from mmexplain.engine import make_cam
+    from mmexplain.tasks.caption import WordLogProbs
+
+    path = shared_file("images", "cat_dog.png")
+    torch.manual_seed(3)
+    cap = get_adapter("show-tell", vocab=shapes.CAPTION_VOCAB, trunk="tiny", weights=False)
+    vqa = get_adapter("vqa-lstm", question_vocab=shapes.QUESTION_VOCAB,
+                      answer_vocab=shapes.ANSWER_VOCAB, trunk="tiny", weights=False)
+    cap_file = save_checkpoint(cap.model, tmp_path / "captioner.safetensors")
+    vqa_file = save_checkpoint(vqa.model, tmp_path / "vqa.pt")
+    assert main(["caption", str(path), "--model", "show-tell", "--weights", str(cap_file),
+                 "--size", "64", "--caption", "a red circle", "--words", "red,circle",
+                 "--out", str(tmp_path / "cap")]) == 0
+    assert f"weights: checkpoint {cap_file}" in capsys.readouterr().out
+    saved = np.load(tmp_path / "cap" / "cat_dog_show-tell_gradcam.npz")
+    assert saved["labels"].tolist() == ["red", "circle"]
+    x, _, ctx = cap.prepare_image(read_image(path), size=64)
+    tokens = cap.tokenize(["a red circle"])
+    ref = make_cam(cap, "gradcam")(x, target=WordLogProbs([1, 2]), tokens=tokens)
+    np.testing.assert_allclose(saved["maps"], ref.maps.numpy(), rtol=1e-5, atol=1e-7)
+    assert saved["maps"].max() > 0
+    assert main(["vqa", str(path), "--model", "vqa-lstm", "--weights", str(vqa_file), "--size",
+                 "64", "--question", "what color is the circle ?", "--answers", "red,blue",
+                 "--out", str(tmp_path / "vqa")]) == 0
+    assert f"weights: checkpoint {vqa_file}" in capsys.readouterr().out
+    saved = np.load(tmp_path / "vqa" / "cat_dog_vqa-lstm_gradcam.npz")
+    assert {"red", "blue"} <= set(saved["labels"].tolist())
+    assert saved["maps"].shape[:2] == (1, len(saved["labels"])) and saved["maps"].max() > 0
