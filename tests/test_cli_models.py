@@ -202,3 +202,36 @@ def test_caption_and_vqa_from_checkpoint_files_as_a_user_keeps_them(tmp_path, ca
     saved = np.load(tmp_path / "vqa" / "cat_dog_vqa-lstm_gradcam.npz")
     assert {"red", "blue"} <= set(saved["labels"].tolist())
     assert saved["maps"].shape[:2] == (1, len(saved["labels"])) and saved["maps"].max() > 0
+
+
+def test_classify_and_video_from_weight_files_as_a_user_keeps_them(tmp_path, capsys) -> None:
+    """A ResNet-18 and a (narrow) C3D saved as state_dict files and explained by
+    ``--weights FILE``: the file's weights are used and the maps equal the library call."""
+    from torchvision.models import resnet18
+
+    from mmexplain.adapters import get_adapter
+    from mmexplain.data.images import read_image
+    from mmexplain.tasks.classify import explain_image
+
+    image = shared_file("images", "cat_dog.png")
+    torch.manual_seed(5)
+    net_file = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), net_file)
+    assert main(["classify", str(image), "--weights", str(net_file), "--size", "64",
+                 "--classes", "tabby,boxer", "--out", str(tmp_path / "cls")]) == 0
+    assert f"weights: file {net_file}" in capsys.readouterr().out
+    saved = np.load(tmp_path / "cls" / "cat_dog_resnet18_gradcam.npz")
+    adapter = get_adapter("resnet18", weights=str(net_file), size=64)
+    expl, _ = explain_image(adapter, read_image(image), classes=["tabby", "boxer"])
+    np.testing.assert_allclose(saved["maps"], expl.maps.numpy(), rtol=1e-5, atol=1e-7)
+    assert saved["maps"].max() > 0
+    c3d = get_adapter("c3d", weights=False, width=0.125, size=32)
+    c3d_file = tmp_path / "c3d.pth"
+    torch.save(c3d.model.state_dict(), c3d_file)
+    video = shared_file("video", "armwrestling.mp4")
+    assert main(["video", str(video), "--model", "c3d", "--width", "0.125", "--size", "32",
+                 "--weights", str(c3d_file), "--max-windows", "1",
+                 "--out", str(tmp_path / "vid")]) == 0
+    assert f"weights: file {c3d_file}" in capsys.readouterr().out
+    saved = np.load(tmp_path / "vid" / "armwrestling_c3d_gradcam.npz")
+    assert saved["maps"].shape[:2] == (1, 1) and saved["maps"].max() > 0
