@@ -659,7 +659,6 @@ class CAM:
         self.method = self.rule.name
         self.options = self.rule.check(Options(counterfactual=counterfactual, gradients=gradients,
                                                pooling=pooling, relu=relu, form=form))
-        self.form = self.options.form
         self.class_chunk = class_chunk
         self.per_slice = bool(per_slice)
         if strategy == "auto":  # an adapter may say what suits its head (e.g. "loop" for LLMs)
