@@ -57,3 +57,50 @@ def test_the_shapes_models_are_explained_at_the_size_they_were_trained_at(tmp_pa
         saved = np.load(next((tmp_path / command).glob("*.npz")))
         assert saved["image"].shape == (64, 64, 3)  # the picture the model saw: 64 px
         assert saved["maps"].shape[-2:] == (16, 16)  # conv3's grid at 64 px (was 56 x 56)
+
+
+# --------------------------------------------------------------------------- issue 18 #7: bit depths
+
+
+def test_a_16_bit_png_reads_as_its_8_bit_version(tmp_path: Path) -> None:
+    """A 16-bit PNG was saturated to white (mean 254) by Pillow's convert("RGB")."""
+    import numpy as np
+    from PIL import Image
+
+    from mmexplain.data.images import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).round().astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    eight = (ramp / 257).round().astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    got16, got8 = read_image(tmp_path / "g16.png"), read_image(tmp_path / "g8.png")
+    assert got16.shape == got8.shape == (64, 64, 3) and got16.dtype == np.uint8
+    assert abs(float(got16.mean()) - float(got8.mean())) < 1  # was 254.5 against 127.5
+    assert np.abs(got16.astype(int) - got8.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["I", "F", "LA", "P", "1", "CMYK", "RGBA", "L"])
+def test_every_pillow_mode_reads_as_8_bit_rgb_of_the_same_picture(tmp_path: Path,
+                                                                  mode: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from mmexplain.data.images import read_image
+
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # (8, 64) ramp 0..252
+    if mode == "I":  # 16-bit values, as older Pillow opened 16-bit PNGs
+        image = Image.fromarray((grey.astype(np.int32) * 257))
+    elif mode == "F":  # floats in [0, 1]
+        image = Image.fromarray(grey.astype(np.float32) / 255)
+    elif mode == "1":
+        grey = np.where(grey >= 128, 255, 0).astype(np.uint8)
+        image = Image.fromarray(grey).convert("1")
+    else:
+        image = Image.fromarray(grey).convert(mode)
+    path = tmp_path / f"ramp.{'tiff' if mode in ('I', 'F', 'CMYK') else 'png'}"
+    image.save(path)
+    got = read_image(path)
+    assert got.shape == (8, 64, 3) and got.dtype == np.uint8
+    want = np.repeat(grey[..., None], 3, axis=2).astype(int)
+    assert np.abs(got.astype(int) - want).max() <= 1, mode

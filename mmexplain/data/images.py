@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +26,38 @@ def read_image(path: str | Path) -> np.ndarray:
                          "the file does not exist")
     try:
         with Image.open(p) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError) as exc:
+            im.load()
+            return _to_rgb8(im, p)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(f"image: expected an image file PIL can read, received {str(p)!r}: "
                          f"{exc}") from exc
+
+
+def _to_rgb8(im: Any, path: Path) -> np.ndarray:
+    """Any Pillow mode as (H, W, 3) uint8 RGB, scaled by its bit depth (Pillow's own
+    ``convert("RGB")`` clips 16-bit and float values at 255, a 16-bit PNG turned white):
+
+    I;16* and I   16-bit grey (PNG, TIFF): value / 257, clipped to [0, 65535]
+    F             float grey: values in [0, 1] times 255; any other range min-max scaled
+    others        (1, L, LA, P, PA, RGBA, CMYK, YCbCr, ...) Pillow's convert("RGB")
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        grey = np.asarray(im).astype(np.float64).clip(0, 65535) / 257.0
+    elif im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise InputError(f"image: expected finite pixel values, received {str(path)!r}: "
+                             f"{int((~np.isfinite(values)).sum())} of its float pixels are "
+                             "NaN or infinite")
+        lo, hi = (0.0, 1.0) if values.size == 0 or (values.min() >= 0 and values.max() <= 1) \
+            else (float(values.min()), float(values.max()))
+        grey = (values - lo) / max(hi - lo, 1e-30) * 255.0
+    else:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    u8 = np.ascontiguousarray(grey.round().clip(0, 255).astype(np.uint8))
+    return np.repeat(u8[..., None], 3, axis=2)
 
 
 def image_pixels(image: np.ndarray, side: int) -> torch.Tensor:
