@@ -662,6 +662,12 @@ class Report:
         self._blocks.append(f'<figure><img src="{uri}" alt="{alt}">{self._caption(caption)}</figure>')
         return self
 
+    def plot(self, png: bytes, caption: str = "") -> "Report":
+        """A figure from :mod:`mmexplain.plots` (its PNG bytes), embedded as :meth:`image` embeds images."""
+        if not isinstance(png, (bytes, bytearray, memoryview)):
+            raise bad_type("png", "PNG bytes (e.g. from mmexplain.plots.curves)", png)
+        return self.image(bytes(png), caption)
+
     def video(self, video: PathLike | bytes, caption: str | None = None) -> "Report":
         """An MP4 video from a file path or bytes; the caption defaults to the file name."""
         if isinstance(video, (bytes, bytearray, memoryview)):
