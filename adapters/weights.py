@@ -47,6 +47,30 @@ def find_torchvision_weights(name: str) -> tuple[Path, str] | None:
 
 _CONFIG_KEY = "mmexplain_config"
 
+#: what a weight file is, for the error that refuses another file
+WEIGHT_FORMATS = "a weight file (a .safetensors file or a torch.save checkpoint .pt/.pth)"
+
+
+def check_weight_file(path: str | Path, arg: str = "weights") -> Path:
+    """``path`` if its first bytes are those of a safetensors file (a little-endian header
+    length, then a JSON object) or a ``torch.save`` file (a zip archive or a pickle), else
+    an InputError naming ``arg`` and the formats (a text file reached the unpickler and
+    raised ``KeyError: 101``)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    safetensors = len(head) > 8 and head[8:9] == b"{" and \
+        0 < int.from_bytes(head[:8], "little") <= path.stat().st_size
+    if safetensors or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return path
+    with open(path, "rb") as f:
+        text = f.read(200).decode("utf-8", "replace").splitlines()
+    start = text[0][:60].strip() if text else ""
+    said = f" (it begins with {start!r})" if start.isprintable() and start else \
+        " (an empty file)" if not head else ""
+    raise InputError(f"{arg}: expected {WEIGHT_FORMATS}, received {str(path)!r}, which is "
+                     f"neither{said}")
+
 
 def read_checkpoint(path: str | Path, arg: str = "weights"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
@@ -61,6 +85,7 @@ def read_checkpoint(path: str | Path, arg: str = "weights"
     if not path.is_file():
         raise bad_value(arg, "a checkpoint file that exists (.safetensors, .pt or .pth)",
                         str(path))
+    check_weight_file(path, arg)
     config = None
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
@@ -77,7 +102,8 @@ def read_checkpoint(path: str | Path, arg: str = "weights"
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError,
+                IndexError, TypeError, AttributeError) as exc:  # a damaged pickle raises any
             raise bad_value(arg, "a checkpoint that torch.load(weights_only=True) reads",
                             f"{path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
                             raw=True) from exc
@@ -176,5 +202,5 @@ def build_model(cls: type[ImageModel], explicit: Mapping[str, Any], defaults: Ma
     return model
 
 
-__all__ = ["build_model", "find_torchvision_weights", "load_state", "read_checkpoint",
+__all__ = ["WEIGHT_FORMATS", "build_model", "check_weight_file", "find_torchvision_weights", "load_state", "read_checkpoint",
            "save_checkpoint", "torchvision_cache_dir"]

@@ -132,6 +132,10 @@ def build_adapter(name: str, weights: str | None, layer: str | None, device: str
         check_family(weights, name, arg="--weights")
         kwargs["path"] = weights
     elif weights is not None:
+        if weights != "random" and Path(weights).is_file():
+            from mmexplain.adapters.weights import check_weight_file
+
+            check_weight_file(weights, arg="--weights")
         kwargs["weights"] = False if weights == "random" else weights
     if layer is not None:
         kwargs["layer"] = layer

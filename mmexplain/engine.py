@@ -242,6 +242,40 @@ def batch_size_of(inputs: Any) -> int:
     raise bad_type("inputs", "a tensor (B, ...) or a tuple/dict holding one", inputs)
 
 
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first module (in registration order) holding parameters of its own."""
+    for name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            return name, module
+    return None
+
+
+def check_batch(inputs: Any, model: Any, batch: int) -> None:
+    """Refuse what reached the model as a raw torch error: a batch of 0 (``max(): Expected
+    reduction dim``), an integer image or video tensor (``Input type (unsigned char) and
+    bias type (float)``) and, for a plain module that starts with a convolution, an input
+    without its batch axis ((3, H, W) for a Conv2d: a shape error at the first linear
+    layer, or a wrong map)."""
+    if batch == 0:
+        raise bad_value("inputs", "a batch of at least one input (B >= 1)",
+                        inputs if isinstance(inputs, torch.Tensor) else "an empty batch")
+    if not isinstance(inputs, torch.Tensor):
+        return
+    params = model.parameters() if isinstance(model, nn.Module) else iter(())
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    if inputs.dim() >= 4 and not (inputs.is_floating_point() or inputs.is_complex()):
+        raise bad_value("inputs", f"a floating-point image tensor (the model's {dtype}; a "
+                        "uint8 image scaled to [0, 1]: x.float() / 255)", inputs)
+    first = _first_layer(model) if isinstance(model, nn.Module) else None
+    if first is not None and isinstance(first[1], nn.modules.conv._ConvNd):
+        dims = len(first[1].kernel_size)
+        if inputs.dim() == dims + 1 and inputs.shape[0] == first[1].in_channels:
+            axes = ", ".join(["B", str(first[1].in_channels), *"THW"[3 - dims:]])
+            raise bad_value("inputs", f"a batch ({axes}) for {type(model).__name__}'s first "
+                            f"layer {first[0]} ({type(first[1]).__name__}): add the batch "
+                            "axis with x.unsqueeze(0)", inputs)
+
+
 def _named_tensors(name: str, value: Any) -> list[tuple[str, torch.Tensor]]:
     """A tensor, or the tensors of a tuple/list/dict one level down, with their names."""
     if isinstance(value, torch.Tensor):
@@ -686,6 +720,7 @@ class CAM:
 
     def __call__(self, inputs: Any, target: Any = None, **context: Any) -> Explanation:
         batch = batch_size_of(inputs)
+        check_batch(inputs, self.model, batch)
         check_finite(inputs, context)
         tgt = as_target(target, batch)
         module = self.model if isinstance(self.model, nn.Module) else None

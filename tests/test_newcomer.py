@@ -104,3 +104,63 @@ def test_every_pillow_mode_reads_as_8_bit_rgb_of_the_same_picture(tmp_path: Path
     assert got.shape == (8, 64, 3) and got.dtype == np.uint8
     want = np.repeat(grey[..., None], 3, axis=2).astype(int)
     assert np.abs(got.astype(int) - want).max() <= 1, mode
+
+
+# --------------------------------------------------------------------------- issue 18 #8: the rest
+
+
+def test_weights_naming_a_text_file_is_named_with_the_formats(tmp_path: Path, capsys) -> None:
+    """Was ``KeyError: 101`` (classify) / a SafetensorError (caption, vqa) traceback."""
+    image = shared_file("images", "cat_dog.png")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, these are my notes\n")
+    for command, extra in (("classify", ["--size", "32"]), ("caption", []),
+                           ("vqa", ["--question", "what color is the circle ?"])):
+        assert main([command, str(image), *extra, "--weights", str(notes),
+                     "--out", str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert f"--weights: expected a weight file (a .safetensors file or a torch.save " \
+               f"checkpoint .pt/.pth), received {str(notes)!r}, which is neither (it " \
+               f"begins with 'hello, these are my notes')" in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny_cam():
+    from conftest import TinyNet
+
+    import mmexplain as mx
+
+    torch.manual_seed(0)
+    return mx.GradCAM(TinyNet().eval(), layer="features")
+
+
+def test_a_batch_of_0_is_named(tiny_cam) -> None:
+    from mmexplain.errors import InputError
+
+    with pytest.raises(InputError, match=r"^inputs: expected a batch of at least one input "
+                       r"\(B >= 1\), received tensor of shape \(0, 3, 5, 5\) and dtype "
+                       r"torch.float32$"):
+        tiny_cam(torch.zeros(0, 3, 5, 5), target=1)  # was max(): Expected reduction dim
+
+
+def test_an_image_without_its_batch_axis_is_named(tiny_cam) -> None:
+    from mmexplain.errors import InputError
+
+    with pytest.raises(InputError, match=r"^inputs: expected a batch \(B, 3, H, W\) for "
+                       r"TinyNet's first layer features \(Conv2d\): add the batch axis with "
+                       r"x\.unsqueeze\(0\), received tensor of shape \(3, 5, 5\) and dtype "
+                       r"torch.float32$"):
+        tiny_cam(torch.rand(3, 5, 5), target=1)  # was mat1 and mat2 shapes cannot be ...
+
+
+def test_a_uint8_image_is_named(tiny_cam) -> None:
+    from mmexplain.errors import InputError
+
+    x = torch.randint(0, 256, (1, 3, 5, 5), dtype=torch.uint8)
+    with pytest.raises(InputError, match=r"^inputs: expected a floating-point image tensor "
+                       r"\(the model's torch.float32; a uint8 image scaled to \[0, 1\]: "
+                       r"x.float\(\) / 255\), received tensor of shape \(1, 3, 5, 5\) and "
+                       r"dtype torch.uint8$"):
+        tiny_cam(x, target=1)  # was Input type (unsigned char) and bias type (float) ...
+    want = tiny_cam(x.float() / 255, target=1).maps  # the fix the message names works
+    assert torch.isfinite(want).all() and want.shape == (1, 1, 5, 5)
