@@ -87,6 +87,20 @@ def _add_common(parser: argparse.ArgumentParser, default_model: str | None,
     parser.add_argument("--out", default=None,
                         help="output folder (default: mmexplain-out/<command>)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--cmap", default="jet", type=_colormap_name,
+                        help="the overlays' colormap: any matplotlib colormap name, e.g. jet "
+                        "(default, the papers'), viridis, inferno, gray")
+
+
+def _colormap_name(name: str) -> str:
+    """--cmap's check at parse time: a matplotlib colormap name (the error lists close names)."""
+    from mmexplain.render import colormap
+
+    try:
+        colormap(name)
+    except MMExplainError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def _add_size(parser: argparse.ArgumentParser, help: str) -> None:
@@ -222,7 +236,7 @@ def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labe
     maps = expl.maps.detach().float().cpu()  # (1, K, h, w)
     scores = expl.scores.detach().float().cpu()
     for k, label in enumerate(labels):
-        path = save_png(overlay(shown, maps[0, k]), out / f"{stem}_{k}_{_slug(label)}.png")
+        path = save_png(overlay(shown, maps[0, k], cmap=args.cmap), out / f"{stem}_{k}_{_slug(label)}.png")
         print(f"{label}: score {float(scores[0, k]):.4g} -> {path}")
     npz = out / f"{stem}.npz"
     np.savez(npz, maps=maps.numpy(), scores=scores.numpy(), labels=np.array(labels),
@@ -361,18 +375,36 @@ class VQA:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from mmexplain.tasks.vqa import explain_vqa
+        import warnings
 
+        from mmexplain.tasks.vqa import check_question_words, explain_vqa
+
+        given = _answers(args.answers)
         adapter, x, shown, _ = _language_input(args, "vqa", "answer", args.question)
+        check_question_words(adapter, args.question, "--question")
         own = [a for a, _ in adapter.answer(x, args.question, top=args.top)[0] if str(a).strip()]
         print(f"question: {args.question}")
         print(f"model's answer: {', '.join(map(str, own)) or '(none: an empty text)'}")
-        answers = own + [a for a in _split(args.answers) or [] if a not in own]
+        answers = own + [a for a in given if a not in own]
         if not answers:
             raise bad_value("--answers", "answers to explain (the model gave none)", None)
-        expl, labels = explain_vqa(adapter, x, args.question, answers, args.method)
+        with warnings.catch_warnings():  # the unknown words were named above, once
+            warnings.filterwarnings("ignore", message="question: the model does not know")
+            expl, labels = explain_vqa(adapter, x, args.question, answers, args.method)
         return _write_image_results(args, adapter, expl, labels, shown,
                                     {"question": args.question})
+
+
+def _answers(text: str | None) -> list[str]:
+    """--answers 'a,b' -> ['a', 'b']; an empty answer ('red,,blue') is an error naming it."""
+    if text is None:
+        return []
+    answers = [t.strip() for t in text.split(",")]
+    empty = [i for i, a in enumerate(answers) if not a]
+    if empty:
+        raise bad_value("--answers", "comma-separated answers, none of them empty",
+                        f"{text!r} (answer {empty[0] + 1} is empty)", raw=True)
+    return answers
 
 
 # --------------------------------------------------------------------------- video
@@ -586,7 +618,7 @@ def _explain_video(args: argparse.Namespace, adapter: Any, path: Path, base: Pat
     print(f"{n_win} windows of {window} frames, stride {args.stride or window}; "
           f"frames 0-{stitched.num_frames - 1} explained")
     mp4 = base.with_suffix(".mp4")
-    frames = _render_video(adapter, path, found, mp4, info.fps)
+    frames = _render_video(adapter, path, found, mp4, info.fps, args.cmap)
     print(f"overlay video: {frames} frames at {info.fps:g} fps -> {mp4}")
     npz = base.with_suffix(".npz")
     np.savez(npz, maps=found["maps"].numpy(), scores=found["scores"].numpy(),
@@ -646,8 +678,8 @@ def _label_band(text: str, width: int, height: int = 12) -> np.ndarray:
     return np.asarray(band)
 
 
-def _render_video(adapter: Any, path: Path, found: dict[str, Any], mp4: Path, fps: float
-                  ) -> int:
+def _render_video(adapter: Any, path: Path, found: dict[str, Any], mp4: Path, fps: float,
+                  cmap: str = "jet") -> int:
     """Decode the video again (streamed) and write each explained frame once: the action
     of the window nearest the frame over the model's view with its stitched map (one panel
     per target, each normalised over the whole video) over a strip plotting each frame's
@@ -676,7 +708,7 @@ def _render_video(adapter: Any, path: Path, found: dict[str, Any], mp4: Path, fp
         end = start + len(chunk)
         out = []
         for k in range(maps.shape[0]):
-            over = overlay_clip(shown, maps[k, start:end], normalize=False)
+            over = overlay_clip(shown, maps[k, start:end], normalize=False, cmap=cmap)
             over = np.where(covered[start:end, None, None, None], over, shown)
             strip = np.repeat(strips[k][None], len(chunk), axis=0)
             marks = np.clip((np.arange(start, end) * w) // n, 0, w - 1)

@@ -6,12 +6,12 @@ device, everything that leaves it is ``uint8`` numpy (``(H, W, 3)`` RGB images,
 
 Conventions, in one place:
 
-- **Colormap.** ``colormap("jet")`` is a 256-entry ``uint8`` lookup table
-  computed here in numpy (the piecewise-linear jet of the Grad-CAM papers; no
-  matplotlib). A value ``v`` in [0, 1] gets entry ``rint(v * 255)``, so 0 is
-  the low colour ``(0, 0, 128)`` (dark blue) and 1 the high colour
-  ``(128, 0, 0)`` (dark red). Any ``(256, 3)`` ``uint8`` table can be passed
-  instead of a name.
+- **Colormap.** ``colormap(name)`` is a 256-entry ``uint8`` lookup table
+  sampled from the named matplotlib colormap (any name matplotlib knows;
+  ``"jet"``, the Grad-CAM papers' colormap, is the default). A value ``v`` in
+  [0, 1] gets entry ``rint(v * 255)``, so with jet 0 is the low colour
+  ``(0, 0, 128)`` (dark blue) and 1 the high colour ``(128, 0, 0)`` (dark
+  red). Any ``(256, 3)`` ``uint8`` table can be passed instead of a name.
 - **Normalisation** (``normalize=True``, the default) is per map, after
   upsampling: ``m -> (m - min(m.min(), 0)) / range``. For a non-negative
   Grad-CAM map this is ``m / m.max()``: zero keeps meaning "no evidence" and
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import difflib
 import html
 import io
 import os
@@ -74,49 +75,42 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Colormaps
 # ---------------------------------------------------------------------------
 
-# Jet as piecewise-linear (position, value) control points per channel, the
-# classic MATLAB/matplotlib definition.
-_JET_POINTS = {
-    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
-    "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
-    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
-}
+# Tables built from matplotlib's colormaps, once per name (read-only).
+_COLORMAPS: dict[str, np.ndarray] = {}
 
 
-def _jet_lut() -> np.ndarray:
-    x = np.linspace(0.0, 1.0, 256)
-    channels = []
-    for name in ("red", "green", "blue"):
-        pos, val = zip(*_JET_POINTS[name])
-        channels.append(np.interp(x, pos, val))
-    lut = np.rint(np.stack(channels, axis=1) * 255.0)
-    return np.clip(lut, 0, 255).astype(np.uint8)
+def _matplotlib_lut(name: str) -> np.ndarray:
+    """``rint(255 * cmap(linspace(0, 1, 256)))[:, :3]`` of the named matplotlib colormap."""
+    import matplotlib
 
-
-def _gray_lut() -> np.ndarray:
-    ramp = np.arange(256, dtype=np.uint8)
-    return np.stack([ramp, ramp, ramp], axis=1)
-
-
-_COLORMAPS = {"jet": _jet_lut(), "gray": _gray_lut()}
-for _lut in _COLORMAPS.values():
-    _lut.setflags(write=False)
+    known = sorted(matplotlib.colormaps)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        hint = f" (close names: {', '.join(close)})" if close else ""
+        raise bad_value("cmap", f"a matplotlib colormap name{hint}, e.g. jet, viridis, gray, inferno", name)
+    rgba = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))
+    lut = np.clip(np.rint(rgba[:, :3] * 255.0), 0, 255).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
 
 
 def colormap(name: str | np.ndarray = "jet") -> np.ndarray:
     """The ``(256, 3)`` ``uint8`` lookup table of a colormap (read-only).
 
-    ``name`` is ``"jet"`` (default) or ``"gray"``, or a ``(256, 3)`` ``uint8``
-    array, returned as is.
+    ``name`` is any matplotlib colormap name (``"jet"``, the default and the
+    Grad-CAM papers' colormap, ``"viridis"``, ``"gray"``, ``"inferno_r"``, ...),
+    sampled at 256 evenly spaced values and rounded to ``uint8``; or a
+    ``(256, 3)`` ``uint8`` array, returned as is. An unknown name raises
+    :class:`InputError` listing the close names.
     """
     if isinstance(name, np.ndarray):
         if name.shape != (256, 3) or name.dtype != np.uint8:
             raise bad_value("cmap", "a (256, 3) uint8 lookup table", name)
         return name
     if not isinstance(name, str):
-        raise bad_type("cmap", f"a colormap name ({', '.join(sorted(_COLORMAPS))}) or a (256, 3) uint8 array", name)
+        raise bad_type("cmap", "a matplotlib colormap name (e.g. 'jet') or a (256, 3) uint8 array", name)
     if name not in _COLORMAPS:
-        raise bad_value("cmap", f"one of {sorted(_COLORMAPS)}", name)
+        _COLORMAPS[name] = _matplotlib_lut(name)
     return _COLORMAPS[name]
 
 

@@ -59,13 +59,37 @@ def test_jet_middle_is_green_and_values_outside_unit_are_clipped():
     np.testing.assert_array_equal(apply_colormap(np.array([-3.0, 7.0])), np.stack([JET_LOW, JET_HIGH]))
 
 
+@pytest.mark.parametrize("name", ["jet", "viridis", "gray", "inferno_r", "tab10"])
+def test_a_named_colormap_is_matplotlibs_sampled_at_256_values(name):
+    import matplotlib
+
+    expected = np.rint(matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(colormap(name), expected)
+    assert colormap(name) is colormap(name)  # built once per name
+    if name == "gray":
+        np.testing.assert_array_equal(colormap(name), np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, 1))
+
+
+def test_overlay_with_viridis_blends_viridis_colours():
+    import matplotlib
+
+    image = _image()
+    out = overlay(image, torch.tensor([[0.0, 1.0]]).expand(image.shape[0], 2).contiguous(), 0.5, cmap="viridis")
+    viridis = matplotlib.colormaps["viridis"]
+    low, high = (np.rint(np.asarray(viridis(v))[:3] * 255).astype(np.uint8) for v in (0.0, 1.0))
+    np.testing.assert_array_equal(out[:, 0], _blend(image[:, 0], low, 0.5))
+    np.testing.assert_array_equal(out[:, -1], _blend(image[:, -1], high, 0.5))
+
+
 def test_colormap_table_is_read_only_and_custom_tables_are_accepted():
     with pytest.raises(ValueError):
         colormap()[0, 0] = 1
     gray = colormap("gray")
     np.testing.assert_array_equal(heatmap_image(torch.tensor([[0.0, 1.0]]), cmap=gray), [[[0, 0, 0], [255, 255, 255]]])
-    with pytest.raises(InputError, match=r"cmap: expected one of \['gray', 'jet'\]"):
-        colormap("viridis")
+    with pytest.raises(InputError, match=r"cmap: expected a matplotlib colormap name \(close names: viridis"):
+        colormap("viridsi")
+    with pytest.raises(InputError, match=r"cmap: expected a matplotlib colormap name, e.g. jet.*received str 'zzz'"):
+        colormap("zzz")
     with pytest.raises(InputError, match=r"cmap: expected a \(256, 3\) uint8 lookup table"):
         colormap(np.zeros((10, 3), np.uint8))
 
@@ -307,3 +331,28 @@ def test_report_rejects_data_that_is_not_png_or_mp4(tmp_path: Path):
         Report("r").table([])
     with pytest.raises(InputTypeError, match=r"rows\[0\]: expected a dict"):
         Report("r").table([["a", 1]])
+
+
+# -- the command line's --cmap ----------------------------------------------------
+
+
+def test_classify_with_cmap_viridis_writes_the_librarys_viridis_overlay(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from conftest import shared_file
+    from mmexplain.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    path = shared_file("images", "cat_dog.png")
+    assert main(["classify", str(path), "--model", "squeezenet1_1", "--classes", "tabby", "--size", "64",
+                 "--weights", "random", "--cmap", "viridis", "--out", str(tmp_path)]) == 0
+    saved = np.load(tmp_path / "cat_dog_squeezenet1-1_gradcam.npz")
+    png = np.asarray(Image.open(tmp_path / "cat_dog_squeezenet1-1_gradcam_0_tabby.png"))
+    expected = overlay(saved["image"], saved["maps"][0, 0], cmap="viridis")
+    np.testing.assert_array_equal(png, expected)
+    assert not np.array_equal(png, overlay(saved["image"], saved["maps"][0, 0]))  # not jet's
+    with pytest.raises(SystemExit) as info:
+        main(["classify", str(path), "--cmap", "viridsi"])
+    assert info.value.code == 2
+    assert "argument --cmap: cmap: expected a matplotlib colormap name (close names: viridis" in \
+        capsys.readouterr().err
