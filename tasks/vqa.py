@@ -11,13 +11,14 @@ did not give ("what color is the fire hydrant?" forced to say "yellow").
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from mmexplain.engine import Explanation
-from mmexplain.errors import InputError, bad_type, bad_value
+from mmexplain.errors import InputError, bad_type, bad_value, describe
 from mmexplain.targets import IndexTarget
 from mmexplain.engine import make_cam
 from mmexplain.tasks.caption import one_image
@@ -67,6 +68,35 @@ class AnswerScore(IndexTarget):
         super().__init__(torch.tensor([ids], dtype=torch.long))  # (1, K)
 
 
+def check_question_words(adapter: Any, question: str, arg: str = "question") -> None:
+    """A question whose words (punctuation aside) are all unknown to a model with a
+    ``question_vocab`` is an InputError naming them; some unknown words are a UserWarning
+    naming them (they are read as <unk>: the model answered "white" to "zorblax ?")."""
+    vocab = getattr(adapter, "question_vocab", None)
+    if vocab is None or not isinstance(question, str):
+        return
+    words = [w for w in vocab.words_of(question, arg) if any(c.isalnum() for c in w)]
+    unknown = vocab.missing(words)
+    if not unknown:
+        return
+    shown = ", ".join(repr(w) for w in unknown)
+    if len(unknown) == len(set(words)):
+        raise InputError(f"{arg}: expected a question in the model's words (its vocabulary "
+                         f"of {len(vocab)} words), received {question!r}, whose words {shown} "
+                         "it does not know (all read as <unk>)")
+    warnings.warn(f"{arg}: the model does not know the words {shown} of {question!r} (read "
+                  "as <unk>)", UserWarning, stacklevel=2)
+
+
+def check_answers(answers: Sequence[Any], arg: str = "answers") -> None:
+    """Refuse an empty answer text (a generative model scored it, a classifier's lookup
+    named no answer)."""
+    empty = [i for i, a in enumerate(answers) if isinstance(a, str) and not a.strip()]
+    if empty:
+        raise bad_value(arg, "answers that are not empty", f"{describe(list(answers))} "
+                        f"(answer {empty[0] + 1} is empty)", raw=True)
+
+
 def explain_vqa(adapter: Any, image: torch.Tensor, question: str,
                 answers: str | int | Sequence[str | int] | None = None,
                 method: str = "gradcam", *, top: int = 1, layer: str | None = None,
@@ -86,14 +116,17 @@ def explain_vqa(adapter: Any, image: torch.Tensor, question: str,
     images = one_image(image)
     if not isinstance(question, str):
         raise bad_type("question", "a question string", question)
+    check_question_words(adapter, question)
     if answers is None:
         answers = [a for a, _ in adapter.answer(images, question, top=top)[0]]
     elif isinstance(answers, (str, int)) and not isinstance(answers, bool):
         answers = [answers]
+    if isinstance(answers, Sequence):
+        check_answers(answers)
     context, target = adapter.answer_task(question, list(answers))
     expl = make_cam(adapter, method, layer, **options)(images, target=target, **context)
     labels = getattr(target, "answers", None) or list(answers)
     return expl, [str(a) for a in labels]
 
 
-__all__ = ["AnswerScore", "answer_ids", "explain_vqa"]
+__all__ = ["AnswerScore", "answer_ids", "check_answers", "check_question_words", "explain_vqa"]

@@ -164,3 +164,59 @@ def test_a_uint8_image_is_named(tiny_cam) -> None:
         tiny_cam(x, target=1)  # was Input type (unsigned char) and bias type (float) ...
     want = tiny_cam(x.float() / 255, target=1).maps  # the fix the message names works
     assert torch.isfinite(want).all() and want.shape == (1, 1, 5, 5)
+
+
+# --------------------------------------------------------------------------- issue 18 #6: unknown words
+
+
+def _scene_png(tmp_path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from mmexplain.data.shapes import ShapesWorld
+
+    scene = ShapesWorld(seed=5).image(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray((scene.image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+def test_a_question_of_unknown_words_is_named(tmp_path: Path, capsys) -> None:
+    """Was answered "white", silently: every word read as <unk>."""
+    scene = _scene_png(tmp_path)
+    assert main(["vqa", str(scene), "--question", "zorblax quuxify flimflam ?",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--question: expected a question in the model's words (its vocabulary of 37 " \
+           "words), received 'zorblax quuxify flimflam ?', whose words 'zorblax', " \
+           "'quuxify', 'flimflam' it does not know (all read as <unk>)" in err, err
+    assert not list((tmp_path / "o").glob("*.npz"))  # nothing explained
+
+
+def test_some_unknown_words_are_a_warning_naming_them(tmp_path: Path, capsys) -> None:
+    scene = _scene_png(tmp_path)
+    with pytest.warns(UserWarning, match=r"^--question: the model does not know the words "
+                      r"'zorblax', 'circel' of 'what zorblax is the circel \?' \(read as "
+                      r"<unk>\)$"):
+        assert main(["vqa", str(scene), "--question", "what zorblax is the circel ?",
+                     "--out", str(tmp_path / "o")]) == 0
+    assert "model's answer:" in capsys.readouterr().out
+
+
+def test_an_empty_candidate_answer_is_an_error(tmp_path: Path, capsys) -> None:
+    """``--answers ',red'`` dropped the empty answer; the Python API scored it."""
+    from mmexplain.adapters import get_adapter
+    from mmexplain.data.images import read_image
+    from mmexplain.errors import InputError
+    from mmexplain.tasks.vqa import explain_vqa
+
+    scene = _scene_png(tmp_path)
+    assert main(["vqa", str(scene), "--question", "what color is the circle ?",
+                 "--answers", "red,,blue", "--out", str(tmp_path / "o")]) == 2
+    assert "--answers: expected comma-separated answers, none of them empty, received " \
+           "'red,,blue' (answer 2 is empty)" in capsys.readouterr().err
+    vqa = get_adapter("shapes-vqa")
+    x = vqa.prepare_image(read_image(scene))[0]
+    with pytest.raises(InputError, match=r"^answers: expected answers that are not empty, "
+                       r"received list \['red', ' '\] \(answer 2 is empty\)$"):
+        explain_vqa(vqa, x, "what color is the circle ?", ["red", " "])
