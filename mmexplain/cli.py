@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "video": "mmexplain.commands",
     "classify": "mmexplain.commands",
     "eval": "mmexplain.evaluate",
+    "serve": "mmexplain.serve",
 }
 
 

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The application layer: the command line, the commands, eval, the demo and dataset runs.
-APPLICATION = {"__main__", "cli", "commands", "evaluate", "demo", "runs"}
+#: The application layer: the command line, the commands, eval, the demo, dataset runs, serve.
+APPLICATION = {"__main__", "cli", "commands", "evaluate", "demo", "runs", "serve"}
 FORBIDDEN = ("mmexplain.adapters", "mmexplain.tasks")
 
 
