@@ -551,7 +551,7 @@ def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window:
                      ) -> dict[str, Any]:
     """Every window of the video explained; its decoding streamed (in a worker thread unless
     --sequential). Returns the per-window arrays and the stitched per-frame maps."""
-    from mmexplain.data.video import background, stream_windows, trim_memory
+    from mmexplain.data.video import background, stream_windows
     from mmexplain.tasks.classify import class_indices
     from mmexplain.tasks.video import StitchedMaps, explain_clip
 
@@ -589,7 +589,6 @@ def _explain_windows(args: argparse.Namespace, adapter: Any, path: Path, window:
         found["scores"].append(s)
         found["classes"].extend(class_indices(row, categories) for row in names)
         found["labels"].extend(names)
-        trim_memory()
     found["maps"], found["scores"] = torch.cat(found["maps"]), torch.cat(found["scores"])
     return {**found, "stitched": stitched, "layer": str(expl.layer), "method": expl.method}
 
