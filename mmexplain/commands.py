@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,9 @@ def _add_common(parser: argparse.ArgumentParser, default_model: str | None,
     parser.add_argument("--out", default=None,
                         help="output folder (default: mmexplain-out/<command>)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights "
+                        "(--weights random, or no weight file found): two runs explain the "
+                        "same model (default %(default)s)")
     parser.add_argument("--cmap", default="jet", type=_colormap_name,
                         help="the overlays' colormap: any matplotlib colormap name, e.g. jet "
                         "(default, the papers'), viridis, inferno, gray")
@@ -131,11 +135,22 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def build_adapter(name: str, weights: str | None, layer: str | None, device: str,
-                  **options: Any) -> Any:
+                  seed: int = 0, **options: Any) -> Any:
     """``get_adapter(name, ...)`` with the CLI's weights convention and clear option errors.
 
-    ``options`` left as None are not passed (each model keeps its defaults).
+    ``options`` left as None are not passed (each model keeps its defaults). Random
+    weights are drawn from ``seed`` without touching the global RNG (two runs of
+    ``--weights random`` explain the same model); the command says which weights it used,
+    so the library's random-weights warning is not repeated.
     """
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(seed)
+        warnings.filterwarnings("ignore", message=r".*: its maps show how the method works")
+        return _build_adapter(name, weights, layer, device, **options)
+
+
+def _build_adapter(name: str, weights: str | None, layer: str | None, device: str,
+                   **options: Any) -> Any:
     from mmexplain.adapters import get_adapter
 
     kwargs = {k: v for k, v in options.items() if v is not None}
@@ -271,7 +286,7 @@ class Classify:
         args.model = args.model or "resnet18"
         options = {} if folder else dict(size=args.size, num_classes=args.num_classes)
         adapter = _capable(build_adapter(args.model, args.weights, args.layer, args.device,
-                                         **options), "classify", "classify")
+                                         args.seed, **options), "classify", "classify")
         print(_weights_line(adapter))
         x, shown = adapter.preprocess.image(image)
         x = x.unsqueeze(0).to(device_of(adapter))
@@ -291,12 +306,13 @@ def _language_adapter(args: argparse.Namespace, task: str) -> Any:
     from mmexplain.adapters import list_adapters
 
     if _folder_family(args, task):
-        return build_adapter(args.model, args.weights, args.layer, args.device)
+        return build_adapter(args.model, args.weights, args.layer, args.device, args.seed)
     if args.model is None:
         args.model, why = SHIPPED[task], "is not registered"
         if args.model in list_adapters():
             try:
-                return build_adapter(args.model, args.weights, args.layer, args.device)
+                return build_adapter(args.model, args.weights, args.layer, args.device,
+                                     args.seed)
             except MMExplainError as exc:
                 why = f"cannot be built ({exc})"
         print(f"note: {SHIPPED[task]!r} {why}")
@@ -312,7 +328,8 @@ def _language_adapter(args: argparse.Namespace, task: str) -> Any:
         options["trunk"] = "tiny"
         print(f"note: using {args.model!r} with random weights, a tiny CNN and the shapes "
               "world's vocabulary: its maps show the mechanics, not a trained model's evidence")
-    return build_adapter(args.model, args.weights, args.layer, args.device, **options)
+    return build_adapter(args.model, args.weights, args.layer, args.device, args.seed,
+                         **options)
 
 
 def _language_input(args: argparse.Namespace, task: str, capability: str, prompt: str | None
@@ -474,7 +491,7 @@ class Video:
         suffix = f"_{_slug(args.model)}_{_slug(args.method)}"
         jobs = _video_jobs(args, [(p, out / (s + suffix))
                                   for p, s in zip(paths, output_stems(paths))])
-        adapter = build_adapter(args.model, args.weights, args.layer, args.device,
+        adapter = build_adapter(args.model, args.weights, args.layer, args.device, args.seed,
                                 size=args.size, width=args.width, num_classes=args.num_classes,
                                 labels=args.labels, texts=_split(args.texts))
         print(_weights_line(adapter))
@@ -657,12 +674,18 @@ def _importance_strips(curves: torch.Tensor, width: int, height: int) -> np.ndar
 
 def _nearest_windows(frame_indices: Sequence[Sequence[int]], frames: int) -> np.ndarray:
     """(frames,) the window whose centre is nearest each frame among those covering it
-    (-1: none covers it)."""
-    first = np.array([idx[0] for idx in frame_indices])[None, :]
-    last = np.array([idx[-1] for idx in frame_indices])[None, :]
-    n = np.arange(frames)[:, None]
-    distance = np.where((first <= n) & (n <= last), np.abs(n - (first + last) / 2), np.inf)
-    return np.where(np.isfinite(distance.min(axis=1)), distance.argmin(axis=1), -1)
+    (-1: none covers it; on a tie the earlier window). Window by window over the frames it
+    covers: memory O(frames), time O(frames x overlap); a frames x windows table would take
+    40 MB per array for a 5-minute video and grow with the square of its length."""
+    best = np.full(frames, np.inf)
+    nearest = np.full(frames, -1, dtype=np.int64)
+    for w, idx in enumerate(frame_indices):
+        first, last = int(idx[0]), int(idx[-1])
+        n = np.arange(max(first, 0), min(last, frames - 1) + 1)
+        distance = np.abs(n - (first + last) / 2)
+        closer = distance < best[n]
+        best[n[closer]], nearest[n[closer]] = distance[closer], w
+    return nearest
 
 
 def _label_band(text: str, width: int, height: int = 12) -> np.ndarray:

@@ -23,6 +23,12 @@ Rows (random weights everywhere: speed and agreement do not depend on training):
    forward + backward per token, as a peer is called once per token) and a hand-written
    ``retain_graph`` loop; its least work is one forward plus 32 activation-only backward
    passes, and its memory goal is relative to that run's peak.
+8. A folder of 640x480 H.264 clips (generated, 64 frames each) explained as ``mmexplain
+   video FOLDER`` explains them (R3D-18 at 112 px, back-to-back 16-frame windows, 4 per
+   call, every window's top class): decoding overlapped with the model (a worker thread,
+   the command's default) against decoding and the model in sequence (``--sequential``),
+   with the model alone on windows decoded beforehand as the floor. Clips per second is
+   the clip count over each contestant's seconds.
 
 How each contestant is used. mmexplain explains K targets with one backward (the
 engine's expanded head). The peers are used as their documentation shows: one
@@ -130,6 +136,8 @@ OCCLUSION_MIN_SPEEDUP = 1.0  # row 6: no slower than captum
 VLM_MAX_LEAST = 1.3  # row 7: within 1.3x of one forward + K activation-only backward passes
 VLM_MIN_SPEEDUP = 3.0  # ... at least 3x faster than a per-token loop
 VLM_MAX_MEMORY = 1.5  # ... peak memory at most 1.5x one forward with its graph + backward
+FOLDER_MIN_SPEEDUP = 1.5  # row 8: decoding overlapped >= 1.5x decoding and model in sequence
+FOLDER_MAX_FLOOR = 1.2  # ... and within 1.2x of the model alone (where the cores allow)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -178,6 +186,10 @@ class Config:
     vlm_image: int = 224
     vlm_text: tuple[int, int, int, int] = (1024, 2816, 4, 16)  # hidden, mlp, layers, heads
     vlm_tokens: int = 32
+    # row 8: a folder of generated 640x480 clips
+    folder_clips: int = 6
+    folder_frames: int = 64
+    folder_size: int = 112
 
 
 FULL = Config()
@@ -191,6 +203,7 @@ QUICK = Config(
     guided_arch="resnet18", guided_size=96, guided_targets=3, occlusion_arch="resnet18",
     occlusion_size=32, patch=8, stride=8, occlusion_batch=8,
     vlm_vision=(32, 64, 2, 2, 8), vlm_image=32, vlm_text=(32, 64, 1, 2), vlm_tokens=4,
+    folder_clips=2, folder_frames=32, folder_size=32,
 )
 
 
@@ -897,9 +910,71 @@ def row_vlm(s: Config, device: torch.device) -> list[Case]:
                    per_token, user_maps, kind="loop")], least=[least])]
 
 
+def folder_clips(s: Config) -> list[Path]:
+    """The row's generated clips, written once into the temporary folder (every process
+    that builds the row, the memory runs' too, reads the same files)."""
+    import tempfile
+
+    if str(ROOT / "scripts") not in sys.path:  # beside this script, however it was loaded
+        sys.path.insert(0, str(ROOT / "scripts"))
+    from video_memory import write_clip
+
+    folder = Path(tempfile.gettempdir()) / f"mmexplain-bench-folder-{s.folder_frames}"
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"clip{i}.mp4" for i in range(s.folder_clips)]
+    for path in paths:
+        if not path.is_file():
+            part = path.with_suffix(".part.mp4")
+            write_clip(part, s.folder_frames / 30, fps=30)
+            part.replace(path)
+    return paths
+
+
+def row_folder(s: Config, device: torch.device) -> list[Case]:
+    """Row 8: a folder of clips, decoding overlapped with the model vs in sequence."""
+    import io
+    from contextlib import redirect_stdout
+
+    from mmexplain.commands import _explain_windows
+    from mmexplain.data.video import stream_windows
+    from mmexplain.tasks.video import explain_clip
+
+    paths, batch = folder_clips(s), 4
+    adapter = get_adapter("r3d_18", weights=False, size=s.folder_size).to(device).eval()
+    run = argparse.Namespace(stride=None, max_windows=None, batch_size=batch, actions=None,
+                             method="gradcam", per_slice=False, top=1, bf16=False)
+    decoded = []
+    for path in paths:  # the floor's windows, decoded and preprocessed beforehand
+        clips = list(stream_windows(path, 16, transform=adapter.preprocess.frame))
+        decoded += [torch.stack([adapter.preprocess.normalize(c.frames).transpose(0, 1)
+                                 for c in clips[i:i + batch]]) for i in range(0, len(clips), batch)]
+
+    def folder(sequential: bool) -> torch.Tensor:
+        run.sequential = sequential
+        with redirect_stdout(io.StringIO()):  # the command's per-window lines
+            return torch.cat([_explain_windows(run, adapter, path, 16)["maps"] for path in paths])
+
+    def alone() -> torch.Tensor:
+        return torch.cat([explain_clip(adapter, x.to(device))[0].maps.detach().cpu()
+                          for x in decoded])
+
+    def maps(out: torch.Tensor) -> torch.Tensor:
+        return out.flatten(0, 1)
+
+    title = (f"r3d_18 at {s.folder_size} px, a folder of {len(paths)} 640x480 clips of "
+             f"{s.folder_frames} frames, 16-frame windows, {batch} per call")
+    return [Case(8, "8-folder", title, None,
+                 Contestant(FLOOR, "the model alone on windows decoded beforehand", alone, maps,
+                            kind=FLOOR),
+                 [Contestant(OURS, "decoding overlapped with the model (a worker thread)",
+                             lambda: folder(False), maps),
+                  Contestant("sequential", "decoding, then the model, window batch after "
+                             "batch (--sequential)", lambda: folder(True), maps, kind="loop")])]
+
+
 ROWS: dict[int, Callable[[Config, torch.device], list[Case]]] = {
     1: row_images, 2: row_captioners, 3: row_vqa, 4: row_video, 5: row_guided, 6: row_occlusion,
-    7: row_vlm}
+    7: row_vlm, 8: row_folder}
 
 
 def build_row(row: int, config: Config, device: torch.device) -> list[Case]:
@@ -1212,6 +1287,11 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if isinstance(peak, float) and isinstance(base, float) and base > 0:
                 add(res, f"peak memory <= {VLM_MAX_MEMORY} x (forward + backward)",
                     peak / base, VLM_MAX_MEMORY, True)
+        elif row == 8 and "sequential" in by:
+            add(res, f"vs sequential >= {FOLDER_MIN_SPEEDUP}x", by["sequential"].get("speedup"),
+                FOLDER_MIN_SPEEDUP, False, by["sequential"])
+            add(res, f"x floor <= {FOLDER_MAX_FLOOR}", by[OURS].get("x_floor"),
+                FOLDER_MAX_FLOOR, True)
         elif row == 6 and "captum" in by:
             add(res, "vs captum >= 1x", by["captum"].get("speedup"), OCCLUSION_MIN_SPEEDUP,
                 False, by["captum"])

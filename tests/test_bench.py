@@ -23,7 +23,8 @@ from mmexplain.errors import InputError
 BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 CASES = ["1-gradcam", "1-gradcam++", "2-shapes", "2-show-tell", "3-shapes", "3-vqa-lstm",
-         "4-r3d_18", "4-r3d_18-pp", "4-c3d", "4-sliding", "5-guided", "6-occlusion"]
+         "4-r3d_18", "4-r3d_18-pp", "4-c3d", "4-sliding", "5-guided", "6-occlusion", "7-vlm",
+         "8-folder"]
 
 # (case, peer): the peer computes the same maps as mmexplain, up to float rounding
 EXACT = [(case, peer) for case in ("1-gradcam", "2-shapes", "2-show-tell", "3-shapes",
@@ -191,6 +192,41 @@ def test_the_vlm_row_is_judged_against_its_least_work_and_memory(bench: ModuleTy
     assert bench.goal_line(loop).split()[0] == "BOUNDED"
     memory = judged["peak memory <= 1.5 x (forward + backward)"]
     assert memory["met"] is True and memory["value"] == pytest.approx(173 / 273)
+
+
+def test_the_folder_row_explains_every_window_of_every_clip_alike_in_each_mode(
+        bench: ModuleType, tmp_path: Path) -> None:
+    """Row 8 alone (no peers needed): overlapped decoding, decoding in sequence and the
+    model alone on windows decoded beforehand give the same maps for every window of the
+    folder (2 clips x 32 frames = 4 windows of 16)."""
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(["--quick", "--repeat", "0", "--no-memory", "--threads", "1",
+                             "--rows", "8", "--json", str(tmp_path / "bench.json")])
+    finally:
+        torch.set_num_threads(threads)
+    (res,) = report["results"]
+    assert res["key"] == "8-folder" and res["maps_per_call"] == 4
+    by = {c["name"]: c for c in res["contestants"]}
+    assert set(by) == {"floor", "mmexplain", "sequential"}
+    for name in ("floor", "sequential"):
+        assert by[name]["agreement"]["max_abs_diff"] < 1e-5, name
+        assert by[name]["agreement"]["pearson_min"] > 0.99999, name
+
+
+def test_the_folder_row_is_judged_against_sequential_and_its_floor(bench: ModuleType) -> None:
+    """Row 8's goals: overlapped >= 1.5x sequential (bounded where sequential is itself
+    under 1.5x the floor) and within 1.2x of the floor."""
+    row = {"row": 8, "key": "8-folder", "contestants": [
+        {"name": "floor", "kind": "floor", "seconds": 48.0},
+        {"name": "mmexplain", "kind": "batched", "seconds": 51.0, "x_floor": 51.0 / 48.0},
+        {"name": "sequential", "kind": "loop", "seconds": 66.0, "speedup": 66.0 / 51.0}]}
+    judged = {g["goal"]: g for g in bench.goals([row])}
+    versus = judged["vs sequential >= 1.5x"]
+    assert versus["met"] is False and versus["attainable"] is False
+    assert versus["ceiling"] == pytest.approx(66.0 / 48.0)
+    assert bench.goal_line(versus).split()[0] == "BOUNDED"
+    assert judged["x floor <= 1.2"]["met"] is True
 
 
 def test_agreement_normalises_each_map_and_resizes_the_smaller_grid(bench: ModuleType) -> None:

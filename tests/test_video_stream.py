@@ -208,3 +208,25 @@ def test_files_and_globs_and_inputs_that_match_nothing(tmp_path, capsys) -> None
     empty.mkdir()
     assert main(["video", str(empty), *R3D]) == 2
     assert f"'{empty}', which holds none" in capsys.readouterr().err
+
+
+def test_each_frame_is_labelled_by_the_nearest_covering_window_without_a_frames_by_windows_table(
+        ) -> None:
+    """The overlay's action band reads the window whose centre is nearest each frame (ties:
+    the earlier window; -1 where none covers it), equal to the frames x windows reference,
+    on overlapping, uneven and tail windows with gaps."""
+    from mmexplain.commands import _nearest_windows
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        frames = int(rng.integers(1, 80))
+        starts = sorted(rng.integers(0, frames, size=int(rng.integers(1, 9))).tolist())
+        windows = [list(range(s, s + int(rng.integers(1, 17)))) for s in starts]
+        first = np.array([w[0] for w in windows])[None, :]
+        last = np.array([w[-1] for w in windows])[None, :]
+        n = np.arange(frames)[:, None]
+        distance = np.where((first <= n) & (n <= last), np.abs(n - (first + last) / 2), np.inf)
+        reference = np.where(np.isfinite(distance.min(axis=1)), distance.argmin(axis=1), -1)
+        np.testing.assert_array_equal(_nearest_windows(windows, frames), reference)
+    # a tie: frame 8 is 0.5 from the centres of frames 0-15 (7.5) and 1-16 (8.5) -> the first
+    assert _nearest_windows([list(range(0, 16)), list(range(1, 17))], 17).tolist()[8] == 0
