@@ -12,6 +12,7 @@ Hugging Face adapters when they are built.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,24 @@ def get_adapter(name: str, **kwargs: Any) -> Adapter:
         raise InputError(f"name: expected a registered adapter, received {name!r}; "
                          f"closest available: {', '.join(repr(n) for n in close) or 'none'} "
                          f"(all: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](**kwargs)
+    adapter = _REGISTRY[name](**kwargs)
+    _warn_random(name, adapter)
+    return adapter
+
+
+#: the adapter names already warned about random weights (once per name and process)
+WARNED_RANDOM: set[str] = set()
+
+
+def _warn_random(name: str, adapter: Any) -> None:
+    """A UserWarning, once per name, when a model was built on random weights (asked for,
+    or no weight file found): its maps show the method, not a trained model."""
+    source = str(getattr(adapter, "weights_source", ""))
+    if source.startswith("random") and name not in WARNED_RANDOM:
+        WARNED_RANDOM.add(name)
+        warnings.warn(f"{name}: {source}: its maps show how the method works, not what a "
+                      "trained model sees (pass weights=FILE for trained weights)",
+                      UserWarning, stacklevel=3)
 
 
 __all__ = ["Adapter", "SequenceOutput", "StagedTrunk", "check_layer", "describe_adapters",

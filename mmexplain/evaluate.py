@@ -132,9 +132,7 @@ def load_model(name: str, weights: str | None = None, layer: str | None = None,
         _say(f"note: the shipped {name!r} weights are not there yet; using random weights "
              f"(seed {seed}): the numbers show the mechanics, not a trained model")
         weights = "random"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        adapter = build_adapter(name, weights, layer, device, **options)
+    adapter = build_adapter(name, weights, layer, device, seed, **options)
     _say(f"model: {name}; weights: {getattr(adapter, 'weights_source', 'unknown')}")
     return adapter
 

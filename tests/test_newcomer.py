@@ -220,3 +220,40 @@ def test_an_empty_candidate_answer_is_an_error(tmp_path: Path, capsys) -> None:
     with pytest.raises(InputError, match=r"^answers: expected answers that are not empty, "
                        r"received list \['red', ' '\] \(answer 2 is empty\)$"):
         explain_vqa(vqa, x, "what color is the circle ?", ["red", " "])
+
+
+# --------------------------------------------------------------------------- issue 18 #9: seeds
+
+
+def test_two_random_weight_runs_explain_the_same_model(tmp_path: Path) -> None:
+    """Two runs of --weights random explained two different models (the global RNG)."""
+    import numpy as np
+
+    image = shared_file("images", "cat_dog.png")
+    maps = {}
+    for run, seed in (("a", []), ("b", []), ("c", ["--seed", "1"])):
+        assert main(["classify", str(image), "--weights", "random", "--size", "32",
+                     "--classes", "3", *seed, "--out", str(tmp_path / run)]) == 0
+        maps[run] = np.load(next((tmp_path / run).glob("*.npz")))["maps"]
+    assert np.array_equal(maps["a"], maps["b"])  # default --seed 0: the same model
+    assert not np.allclose(maps["a"], maps["c"])  # another seed, another model
+
+
+def test_the_python_api_warns_once_on_random_weights(monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    import warnings
+
+    import mmexplain.adapters as adapters
+    from mmexplain.adapters import get_adapter
+
+    monkeypatch.setattr(adapters, "WARNED_RANDOM", set())  # not yet warned in this process
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_adapter("resnet18", weights=False, num_classes=3)
+        get_adapter("resnet18", weights=False, num_classes=3)
+        get_adapter("shapes-vqa")  # the shipped weights: no warning
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert said == ["resnet18: random weights (asked for): its maps show how the method "
+                    "works, not what a trained model sees (pass weights=FILE for trained "
+                    "weights)"]
