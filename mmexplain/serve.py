@@ -468,7 +468,7 @@ def explain_vqa_request(model: Model, inp: Input, body: dict[str, Any], limits: 
     result, info = image_result(adapter, inp, expl, labels, shown, [mask] * len(labels),
                                 {"question": question})
     return result, {**info, "question": question, "own": [{"answer": a, "p": p} for a, p in own],
-                    "truth": truth}
+                    "true_answer": truth}
 
 
 def _video_arrays(saved: Any) -> dict[str, Any]:
@@ -770,6 +770,9 @@ def create_app(extra_model: str | None = None, weights: str | None = None, devic
         name, media = STATIC[request.url.path]
         return _response((resources.files("mmexplain") / "static" / name).read_bytes(), media=media)
 
+    async def no_icon(request: Any) -> Any:
+        return _response(b"", 204, media="image/x-icon")
+
     @guarded
     async def api_models(request: Any) -> Any:
         return _response(ex.describe())
@@ -808,6 +811,7 @@ def create_app(extra_model: str | None = None, weights: str | None = None, devic
 
     app = Starlette(routes=[
         *[Route(path, static) for path in STATIC],
+        Route("/favicon.ico", no_icon),
         Route("/api/models", api_models),
         Route("/api/generate/{kind:str}", generate, methods=["POST"]),
         Route("/api/upload/{kind:str}", upload, methods=["POST"]),
