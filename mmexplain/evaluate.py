@@ -59,7 +59,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,9 @@ class Plan:
     items: list[dict[str, Any]]
     evaluate: Callable[[dict[str, Any]], dict[str, Any]]
     summarize: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    facts: dict[str, Any] = field(default_factory=dict)  # added to the summary as they are
+    #: the entry of one input with what a figure needs beyond the records (sanity: the maps)
+    example: Callable[[], dict[str, Any]] | None = None
 
 
 class Lazy:
@@ -188,6 +191,22 @@ def _image_files(folder: Path) -> list[Path]:
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _present_images(coco: Any, ids: Sequence[int], images: Path) -> tuple[list[int], int]:
+    """(the image ids whose files are in --images, how many are not): the missing ones are
+    skipped and said (a partial image folder stopped the run at the first missing image)."""
+    present = [i for i in ids if coco.image_path(i).is_file()]
+    missing = len(ids) - len(present)
+    if ids and not present:
+        raise InputError(f"--images: expected the images the annotations name (e.g. "
+                         f"{coco.image_info(ids[0])['file_name']!r}), received {str(images)!r}, "
+                         f"which holds none of the {len(ids)}")
+    if missing:
+        verb = "is" if missing == 1 else "are"
+        _say(f"note: {missing} of the {len(ids)} images the annotations name {verb} not in "
+             f"{images}: skipped (missing_images in the summary)")
+    return present, missing
+
+
 def _caption_vocab(texts: Sequence[Sequence[str]]) -> Any:
     from mmexplain.vocab import Vocabulary
 
@@ -276,7 +295,8 @@ class Pointing(Protocol):
                                _file(args.captions, "--captions", "a COCO captions JSON"),
                                image_dir=images)
         tolerance = 15.0 if args.tolerance is None else args.tolerance
-        captions = {i: coco.captions(i) for i in coco.image_ids()}
+        present, missing = _present_images(coco, coco.image_ids(), images)
+        captions = {i: coco.captions(i) for i in present}
         # caption k of every image before caption k + 1 of any: --limit spans the images
         items = _limited([{"id": f"{i}/{k}", "image_id": i, "caption": k}
                           for k in range(max(map(len, captions.values()), default=0))
@@ -311,7 +331,7 @@ class Pointing(Protocol):
                                 "present": w.category in masks, "hit": hit})
             return {"image_id": item["image_id"], "caption": caption, "entries": entries}
 
-        return Plan(items, evaluate, summarize)
+        return Plan(items, evaluate, summarize, {"missing_images": missing})
 
 
 class VqaHat(Protocol):
@@ -533,7 +553,9 @@ class Localization(Protocol):
         coco = CocoAnnotations(_file(args.instances, "--instances", "a COCO instances JSON"),
                                image_dir=images)
         category_ids = sorted(coco.category_names())  # output index = position in id order
-        boxed = [i for i in coco.image_ids() if coco.annotations(i, include_crowd=False)]
+        boxed, missing = _present_images(coco, [i for i in coco.image_ids()
+                                                if coco.annotations(i, include_crowd=False)],
+                                         images)
         items = _limited([{"id": str(i), "image_id": i} for i in boxed], args, "image with boxes")
         model = _model(args, num_classes=len(category_ids))
 
@@ -549,7 +571,7 @@ class Localization(Protocol):
                                torch.tensor(gt_boxes, dtype=torch.float64), gt_labels, **options)
             return {"entries": [{**entry, "gt_boxes": gt_boxes, "gt_labels": gt_labels}]}
 
-        return Plan(items, evaluate, summarize)
+        return Plan(items, evaluate, summarize, {"missing_images": missing})
 
 
 #: The models of the protocols that run on the shapes world, image folders and video lists.
@@ -783,8 +805,10 @@ class Relevance(Protocol):
                                image_dir=images)
         ids = {name: cid for cid, name in coco.category_names().items()}
         category_ids = sorted(ids.values())  # output index = position in id order
-        items = _limited([{"id": str(i), "image_id": i} for i in coco.image_ids()
-                          if coco.annotations(i)], args, "image with masks")
+        masked, missing = _present_images(coco, [i for i in coco.image_ids()
+                                                 if coco.annotations(i)], images)
+        items = _limited([{"id": str(i), "image_id": i} for i in masked], args,
+                         "image with masks")
         model = _model(args, num_classes=len(category_ids))
 
         def evaluate(item: dict[str, Any]) -> dict[str, Any]:
@@ -800,7 +824,7 @@ class Relevance(Protocol):
                                  "rank": {m: got["rank"][m][k] for m in methods}}
                                 for k, n in enumerate(present)]}
 
-        return Plan(items, evaluate, summarize)
+        return Plan(items, evaluate, summarize, {"missing_images": missing})
 
 
 class Sanity(_Literature):
@@ -831,8 +855,16 @@ class Sanity(_Literature):
             cls = int(task.confidences(x).argmax())
             return {"class": cls, **P.sanity(task, x, cls, size=tuple(pixels.shape[2:]), **opts)}
 
-        return _literature_plan(args, P.shapes_sanity, per_input,
-                                partial(P.summarize_sanity, methods=methods), **options)
+        def plan_of(**extra: Any) -> Plan:
+            return _literature_plan(args, P.shapes_sanity, per_input,
+                                    partial(P.summarize_sanity, methods=methods),
+                                    **{**options, **extra})
+
+        plan = plan_of()
+        if plan.items:  # the sanity panel's maps: the first input again, its first mode only
+            panel = plan_of(modes=modes[:1], keep_maps=True)
+            plan.example = lambda: panel.evaluate(panel.items[0])["entries"][0]
+        return plan
 
 
 PROTOCOLS: dict[str, type[Protocol]] = {
@@ -953,7 +985,8 @@ def run(args: argparse.Namespace) -> int:
         def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
             entries = [e for r in records for e in r["entries"]]
             return {"protocol": args.protocol, "dataset": args.dataset, "model": args.model,
-                    "methods": list(methods), "entries": len(entries), **plan.summarize(entries)}
+                    "methods": list(methods), "entries": len(entries), **plan.facts,
+                    **plan.summarize(entries)}
 
         summary = run_items(plan.items, plan.evaluate, summarize, out, resume=args.resume,
                             progress=world.is_main and not args.no_progress,
@@ -961,11 +994,108 @@ def run(args: argparse.Namespace) -> int:
     finally:
         leave_world(world)
     if summary is not None:
+        summary = write_figures(summary, out, plan.example)
         print(json.dumps(summary, indent=2, sort_keys=True))
         print(f"summary -> {out / 'summary.json'}; records -> {out}/records.rank*.jsonl",
               file=sys.stderr)
     return 0
 
 
+# --------------------------------------------------------------------------- figures
+
+
+def _label(method: str) -> str:
+    from mmexplain.methods import labels
+
+    return labels().get(method, method)
+
+
+def _mean_of(value: Any) -> float | None:
+    """A summary's number: a plain one or the mean of a {"mean", "sem", "n"}."""
+    return value.get("mean") if isinstance(value, dict) else value
+
+
+def _methods_of(summary: dict[str, Any]) -> list[str]:
+    """The summary's methods, Guided Backpropagation after them when it ran (sanity)."""
+    extra = [P.GUIDED] if isinstance(summary.get(P.GUIDED), dict) else []
+    return [m for m in summary["methods"] if isinstance(summary.get(m), dict)] + extra
+
+
+#: per protocol: the bar chart's groups, (title, key in a method's summary)
+_BARS = {
+    "faithfulness": [("Average Drop %", "average_drop"),
+                     ("Increase in Confidence %", "increase_in_confidence"), ("Win %", "win")],
+    "road": [("MoRF (mean confidence)", "morf_area"), ("LeRF (mean confidence)", "lerf_area"),
+             ("LeRF - MoRF", "gap")],
+    "relevance": [("relevance mass", "mass"), ("relevance rank", "rank")],
+}
+
+
+def summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a run's summary by file stem (matplotlib Figures): deletion / insertion
+    the mean curve of each method with its mean AUC; faithfulness, ROAD and relevance a bar
+    chart per method; sanity the mean rank correlation after each randomised layer with
+    the 0.5 bar (Adebayo et al. Fig. 4). Methods without values are left out."""
+    from mmexplain import plots
+
+    protocol, methods = summary["protocol"], _methods_of(summary)
+    where = f"{summary['model']} on {summary['dataset']}, {summary['entries']} inputs"
+    if protocol in ("deletion", "insertion") and methods:
+        series = {_label(m): summary[m]["curve"] for m in methods if summary[m]["curve"]}
+        auc = {_label(m): _mean_of(summary[m]["auc"]) for m in methods}
+        return {f"{protocol}_curves": plots.curves_figure(
+            series, auc=auc, title=f"{protocol} curves ({where})",
+            xlabel=f"fraction of the cells {'removed' if protocol == 'deletion' else 'inserted'}",
+            ylabel="confidence in the class")} if series else {}
+    if protocol in _BARS and methods:
+        values = {title: {_label(m): _mean_of(summary[m].get(key)) for m in methods}
+                  for title, key in _BARS[protocol]}
+        return {f"{protocol}_bars": plots.bars_figure(values, title=f"{protocol} ({where})")}
+    if protocol == "sanity" and methods:
+        layers = summary["layers"]
+        return {f"sanity_{mode}": plots.curves_figure(
+            {_label(m): summary[m][mode]["rho"] for m in methods}, x=list(range(1, len(layers) + 1)),
+            hline=0.5, title=f"{mode} randomisation ({where}); layers top first",
+            xlabel="layers randomised (1: " + layers[0] + f", {len(layers)}: {layers[-1]})",
+            ylabel="rank correlation with the trained maps")
+            for mode in P.RANDOMIZATIONS if mode in summary[methods[0]]}
+    return {}
+
+
+def _sanity_panel(example: dict[str, Any]) -> Any:
+    """The sanity panel of one input: each method's map before and after each step."""
+    from mmexplain import plots
+
+    mode, maps = next(iter(example["maps"].items()))
+    return plots.sanity_figure(
+        {_label(m): [t.numpy() for t in v] for m, v in maps.items()}, example["layers"],
+        {_label(m): example[mode][m]["rho"] for m in maps},
+        title=f"{mode} randomisation of one input (layers top first)")
+
+
+def write_figures(summary: dict[str, Any], out: Path,
+                  example: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write the summary's figures as OUT/<name>.png (with the sanity panel of ``example``,
+    when the protocol has one) and OUT/summary.html showing them; name them in
+    OUT/summary.json under "figures". Returns the summary with that key."""
+    from mmexplain.plots import figure_png
+    from mmexplain.render import Report
+
+    figures = summary_figures(summary)
+    if example is not None and summary["entries"]:
+        figures["sanity_panel"] = _sanity_panel(example())
+    report = Report(f"mmexplain eval {summary['protocol']} ({summary['dataset']})")
+    report.text(f"model {summary['model']}; methods {', '.join(summary['methods'])}; "
+                f"{summary['entries']} inputs; the numbers: summary.json")
+    for name, fig in figures.items():
+        png = figure_png(fig)
+        (out / f"{name}.png").write_bytes(png)
+        report.plot(png, f"{name}.png")
+    report.save(out / "summary.html")
+    summary = {**summary, "figures": [f"{name}.png" for name in figures]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
 __all__ = ["HELP", "PROTOCOLS", "Lazy", "Plan", "add_arguments", "image_pixels", "load_model",
-           "run"]
+           "run", "summary_figures", "write_figures"]

@@ -257,3 +257,98 @@ def test_the_python_api_warns_once_on_random_weights(monkeypatch: pytest.MonkeyP
     assert said == ["resnet18: random weights (asked for): its maps show how the method "
                     "works, not what a trained model sees (pass weights=FILE for trained "
                     "weights)"]
+
+
+# --------------------------------------------------------------------------- issue 18 #5: COCO
+
+
+def _coco_files() -> tuple[Path, Path]:
+    return shared_file("coco", "instances.json"), shared_file("coco", "captions.json")
+
+
+def test_coco_images_missing_from_the_folder_are_skipped_and_counted(tmp_path: Path,
+                                                                     capsys) -> None:
+    """The official annotation files with one of their two images present: the run stopped
+    at the first missing image (an InputError naming it)."""
+    import json
+    import shutil
+
+    instances, captions = _coco_files()
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(shared_file("coco", "000000397133.jpg"), images)
+    out = tmp_path / "run"
+    assert main(["eval", "pointing", "--dataset", "coco", "--images", str(images),
+                 "--instances", str(instances), "--captions", str(captions),
+                 "--weights", "random", "--size", "64", "--limit", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: 1 of the 2 images the annotations name is not in {images}: skipped " \
+           "(missing_images in the summary)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing_images"] == 1 and summary["items"] == 2
+    records = [json.loads(line) for line in (out / "records.rank0.jsonl").read_text()
+               .splitlines()]
+    assert {r["image_id"] for r in records} == {397133}  # only the image that is there
+
+
+def _broken(tmp_path: Path, source: Path, name: str, edit) -> Path:
+    import json
+
+    data = json.loads(source.read_text())
+    edit(data)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_broken_coco_files_name_the_file_the_key_and_the_expected(tmp_path: Path) -> None:
+    """Each was a raw KeyError (1, 'segmentation', 'caption', 'caption')."""
+    from mmexplain.data.coco import CocoAnnotations
+    from mmexplain.errors import InputError
+
+    instances, captions = _coco_files()
+    no_categories = _broken(tmp_path, instances, "a.json", lambda d: d.pop("categories"))
+    no_segmentation = _broken(tmp_path, instances, "b.json",
+                              lambda d: d["annotations"][3].pop("segmentation"))
+    no_caption = _broken(tmp_path, captions, "c.json",
+                         lambda d: d["annotations"][0].pop("caption"))
+    cases = [
+        (dict(instances=no_categories), f"instances: expected a COCO instances file with a "
+         f"'categories' list (each with 'id', 'name'), received {str(no_categories)!r}, which "
+         "has no 'categories' key"),
+        (dict(instances=no_segmentation), "instances: expected every entry of 'annotations' "
+         "in a COCO instances file to have 'segmentation' (a list or a dict), received "
+         f"{str(no_segmentation)!r}, whose annotations[3] has no such key"),
+        (dict(captions=no_caption), "captions: expected every entry of 'annotations' in a "
+         f"COCO captions file to have 'caption' (a str), received {str(no_caption)!r}, whose "
+         "annotations[0] has no such key"),
+        (dict(captions=instances), "captions: expected every entry of 'annotations' in a "
+         f"COCO captions file to have 'caption' (a str), received {str(instances)!r}, whose "
+         "annotations[0] has no such key; it looks like an instances file (its annotations "
+         "have 'segmentation')"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(InputError) as caught:
+            CocoAnnotations(**kwargs)
+        assert str(caught.value) == message
+
+
+def test_a_coco_polygon_out_of_shape_names_the_annotation_and_the_file(tmp_path: Path
+                                                                      ) -> None:
+    from mmexplain.data.coco import CocoAnnotations
+    from mmexplain.errors import InputError
+
+    instances, _ = _coco_files()
+
+    def odd(data: dict) -> None:
+        data["annotations"][0]["segmentation"] = [[1.0, 2.0, 3.0]]
+
+    path = _broken(tmp_path, instances, "odd.json", odd)
+    coco = CocoAnnotations(path)
+    ann = coco.annotations(397133)[0]
+    with pytest.raises(InputError, match=r"^segmentation: expected polygons: a non-empty list "
+                       r"of \[x1, y1, x2, y2, \.\.\.\] lists of finite numbers \(two or more "
+                       rf"points\), received list \[\[1.0, 2.0, 3.0\]\] \(annotation id "
+                       rf"{ann['id']} of '{path}'\)$"):
+        coco.category_mask(397133, ann["category_id"])

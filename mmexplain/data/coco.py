@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmexplain.errors import bad_type, bad_value
+from mmexplain.errors import InputError, bad_type, bad_value, describe
 
 __all__ = [
     "CocoAnnotations",
@@ -50,15 +51,61 @@ __all__ = [
 # --------------------------------------------------------------------------- segmentations
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _rle_counts(text: str | bytes) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``): 5
+    bits per character from 48, a sixth bit "more", the sign in the last one; from the
+    third count on each is a difference to the count two before."""
+    counts: list[int] = []
+    chars = text.decode("ascii", "replace") if isinstance(text, bytes) else text
+    p = 0
+    while p < len(chars):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(chars[p]) - 48 if p < len(chars) else -1
+            if not 0 <= c < 64:
+                raise ValueError(f"character {p} is not an RLE character")
+            x |= (c & 0x1F) << 5 * k
+            more, p, k = bool(c & 0x20), p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << 5 * k
+        counts.append(x + (counts[-2] if len(counts) > 2 else 0))
+    return counts
+
+
+def _check_rle(segmentation: dict, height: int, width: int) -> None:
+    """An RLE of this image's size whose runs cover it exactly (pycocotools' decoder writes
+    past its buffer otherwise)."""
+    size, counts = segmentation["size"], segmentation["counts"]
+    expected = f"an RLE dict with size [{height}, {width}] and counts covering it"
+    if not isinstance(size, (list, tuple)) or list(size) != [height, width]:
+        raise bad_value("segmentation", expected, segmentation)
+    try:
+        runs = counts if isinstance(counts, list) else _rle_counts(counts)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise bad_value("segmentation", expected, segmentation) from exc
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in runs) or \
+            sum(runs) != height * width:
+        raise bad_value("segmentation", expected, segmentation)
+
+
 def _rle(segmentation: Any, height: int, width: int) -> dict:
     """One compressed RLE for a polygon list, an uncompressed RLE or a compressed RLE."""
     from pycocotools import mask as mask_utils
 
     if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]
-        if not segmentation:
-            raise bad_value("segmentation", "at least one polygon", segmentation)
+        if not segmentation or not all(
+                isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
+                and all(_finite_number(v) for v in poly) for poly in segmentation):
+            raise bad_value("segmentation", "polygons: a non-empty list of [x1, y1, x2, y2, "
+                            "...] lists of finite numbers (two or more points)", segmentation)
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        _check_rle(segmentation, height, width)
         if isinstance(segmentation["counts"], list):  # uncompressed RLE (iscrowd=1)
             return mask_utils.frPyObjects(segmentation, height, width)
         return segmentation  # compressed RLE, counts str or bytes
@@ -87,19 +134,107 @@ def segmentation_area(segmentation: Any, height: int, width: int) -> int:
 # --------------------------------------------------------------------------- annotations
 
 
-def _load_coco(path: str | Path, arg: str) -> Any:
-    """``pycocotools.coco.COCO`` on a JSON path, without its progress prints."""
+#: the keys every entry of a COCO file needs, and their types, per kind of file
+_FIELDS: dict[str, dict[str, dict[str, tuple[type, ...]]]] = {
+    "instances": {
+        "images": {"id": (int,), "file_name": (str,), "height": (int,), "width": (int,)},
+        "annotations": {"id": (int,), "image_id": (int,), "category_id": (int,),
+                        "segmentation": (list, dict), "bbox": (list,)},
+        "categories": {"id": (int,), "name": (str,)},
+    },
+    "captions": {
+        "images": {"id": (int,), "file_name": (str,)},
+        "annotations": {"id": (int,), "image_id": (int,), "caption": (str,)},
+    },
+}
+_TYPE_NAMES = {list: "a list", dict: "a dict", int: "an int", str: "a str"}
+
+
+def _other_kind(kind: str, entry: dict) -> str:
+    """A hint when an entry is of the other kind of file (instances given as captions)."""
+    other, mark = ("a captions", "caption") if kind == "instances" else \
+        ("an instances", "segmentation")
+    return f"; it looks like {other} file (its annotations have {mark!r})" \
+        if mark in entry else ""
+
+
+def _check_entries(data: dict, kind: str, path: Path, arg: str) -> None:
+    """Every list of a COCO file present, every entry a dict with the keys ``kind`` needs,
+    of the right types: an InputError naming the file, the key and what was expected (was
+    a raw ``KeyError`` deep in pycocotools or in the reading of a caption)."""
+    for key, fields in _FIELDS[kind].items():
+        want = ", ".join(f"{f!r}" for f in fields)
+        if not isinstance(data.get(key), list):
+            got = "has no" if key not in data else f"has {describe(data[key])} as its"
+            raise InputError(f"{arg}: expected a COCO {kind} file with a {key!r} list (each "
+                             f"with {want}), received {str(path)!r}, which {got} {key!r} key")
+        for i, entry in enumerate(data[key]):
+            if not isinstance(entry, dict):
+                raise InputError(f"{arg}: expected {key}[{i}] of {str(path)!r} to be a dict "
+                                 f"with {want}, received {describe(entry)}")
+            for field_name, types in fields.items():
+                value = entry.get(field_name)
+                if isinstance(value, bool) or not isinstance(value, types):
+                    what = " or ".join(_TYPE_NAMES[t] for t in types)
+                    got = "no such key" if field_name not in entry else describe(value)
+                    hint = _other_kind(kind, entry) if key == "annotations" else ""
+                    raise InputError(f"{arg}: expected every entry of {key!r} in a COCO {kind} "
+                                     f"file to have {field_name!r} ({what}), received "
+                                     f"{str(path)!r}, whose {key}[{i}] has {got}{hint}")
+
+
+def _check_values(data: dict, kind: str, path: Path, arg: str) -> None:
+    """Sizes positive, boxes four finite numbers, annotations of known images and
+    categories (a category id missing from 'categories' was a KeyError)."""
+    where = f"received {str(path)!r}, whose"
+    for i, image in enumerate(data["images"]):
+        if kind == "instances" and min(image["height"], image["width"]) < 1:
+            raise InputError(f"{arg}: expected images of a positive height and width, {where} "
+                             f"images[{i}] is {image['height']} x {image['width']}")
+    images = {image["id"] for image in data["images"]}
+    categories = {c["id"] for c in data.get("categories", [])}
+    for i, ann in enumerate(data["annotations"]):
+        if ann["image_id"] not in images:
+            raise InputError(f"{arg}: expected annotations of the file's images, {where} "
+                             f"annotations[{i}] names image_id {ann['image_id']}, not in "
+                             "'images'")
+        if kind == "captions":
+            continue
+        if ann["category_id"] not in categories:
+            raise InputError(f"{arg}: expected annotations of the file's categories, {where} "
+                             f"annotations[{i}] names category_id {ann['category_id']}, not "
+                             "in 'categories'")
+        box = ann["bbox"]
+        if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                    and math.isfinite(v) for v in box) or min(box[2:]) < 0:
+            raise InputError(f"{arg}: expected 'bbox' as [x, y, width, height] (four finite "
+                             f"numbers, sizes >= 0), {where} annotations[{i}] has "
+                             f"{describe(box)}")
+        ann.setdefault("iscrowd", 0)
+
+
+def _load_coco(path: str | Path, arg: str, kind: str) -> Any:
+    """``pycocotools.coco.COCO`` of a checked ``kind`` ("instances" or "captions") file."""
     from pycocotools.coco import COCO
 
     path = Path(path)
     if not path.is_file():
         raise bad_value(arg, "an existing COCO annotation JSON file", str(path), raw=True)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
-    except (AssertionError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise bad_value(arg, "a COCO annotation JSON file (a dict with images and "
-                        "annotations)", str(path), raw=True) from exc
+        data = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_value(arg, f"a COCO {kind} JSON file", f"{str(path)!r}, which is not JSON "
+                        f"({exc})", raw=True) from exc
+    if not isinstance(data, dict):
+        raise bad_value(arg, f"a COCO {kind} JSON file (a dict with images and annotations)",
+                        f"{str(path)!r}, which holds {describe(data)}", raw=True)
+    _check_entries(data, kind, path, arg)
+    _check_values(data, kind, path, arg)
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = COCO()
+        api.dataset = data
+        api.createIndex()
+    return api
 
 
 class CocoAnnotations:
@@ -117,9 +252,12 @@ class CocoAnnotations:
                  image_dir: str | Path | None = None) -> None:
         if instances is None and captions is None:
             raise bad_value("instances", "an instances and/or a captions JSON path", None)
-        self._instances = _load_coco(instances, "instances") if instances is not None else None
-        self._captions = _load_coco(captions, "captions") if captions is not None else None
+        self._instances = (_load_coco(instances, "instances", "instances")
+                           if instances is not None else None)
+        self._captions = (_load_coco(captions, "captions", "captions")
+                          if captions is not None else None)
         self.image_dir = Path(image_dir) if image_dir is not None else None
+        self.instances_path = Path(instances) if instances is not None else None
 
     # ---- images
 
@@ -191,7 +329,12 @@ class CocoAnnotations:
     def instance_mask(self, annotation: dict) -> torch.Tensor:
         """One instance's mask (H, W) bool, from its polygons or RLE."""
         info = self.image_info(annotation["image_id"])
-        return decode_segmentation(annotation["segmentation"], info["height"], info["width"])
+        try:
+            return decode_segmentation(annotation["segmentation"], info["height"],
+                                       info["width"])
+        except InputError as exc:  # name the annotation and its file
+            raise InputError(f"{exc} (annotation id {annotation.get('id')} of "
+                             f"{str(self.instances_path)!r})") from exc
 
     def category_mask(self, image_id: int, category: int | str,
                       include_crowd: bool = True) -> torch.Tensor:
