@@ -27,6 +27,13 @@ places them at the ``<|image_pad|>`` tokens and computes its 3-D rotary
 positions (M-RoPE) from ``image_grid_thw`` and ``mm_token_type_ids`` as in
 generation. It returns ``SequenceOutput`` whose log-probabilities are projected
 onto the vocabulary only at the steps a target asks for.
+
+**Video** (``prepare_video``): the processor cuts a clip into tubelets of
+``temporal_patch_size`` frames (2) by ``patch`` x ``patch`` pixels, the same vision
+tower reads them (attention within each temporal patch), and the merger's tokens
+take the ``<|video_pad|>`` places. Maps live on the (t', h, w) or (t', h/m, w/m)
+grid, t' = ceil(frames / 2) (the processor repeats the last frame to fill the last
+tubelet); :meth:`QwenVL.frame_maps` gives each input frame its tubelet's map.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from torch import nn
 from mmexplain.adapters.tokengrid import TokenGrid, merge_grid, raster_grid, window_grid
 from mmexplain.adapters.vlm_base import (VisionLanguageAdapter, _rows, device_of, dtype_of,
                                          register_families)
-from mmexplain.errors import InputError, bad_value
+from mmexplain.errors import InputError, bad_type, bad_value, describe
 
 MERGER = "model.visual.merger"
 
@@ -103,13 +110,15 @@ class _QwenVision:
             out = out[torch.argsort(self.window_index)]
         return out
 
-    def grid(self, layer_is_merger: bool) -> TokenGrid:
-        """Where the raster cells of one image are among its tokens at the layer."""
+    def grid(self, layer_is_merger: bool, video: bool = False) -> TokenGrid:
+        """Where the raster cells of one image (or clip: a (t, ...) grid, also for one
+        tubelet) are among its tokens at the layer."""
         t, h, w = (int(v) for v in self.grid_thw[0])
         m = self.merge
+        flat = t == 1 and not video
         if layer_is_merger:  # the adapter reads the merger's output after the reverse index
-            return raster_grid((h // m, w // m) if t == 1 else (t, h // m, w // m))
-        grid = (h, w) if t == 1 else (t, h, w)
+            return raster_grid((h // m, w // m) if flat else (t, h // m, w // m))
+        grid = (h, w) if flat else (t, h, w)
         if self.window_index is None:
             return merge_grid(grid, m)
         per_image = t * (h // m) * (w // m)
@@ -147,8 +156,8 @@ class QwenVL(VisionLanguageAdapter):
         return tuple(f"{self.vision_path}.blocks.{i}" for i in range(len(self.vision.blocks)))
 
     def _context_keys(self) -> tuple[str, ...]:
-        return ("pixel_values", "image_grid_thw", "input_ids", "attention_mask",
-                "mm_token_type_ids")
+        return ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                "input_ids", "attention_mask", "mm_token_type_ids")
 
     # -- the packed vision tower -------------------------------------------------------
 
@@ -157,34 +166,44 @@ class QwenVL(VisionLanguageAdapter):
             self.stage_names.index(self.layer) + 1)
 
     def encode(self, inputs: Mapping[str, Any], **_: Any) -> torch.Tensor:
-        """{image_grid_thw (B, 3), pixel_values (B*N, P)} -> A (B, C, *grid), float32."""
-        pixels, thw = _vision_inputs(inputs)
+        """{image_grid_thw (B, 3), pixel_values (B*N, P)} -> A (B, C, *grid), float32; or
+        {video_grid_thw, pixel_values_videos} -> A (B, C, t', *grid)."""
+        pixels, thw, kind = _vision_inputs(inputs)
         vision = _QwenVision(self.vision, thw.to(device_of(self.vision)),
                              windowed=_windowed(self.vision))
         hidden = vision.blocks(vision.embed(pixels.to(device_of(self.vision),
                                                       dtype_of(self.vision))), 0, self._stop())
         if self.layer == MERGER:
             hidden = vision.merged(hidden)
-        grid = vision.grid(self.layer == MERGER)
+        grid = vision.grid(self.layer == MERGER, video=kind == "video")
         tokens = hidden.reshape(thw.shape[0], -1, hidden.shape[-1])  # (B, L, C)
         self._state = {"tokens": tokens.detach(), "grid": grid, "vision": vision,
-                       "meta": self._meta(thw)}
+                       "meta": self._meta(thw, kind)}
         return grid.to_grid(tokens).float()
 
-    def _meta(self, thw: torch.Tensor) -> dict[str, Any]:
-        """The images' batch and size as the model saw them (the processor's resize)."""
+    def _meta(self, thw: torch.Tensor, kind: str = "image") -> dict[str, Any]:
+        """The images' (or clips') batch and size as the model saw them (the processor's
+        resize); for clips also "kind": "video" and the frames of the tubelets."""
         patch = int(self.vision.config.patch_size)
-        return {"batch": thw.shape[0], "tiles": 1,
+        meta = {"batch": thw.shape[0], "tiles": 1,
                 "size": tuple(int(v) * patch for v in thw[0, 1:])}
+        if kind == "video":
+            meta.update(kind="video", frames=int(thw[0, 0]) * self._temporal_patch())
+        return meta
+
+    def _temporal_patch(self) -> int:
+        return int(getattr(self.vision.config, "temporal_patch_size", 2))
 
     def _vision_batch(self, inputs: Any, context: Mapping[str, Any]
                       ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The patches (B*N, P) and the images' meta, from the inputs of prepare_image (or
         the patches with ``image_grid_thw=`` in the context, as generate passes them)."""
         if not isinstance(inputs, Mapping):
-            inputs = {"image_grid_thw": context.get("image_grid_thw"), "pixel_values": inputs}
-        pixels, thw = _vision_inputs(inputs)
-        return pixels, self._meta(thw)
+            kind = "video" if context.get("video_grid_thw") is not None else "image"
+            inputs = {f"{kind}_grid_thw": context.get(f"{kind}_grid_thw"),
+                      PIXELS[kind]: inputs}
+        pixels, thw, kind = _vision_inputs(inputs)
+        return pixels, self._meta(thw, kind)
 
     def image_features(self, acts: torch.Tensor) -> list[torch.Tensor]:
         """A (R, C, *grid) -> the merger's output per row (N_img, D), in raster order."""
@@ -209,13 +228,20 @@ class QwenVL(VisionLanguageAdapter):
         """image_grid_thw and mm_token_type_ids (0 for the teacher-forced tokens) of the
         ``rows`` sequences: the model computes its M-RoPE positions from them."""
         thw = self._state["vision"].grid_thw[:1].expand(rows, 3)
+        kind = self._state["meta"].get("kind", "image")
         types = context.get("mm_token_type_ids")
         if types is None:
             raise bad_value("mm_token_type_ids", "the prompt's token types from "
                             "prepare_image (Qwen's M-RoPE positions need them)", None)
         types = _rows("mm_token_type_ids", types, rows)
         tail = types.new_zeros(rows, steps - 1)
-        return {"image_grid_thw": thw, "mm_token_type_ids": torch.cat([types, tail], dim=1)}
+        return {f"{kind}_grid_thw": thw, "mm_token_type_ids": torch.cat([types, tail], dim=1)}
+
+    def _encoder_outputs(self, pooled: Any) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        kind = self._state["meta"].get("kind", "image")
+        return {kind: BaseModelOutputWithPooling(pooler_output=pooled)}
 
     def prepare_image(self, image: np.ndarray, prompt: str | None = None, *,
                       size: int | None = None
@@ -236,18 +262,94 @@ class QwenVL(VisionLanguageAdapter):
         self._image_size = tuple(image.shape[:2])
         return inputs, _resized(image, *self._meta(thw)["size"]), context
 
+    def prepare_video(self, frames: np.ndarray, prompt: str | None = None
+                      ) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, Any]]:
+        """A clip (T, H, W, 3) uint8 and a prompt -> ({video_grid_thw, pixel_values_videos},
+        the frames at the size the model saw them (T, h, w, 3), {input_ids, attention_mask,
+        mm_token_type_ids}). Explained as images are: per-token maps over (t', h', w')."""
+        if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[3] != 3 \
+                or frames.dtype != np.uint8 or frames.shape[0] < 1:
+            raise bad_value("frames", "a clip of RGB frames (T, H, W, 3) uint8, T >= 1", frames)
+        text = self.format_video_prompt(self.default_video_prompt if prompt is None else prompt)
+        self._prompt = text
+        try:
+            out = self.processor(videos=[frames], text=text, return_tensors="pt")
+        except (ValueError, TypeError, IndexError) as exc:
+            raise InputError(f"frames: expected a clip and prompt the "
+                             f"{type(self.processor).__name__} can prepare, received "
+                             f"{describe(frames)} and prompt {text!r}: {exc}") from exc
+        out = {k: v for k, v in dict(out).items() if k in self._context_keys()}
+        thw = out.pop("video_grid_thw")
+        inputs = {"video_grid_thw": thw.to(device_of(self.vision)),
+                  "pixel_values_videos": out.pop("pixel_values_videos").to(
+                      device_of(self.vision), dtype_of(self.vision))}
+        context = {k: v.to(self._text_device()) for k, v in out.items()}
+        height, width = self._meta(thw)["size"]
+        return inputs, np.stack([_resized(f, height, width) for f in frames]), context
+
+    default_video_prompt = "Describe this video."
+
+    def format_video_prompt(self, prompt: str) -> str:
+        """The prompt with the clip's place ``<|vision_start|><|video_pad|><|vision_end|>``:
+        as given when it holds the video token, else through the chat template (a video
+        entry), else the slot before the prompt."""
+        if not isinstance(prompt, str):
+            raise bad_type("prompt", "a string", prompt)
+        token = getattr(self.processor, "video_token", "<|video_pad|>")
+        if token in prompt:
+            return prompt
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": [{"type": "video"},
+                                                     {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            if token in text:
+                return text
+        if any(t in prompt for t in ("<|im_start|>", "<|vision_start|>")):
+            raise bad_value("prompt", f"a prompt with the video token {token!r} where the clip "
+                            "goes (a prompt written in the model's template must hold it)",
+                            repr(prompt), raw=True)
+        return VIDEO_SLOT + prompt
+
+    def frame_maps(self, maps: torch.Tensor, frames: int) -> torch.Tensor:
+        """Maps (..., t', h, w) of a clip -> (..., frames, h, w): each input frame gets the map
+        of the tubelet holding it (frame f in tubelet f // temporal_patch_size)."""
+        index = torch.arange(frames, device=maps.device) // self._temporal_patch()
+        if frames < 1 or int(index[-1]) >= maps.shape[-3]:
+            raise bad_value("frames", f"at most {maps.shape[-3] * self._temporal_patch()} "
+                            f"frames for {maps.shape[-3]} tubelets", frames)
+        return maps.index_select(maps.dim() - 3, index)
+
     def prompt_context(self, prompt: str, meta: Mapping[str, Any] | None = None
                        ) -> dict[str, torch.Tensor]:
+        meta = self._state["meta"] if meta is None and self._state is not None else meta
+        if meta is not None and meta.get("kind") == "video":
+            return self._video_prompt_context(prompt, meta)
         out = super().prompt_context(prompt, *(() if meta is None else (meta,)))
         out.pop("image_grid_thw", None)  # the images' grids travel with the inputs
         return out
 
+    def _video_prompt_context(self, prompt: str, meta: Mapping[str, Any]
+                              ) -> dict[str, torch.Tensor]:
+        """Token ids of a prompt for clips of ``meta``: the processor run on a blank clip
+        of their frames and size (it only counts the video tokens)."""
+        height, width = meta["size"]
+        blank = np.zeros((meta["frames"], height, width, 3), dtype=np.uint8)
+        out = self.processor(videos=[blank], text=self.format_video_prompt(prompt),
+                             return_tensors="pt")
+        device = self._text_device()
+        return {k: _rows(k, out[k], meta["batch"]).to(device)
+                for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in out}
+
     @torch.no_grad()
     def generate(self, inputs: Mapping[str, Any], *, max_new_tokens: int = 20,
                  **context: Any) -> torch.Tensor:
-        pixels, thw = _vision_inputs(inputs)
-        return super().generate(pixels, max_new_tokens=max_new_tokens, image_grid_thw=thw,
-                                **context)
+        pixels, thw, kind = _vision_inputs(inputs)
+        return super().generate(pixels, max_new_tokens=max_new_tokens,
+                                **{f"{kind}_grid_thw": thw}, **context)
+
+    def _model_pixels(self, inputs: Any, context: Mapping[str, Any]) -> dict[str, Any]:
+        kind = "video" if context.get("video_grid_thw") is not None else "image"
+        return {PIXELS[kind]: inputs}
 
     def format_prompt(self, prompt: str) -> str:
         """As the base; without a chat template a plain prompt gets Qwen's image slot
@@ -265,6 +367,9 @@ class Qwen25VL(QwenVL):
 
 
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"
+#: the processor's pixel key of each kind of visual input
+PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 def slot_prompt(adapter: Any, prompt: Any, slot: str, template: tuple[str, ...],
@@ -294,23 +399,28 @@ def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
 
 
-def _vision_inputs(inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values and image_grid_thw of equal-sized images, or an InputError."""
-    if not isinstance(inputs, Mapping) or "pixel_values" not in inputs \
-            or "image_grid_thw" not in inputs:
+def _vision_inputs(inputs: Any) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(pixel values, grid_thw, "image" or "video") of equal-sized images or clips, or an
+    InputError."""
+    kinds = [k for k in PIXELS if isinstance(inputs, Mapping) and PIXELS[k] in inputs
+             and f"{k}_grid_thw" in inputs]
+    if len(kinds) != 1:
         raise bad_value("inputs", "the processor's image inputs {image_grid_thw, pixel_values} "
-                        "(from prepare_image)", inputs)
-    pixels, thw = inputs["pixel_values"], inputs["image_grid_thw"]
+                        "(from prepare_image) or video inputs {video_grid_thw, "
+                        "pixel_values_videos} (from prepare_video)", inputs)
+    kind = kinds[0]
+    key, grid_key = PIXELS[kind], f"{kind}_grid_thw"
+    pixels, thw = inputs[key], inputs[grid_key]
     if not isinstance(thw, torch.Tensor) or thw.dim() != 2 or thw.shape[1] != 3:
-        raise bad_value("image_grid_thw", "a (B, 3) tensor of (t, h, w) patch grids", thw)
+        raise bad_value(grid_key, "a (B, 3) tensor of (t, h, w) patch grids", thw)
     if (thw != thw[:1]).any():
-        raise bad_value("image_grid_thw", "images of one size in a batch (one grid for maps "
-                        "of B inputs)", f"grids {thw.tolist()}", raw=True)
+        raise bad_value(grid_key, f"{kind}s of one size in a batch (one grid for maps of B "
+                        "inputs)", f"grids {thw.tolist()}", raw=True)
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 2 \
             or pixels.shape[0] != int(thw.prod(1).sum()):
-        raise bad_value("pixel_values", f"({int(thw.prod(1).sum())}, C*t*p*p) patches for "
-                        f"image_grid_thw {thw.tolist()}", pixels)
-    return pixels, thw
+        raise bad_value(key, f"({int(thw.prod(1).sum())}, C*t*p*p) patches for "
+                        f"{grid_key} {thw.tolist()}", pixels)
+    return pixels, thw, kind
 
 
 #: config keys (architecture class names and model_types) -> adapter names

@@ -155,6 +155,12 @@ class VisionLanguageAdapter(Adapter):
         """Extra forward arguments for ``rows`` sequences of prompt + ``steps`` tokens."""
         return {}
 
+    def _encoder_outputs(self, pooled: Any) -> dict[str, Any]:
+        """The model's ``mm_encoder_outputs``: the features it places at the image tokens."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+
     def _shown(self, image: np.ndarray, inputs: torch.Tensor) -> np.ndarray:
         """The picture as the model saw it: the pixel values de-normalised."""
         return pixels_to_image(inputs[0], self.processor.image_processor)
@@ -265,8 +271,6 @@ class VisionLanguageAdapter(Adapter):
                         attn: torch.Tensor, tokens: torch.Tensor, context: Mapping[str, Any]
                         ) -> torch.Tensor:
         """log p(tokens[:, t] | image, prompt, tokens[:, :t]) (R, T, V), float32."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         rows, steps = tokens.shape
         ids = self._ids(ids)
         full = torch.cat([ids, tokens[:, :-1].to(ids.device)], dim=1)  # (R, P + T - 1)
@@ -275,8 +279,7 @@ class VisionLanguageAdapter(Adapter):
         pooled = self._pooler_output(features)
         try:
             out = self.model(input_ids=full, attention_mask=attn, use_cache=False,
-                             mm_encoder_outputs={"image": BaseModelOutputWithPooling(
-                                 pooler_output=pooled)},
+                             mm_encoder_outputs=self._encoder_outputs(pooled),
                              logits_to_keep=steps, **self._model_kwargs(context, rows, steps))
         except ValueError as exc:  # e.g. image tokens and features that do not match
             raise InputError(f"input_ids: expected a prompt whose image tokens match the "

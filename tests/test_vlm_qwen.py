@@ -200,3 +200,100 @@ def test_the_readme_commands_run(folders, tmp_path, capsys):
 
 def test_eval_pointing_on_coco(folders, tmp_path, capsys):
     tiny.check_eval_pointing(folders["qwen2.5-vl"], tmp_path, capsys)
+
+
+# --------------------------------------------------------------------------- video input
+
+
+def _clip(frames: int = 5, height: int = 40, width: int = 56) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+
+
+def test_video_tubelets_in_the_processors_order_come_back_at_their_cell():
+    """A clip whose every tubelet patch holds its own (t', row, col) index as a grey level,
+    through the real video processor: the merge-order rows put back by the 3-D merge grid
+    give the raster cube of indices (3 tubelets of 2 frames, the last frame repeated)."""
+    from mmexplain.adapters.tokengrid import merge_grid
+
+    processor = transformers.Qwen2VLVideoProcessor(
+        patch_size=4, merge_size=2, temporal_patch_size=2, cap_pixels_per_frame=False,
+        size={"shortest_edge": 64, "longest_edge": 64 * 64})
+    t, rows, cols = 3, 4, 6
+    index = np.arange(t * rows * cols).reshape(t, rows, cols)
+    clip = np.repeat(np.repeat(np.repeat(index, 2, 0)[:5], 4, 1), 4, 2).astype(np.uint8)
+    out = processor(videos=[np.stack([clip] * 3, -1)], return_tensors="pt",
+                    do_normalize=False, do_rescale=False)
+    assert out["video_grid_thw"].tolist() == [[t, rows, cols]]
+    cells = out["pixel_values_videos"][:, 0].round()  # one value of each tubelet patch row
+    cube = merge_grid((t, rows, cols), 2)(cells.view(1, -1, 1))[0, 0]
+    assert torch.equal(cube, torch.as_tensor(index, dtype=cube.dtype))
+
+
+@pytest.fixture(scope="module")
+def clips(folders):
+    """name -> (adapter, inputs, shown, context, generated tokens (1, 3)) for a 5-frame clip."""
+    out = {}
+    for name, folder in folders.items():
+        adapter = get_adapter(name, path=folder)
+        inputs, shown, context = adapter.prepare_video(_clip(), "describe the clip")
+        tokens = adapter.generate(inputs, max_new_tokens=3, **context)
+        out[name] = (adapter, inputs, shown, context, tokens)
+    return out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("layer", ["model.visual.blocks.0", "model.visual.merger"])
+def test_video_per_token_maps_over_tubelets_equal_the_plain_engine(clips, name, layer):
+    """Per generated token, maps over (t', h, w) from the adapter equal Grad-CAM by module
+    name on the model's own video forward (pixel_values_videos, video_grid_thw, M-RoPE
+    from its token types), the merge / window order restored frame by frame."""
+    adapter, inputs, shown, context, tokens = clips[name]
+    model = adapter.model
+    full = torch.cat([context["input_ids"], tokens[:, :-1]], 1)
+    types = torch.cat([context["mm_token_type_ids"], torch.zeros_like(tokens[:, :-1])], 1)
+    assert int((types == 2).sum()) == 3 * 5 * 7  # video tokens: 3 tubelets of 5 x 7 merged
+    prompt = context["input_ids"].shape[1]
+
+    def forward():
+        out = model(input_ids=full, attention_mask=torch.ones_like(full),
+                    mm_token_type_ids=types, **inputs)
+        return out.logits[:, prompt - 1:]
+
+    grid = qwen_grid(model, inputs["video_grid_thw"], layer)
+    shape = (3, 10, 14) if layer.endswith("blocks.0") else (3, 5, 7)
+    expl = tiny.check_per_token_maps(adapter, inputs, context, tokens, layer, forward, grid,
+                                     shape)
+    assert shown.shape == (5, 40, 56, 3)
+    per_frame = adapter.frame_maps(expl.maps, 5)  # frames 0-1 -> t' 0, 2-3 -> 1, 4 -> 2
+    assert per_frame.shape[2] == 5
+    for frame, tubelet in enumerate([0, 0, 1, 1, 2]):
+        assert torch.equal(per_frame[:, :, frame], expl.maps[:, :, tubelet])
+    with pytest.raises(InputError, match="frames: expected at most 6 frames for 3 tubelets"):
+        adapter.frame_maps(expl.maps, 7)
+
+
+def test_video_forced_answers_and_errors(clips):
+    """Forced answers about a clip (answer_task: the question's prompt built for the clip,
+    its video tokens counted on a blank clip of its size) score log p(answer) = the sum of
+    the answer's token log-probs with the clip prepared with that question; maps over
+    (t', h', w'). Bad clips and inputs name the argument."""
+    import mmexplain as mx
+
+    adapter, inputs, _, context, _ = clips["qwen2-vl"]
+    question, answers = "what moves ?", ["red", "blue ball"]
+    adapter.encode(inputs)
+    prompt = adapter.prompt_context(question)
+    assert int((prompt["mm_token_type_ids"] == 2).sum()) == 3 * 5 * 7
+    ctx, target = adapter.answer_task(question, answers)
+    expl = mx.GradCAM(adapter)(inputs, target=target, **ctx)
+    assert tuple(expl.maps.shape) == (1, 2, 3, 5, 7)
+    asked, _, asked_context = adapter.prepare_video(_clip(), question)
+    for c, answer in enumerate(answers):
+        tokens = adapter.tokenize([answer])
+        steps = WordLogProbs(list(range(tokens.shape[1])))
+        seq = mx.GradCAM(adapter)(asked, target=steps, tokens=tokens, **asked_context)
+        torch.testing.assert_close(expl.scores[0, c], seq.scores.sum(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(InputError, match=r"frames: expected a clip of RGB frames \(T, H, W, 3\)"):
+        adapter.prepare_video(_clip()[0])
+    with pytest.raises(InputError, match="inputs: expected the processor's image inputs"):
+        adapter.encode({"pixel_values_videos": inputs["pixel_values_videos"]})

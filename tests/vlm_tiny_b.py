@@ -106,7 +106,9 @@ def _qwen(folder: Path, version: str, layers: int = 1, depth: int = 2) -> Path:
                                       min_pixels=8 * 8, max_pixels=64 * 64)
     processor = processor_cls(image_processor=images, tokenizer=tok,
                               video_processor=tf.Qwen2VLVideoProcessor(
-                                  patch_size=4, merge_size=2, temporal_patch_size=2),
+                                  patch_size=4, merge_size=2, temporal_patch_size=2,
+                                  size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64},
+                                  cap_pixels_per_frame=False),
                               chat_template=QWEN_TEMPLATE if version == "2.5" else None)
     return _save(folder, model, processor)
 
