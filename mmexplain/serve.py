@@ -54,6 +54,7 @@ MAX_PIXELS = 40_000_000
 MB = 1 << 20
 #: Inputs and results kept in memory (the oldest are dropped first).
 KEEP = 64
+BUDGET = 1 << 30
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -119,24 +120,26 @@ class Limits:
 
 
 class Store:
-    """Items under random ids, the newest ``keep`` of them (thread-safe)."""
+    """Items under random ids: the newest ``keep`` of them, at most ``budget`` bytes of
+    uploads and renderings together (thread-safe; the oldest go first)."""
 
-    def __init__(self, what: str, keep: int = KEEP) -> None:
-        self.what, self.keep = what, keep
-        self._items: OrderedDict[str, Any] = OrderedDict()
+    def __init__(self, what: str, keep: int = KEEP, budget: int = BUDGET) -> None:
+        self.what, self.keep, self.budget = what, keep, budget
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, item: Any) -> str:
+    def add(self, item: Any, size: int = 0) -> str:
         key = secrets.token_urlsafe(12)
         with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.keep:
+            self._items[key] = (item, size)
+            while len(self._items) > 1 and (len(self._items) > self.keep or sum(
+                    n for _, n in self._items.values()) > self.budget):
                 self._items.popitem(last=False)
         return key
 
     def get(self, key: Any) -> Any:
         with self._lock:
-            item = self._items.get(key) if isinstance(key, str) else None
+            item, _ = self._items.get(key, (None, 0)) if isinstance(key, str) else (None, 0)
         if item is None:
             raise RequestError(404, f"{self.what}: expected the id of an {self.what} this server "
                                f"holds (the newest {self.keep} are kept), received {key!r}")
@@ -660,7 +663,7 @@ class Explorer:
                            "frames": self.limits.frames}}
 
     def add_input(self, inp: Input) -> dict[str, Any]:
-        key = self.inputs.add(inp)
+        key = self.inputs.add(inp, len(inp.video or b"") + getattr(inp.image, "nbytes", 0))
         return {"input": key, "kind": inp.kind, "name": inp.name, "truth": truth_of(inp)}
 
     def explain(self, body: Any) -> dict[str, Any]:
@@ -675,7 +678,10 @@ class Explorer:
                             f"({'video' if inp.kind == 'video' else 'caption or vqa'})", task)
         model = self.model(body.get("model"), task)
         result, info = EXPLAINERS[task](model, inp, body, self.limits)
-        return {**info, "result": self.results.add(result), "task": task, "model": model.name,
+        size = result.shown.nbytes + result.maps.numel() * 4 + len(result.npz) + len(result.mp4
+                                                                                    or b"")
+        return {**info, "result": self.results.add(result, size), "task": task,
+                "model": model.name,
                 "truth": truth_of(inp)}
 
 
@@ -689,6 +695,28 @@ def _response(content: Any, status: int = 200, media: str | None = None,
     if media is None:
         return JSONResponse(content, status_code=status, headers=headers)
     return Response(content, status_code=status, media_type=media, headers=headers)
+
+
+def ranged(data: bytes, header: str | None, media: str) -> Any:
+    """``data``, or the one byte range ``header`` asks for (HTTP 206: browsers seek in a
+    video only where its server answers ranges)."""
+    import re
+
+    found = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not found or found.groups() == ("", ""):
+        response = _response(data, media=media)
+    else:
+        start, end = found.groups()
+        first = int(start) if start else max(len(data) - int(end), 0)
+        last = min(int(end), len(data) - 1) if start and end else len(data) - 1
+        if first > last:
+            response = _response(b"", 416, media=media)
+            response.headers["Content-Range"] = f"bytes */{len(data)}"
+            return response
+        response = _response(data[first:last + 1], 206, media=media)
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
+    response.headers["Accept-Ranges"] = "bytes"
+    return response
 
 
 def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -857,7 +885,7 @@ def result_routes(ex: Explorer) -> list[Any]:
             return _response(result.npz, media="application/octet-stream",
                              download="mmexplain.npz")
         if request.path_params["ext"] == "mp4" and result.mp4 is not None:
-            return _response(result.mp4, media="video/mp4")
+            return ranged(result.mp4, request.headers.get("range"), "video/mp4")
         raise RequestError(404, "download: expected .npz, or .mp4 for a video's result")
 
     return [Route("/api/result/{key:str}/overlay/{k:int}.png", overlay),

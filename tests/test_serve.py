@@ -169,7 +169,13 @@ def test_a_clip_is_the_video_commands_work(client: TestClient, tmp_path: Path) -
         assert ours["labels"].tolist() == theirs["labels"].tolist()
     frame = client.get(f"/api/result/{got['result']}/overlay/0.png?frame=5")
     assert decoded(frame.content).shape == (64, 64, 3)
-    assert client.get(f"/api/result/{got['result']}/download.mp4").content[4:8] == b"ftyp"
+    mp4 = client.get(f"/api/result/{got['result']}/download.mp4")
+    assert mp4.content[4:8] == b"ftyp" and mp4.headers["accept-ranges"] == "bytes"
+    part = client.get(f"/api/result/{got['result']}/download.mp4", headers={"Range": "bytes=4-7"})
+    assert part.status_code == 206 and part.content == b"ftyp"
+    assert part.headers["content-range"] == f"bytes 4-7/{len(mp4.content)}"
+    tail = client.get(f"/api/result/{got['result']}/download.mp4", headers={"Range": "bytes=-3"})
+    assert tail.content == mp4.content[-3:]
 
 
 def test_bad_uploads_and_requests_answer_a_clear_json_error(client: TestClient, app: Any,
@@ -294,7 +300,7 @@ def shot(tab: Any, name: str) -> None:
     path = (ROOT / folder / f"{name}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.open(io.BytesIO(tab.screenshot())).convert("RGB")
-    image.quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    image.quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def shown_map(tab: Any, label: str) -> tuple[torch.Tensor, bytes]:
@@ -354,6 +360,8 @@ def test_the_page_plays_an_uploaded_video_and_scrubs_it(page: Any) -> None:
     tab.evaluate("() => { const s = document.querySelector('#scrub'); s.value = 20;"
                  " s.dispatchEvent(new Event('input')); }")
     tab.wait_for_selector("#map[data-frame='20']")
+    tab.wait_for_function("() => { const p = document.querySelector('#player');"
+                          " return !p.seeking && Math.abs(p.currentTime * 28 - 20.5) < 1; }")
     assert "frame 20 of 32" in tab.text_content("#map-caption")
     assert tab.locator("#actions button").count() >= 1
     shot(tab, "video")
@@ -369,3 +377,13 @@ def test_the_page_says_what_is_wrong_and_escapes_names(page: Any) -> None:
     assert "which is not an image file" in message and name in message  # shown as text
     assert tab.locator("img[src='x']").count() == 0 and tab.title() == "mmexplain explorer"
     shot(tab, "error")
+
+
+def test_the_store_keeps_the_newest_within_its_count_and_bytes() -> None:
+    store = serve.Store("input", keep=3, budget=100)
+    keys = [store.add(f"item {i}", size=40) for i in range(4)]
+    assert [store.get(k) for k in keys[2:]] == ["item 2", "item 3"]  # 160 > 100 bytes: 2 left
+    with pytest.raises(serve.RequestError, match="received 'nope'") as raised:
+        store.get("nope")
+    assert raised.value.status == 404
+    assert all(len(k) >= 16 for k in keys) and len(set(keys)) == 4  # random, not guessable
