@@ -63,6 +63,9 @@ FALLBACK = {"caption": "show-tell", "vqa": "vqa-lstm"}
 
 
 SIZE_HELP = "image side in pixels (default: the model's, else 224)"
+#: Frames per second of the overlay MP4 of a clip a vision-language model read (a few
+#: frames spread over the video: shown slowly).
+CLIP_FPS = 2
 
 
 def _add_common(parser: argparse.ArgumentParser, default_model: str | None,
@@ -243,15 +246,25 @@ def _prepared(adapter: Any, image: np.ndarray, prompt: str | None, size: int | N
 
 def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labels: Sequence[str],
                          shown: np.ndarray, extra: dict[str, Any]) -> int:
-    """One overlay PNG per target and the .npz of the maps; prints what it wrote."""
-    from mmexplain.render import overlay, save_png
+    """One overlay PNG per target (for a clip an MP4: each frame with its tubelet's map)
+    and the .npz of the maps; prints what it wrote."""
+    from mmexplain.render import overlay, overlay_clip, save_png, write_mp4
 
     out = _out_dir(args)
     stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
-    maps = expl.maps.detach().float().cpu()  # (1, K, h, w)
+    maps = expl.maps.detach().float().cpu()  # (1, K, h, w), a clip's (1, K, t', h, w)
     scores = expl.scores.detach().float().cpu()
+    if shown.ndim == 4:
+        frame_maps = adapter.frame_maps(maps, shown.shape[0])  # (1, K, T, h, w)
+        extra = {**extra, "frame_maps": frame_maps.numpy(),
+                 "frame_indices": np.array(getattr(args, "frame_indices", []))}
     for k, label in enumerate(labels):
-        path = save_png(overlay(shown, maps[0, k], cmap=args.cmap), out / f"{stem}_{k}_{_slug(label)}.png")
+        name = out / f"{stem}_{k}_{_slug(label)}"
+        if shown.ndim == 4:
+            path = name.with_suffix(".mp4")
+            write_mp4(overlay_clip(shown, frame_maps[0, k], cmap=args.cmap), path, fps=CLIP_FPS)
+        else:
+            path = save_png(overlay(shown, maps[0, k], cmap=args.cmap), name.with_suffix(".png"))
         print(f"{label}: score {float(scores[0, k]):.4g} -> {path}")
     npz = out / f"{stem}.npz"
     np.savez(npz, maps=maps.numpy(), scores=scores.numpy(), labels=np.array(labels),
@@ -335,11 +348,34 @@ def _language_adapter(args: argparse.Namespace, task: str) -> Any:
 def _language_input(args: argparse.Namespace, task: str, capability: str, prompt: str | None
                     ) -> tuple[Any, Any, np.ndarray, dict[str, Any]]:
     """The caption / vqa model with the capability ``task`` needs (its weights said), and
-    the image prepared for it: (adapter, inputs, the picture shown, the context)."""
-    image = read_image(args.input)
+    the image prepared for it: (adapter, inputs, the picture shown, the context). A video
+    file goes to a model that reads video as ``--frames`` frames spread evenly over it
+    (the picture shown is then those frames as the model saw them, (T, h, w, 3))."""
+    from mmexplain.data.video_folder import VIDEO_EXTENSIONS
+
+    video = Path(args.input).suffix.lower() in VIDEO_EXTENSIONS
+    if video and args.frames < 1:
+        raise bad_value("--frames", "a positive number of frames", args.frames)
+    image = None if video else read_image(args.input)
     adapter = _capable(_language_adapter(args, task), capability, task)
     print(_weights_line(adapter))
-    return (adapter, *_prepared(adapter, image, prompt, args.size))
+    if image is not None:
+        return (adapter, *_prepared(adapter, image, prompt, args.size))
+    if not callable(getattr(adapter, "prepare_video", None)):
+        raise InputError(f"IMAGE: expected a picture for {adapter.name}, which reads no video "
+                         f"(models that do: qwen2-vl, qwen2.5-vl), received the video "
+                         f"{args.input!r}")
+    from mmexplain.data.video import read_uniform_frames
+
+    frames, args.frame_indices = read_uniform_frames(args.input, args.frames)
+    print(f"video: frames {', '.join(map(str, args.frame_indices))} of {args.input}")
+    return (adapter, *adapter.prepare_video(frames, prompt))
+
+
+def _add_frames(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--frames", type=int, default=8,
+                        help="for a video file and a model that reads video (Qwen2-VL, "
+                        "Qwen2.5-VL): frames spread evenly over it (default 8)")
 
 
 class Caption:
@@ -348,6 +384,7 @@ class Caption:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_common(parser, None, image=True, size=SIZE_HELP)
+        _add_frames(parser)
         parser.add_argument("--caption", default=None,
                             help="caption to explain (default: the model's own caption)")
         parser.add_argument("--words", default="all",
@@ -383,6 +420,7 @@ class VQA:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         _add_common(parser, None, image=True, size=SIZE_HELP)
+        _add_frames(parser)
         parser.add_argument("--question", required=True, help="the question")
         parser.add_argument("--answers", default=None,
                             help="comma-separated answers to explain beside the model's own "

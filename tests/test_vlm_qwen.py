@@ -6,6 +6,8 @@ processors, saved with save_pretrained and loaded back by path.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -297,3 +299,51 @@ def test_video_forced_answers_and_errors(clips):
         adapter.prepare_video(_clip()[0])
     with pytest.raises(InputError, match="inputs: expected the processor's image inputs"):
         adapter.encode({"pixel_values_videos": inputs["pixel_values_videos"]})
+
+
+SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "armwrestling.mp4"
+
+
+def test_caption_and_vqa_commands_explain_a_video_file(folders, tmp_path, capsys):
+    """``mmexplain caption CLIP.mp4 --weights QWEN_DIR --frames 4``: four frames spread over
+    the video, per-word maps over (t', h', w') equal to the library call on those frames,
+    one overlay MP4 per word with each frame's tubelet map; ``vqa`` with a forced answer;
+    a model that reads no video names the mistake."""
+    from mmexplain.cli import main
+    from mmexplain.data.video import read_uniform_frames, read_video
+    from mmexplain.tasks.caption import explain_caption
+
+    if not SHARED_CLIP.is_file():
+        pytest.skip(f"{SHARED_CLIP} is absent (the shared data lives beside the project)")
+    folder = folders["qwen2-vl"]
+    out = tmp_path / "cap"
+    assert main(["caption", str(SHARED_CLIP), "--weights", str(folder), "--frames", "4",
+                 "--out", str(out), "--max-tokens", "3"]) == 0
+    frames, indices = read_uniform_frames(SHARED_CLIP, 4)
+    assert indices == [0, 93, 186, 279] and len(read_video(SHARED_CLIP)) == 280
+    (npz,) = out.glob("*.npz")
+    saved = np.load(npz)
+    assert saved["frame_indices"].tolist() == indices
+    adapter = get_adapter("qwen2-vl", path=folder)
+    inputs, shown, context = adapter.prepare_video(frames, None)
+    expl, labels = explain_caption(adapter, inputs, None, "all", "gradcam", max_len=3,
+                                   context=context)
+    assert saved["labels"].tolist() == list(labels)
+    np.testing.assert_allclose(saved["maps"], expl.maps.detach().numpy(), rtol=1e-4, atol=1e-6)
+    assert saved["maps"].shape[2:] == (2, *saved["maps"].shape[3:])  # 4 frames: 2 tubelets
+    np.testing.assert_array_equal(saved["frame_maps"][:, :, 1], saved["maps"][:, :, 0])
+    np.testing.assert_array_equal(saved["frame_maps"][:, :, 2], saved["maps"][:, :, 1])
+    assert np.array_equal(saved["image"], shown)
+    mp4s = sorted(out.glob("*.mp4"))
+    assert len(mp4s) == len(labels)
+    assert len(read_video(mp4s[0])) == 4
+    out_vqa = tmp_path / "vqa"
+    assert main(["vqa", str(SHARED_CLIP), "--weights", str(folder), "--frames", "4",
+                 "--question", "what is it ?", "--answers", "red", "--out", str(out_vqa)]) == 0
+    saved = np.load(next(out_vqa.glob("*.npz")))
+    assert saved["labels"].tolist()[-1] == "red" and saved["maps"].shape[2] == 2
+    capsys.readouterr()
+    assert main(["caption", str(SHARED_CLIP), "--model", "shapes-captioner",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "IMAGE: expected a picture for shapes-captioner, which reads no video" in \
+        capsys.readouterr().err

@@ -231,6 +231,22 @@ class Clip:
         return tuple(i / self.fps for i in self.indices)
 
 
+def read_uniform_frames(path: str | os.PathLike[str], count: int
+                        ) -> tuple[np.ndarray, list[int]]:
+    """``count`` frames spread evenly over a video (:func:`uniform_indices`; all of them
+    when it has fewer), decoded in one streamed pass that holds only the frames kept:
+    ((n, H, W, 3) uint8, their frame numbers)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise bad_value("count", "a positive number of frames", count)
+    total = probe_video(path).num_frames or sum(1 for _ in iter_frames(path))
+    indices = uniform_indices(total, min(count, total))
+    wanted, kept = set(indices), []
+    for i, frame in enumerate(iter_frames(path, stop=indices[-1] + 1)):
+        if i in wanted:
+            kept.append(frame)
+    return np.stack(kept), indices[:len(kept)]
+
+
 def _check_length(num_frames: int, length: int, source: str | None) -> None:
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise bad_value("length", "a positive number of frames per clip", length)
