@@ -244,6 +244,25 @@ def _prepared(adapter: Any, image: np.ndarray, prompt: str | None, size: int | N
     return adapter.prepare_image(image, prompt, **extra)
 
 
+def _read_image(args: argparse.Namespace) -> np.ndarray:
+    """The IMAGE argument read (its size kept for :func:`_warn_small`)."""
+    image = read_image(args.input)
+    args.image_size = tuple(image.shape[:2])
+    return image
+
+
+def _warn_small(args: argparse.Namespace, grid: Sequence[int], layer: str,
+                seen: Sequence[int]) -> None:
+    """A warning when the image has fewer pixels than the map has cells (a 1 x 1 image
+    was upsampled to the model's size without a word)."""
+    size = getattr(args, "image_size", None)
+    if size is not None and (size[0] < grid[0] or size[1] < grid[1]):
+        warnings.warn(f"image: {args.input!r} is {size[0]} x {size[1]} pixels, fewer than the "
+                      f"{grid[0]} x {grid[1]} cells of the map at layer {layer!r}: it was "
+                      f"upsampled to {seen[0]} x {seen[1]} and the map shows the model's view "
+                      "of an upsampled blur", UserWarning, stacklevel=2)
+
+
 def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labels: Sequence[str],
                          shown: np.ndarray, extra: dict[str, Any]) -> int:
     """One overlay PNG per target (for a clip an MP4: each frame with its tubelet's map)
@@ -254,6 +273,8 @@ def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labe
     stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
     maps = expl.maps.detach().float().cpu()  # (1, K, h, w), a clip's (1, K, t', h, w)
     scores = expl.scores.detach().float().cpu()
+    if shown.ndim == 3:
+        _warn_small(args, maps.shape[-2:], expl.layer, shown.shape[:2])
     if shown.ndim == 4:
         frame_maps = adapter.frame_maps(maps, shown.shape[0])  # (1, K, T, h, w)
         extra = {**extra, "frame_maps": frame_maps.numpy(),
@@ -294,7 +315,7 @@ class Classify:
     def run(args: argparse.Namespace) -> int:
         from mmexplain.tasks.classify import class_indices, explain_image
 
-        image = read_image(args.input)
+        image = _read_image(args)
         folder = _folder_family(args, "classify")
         args.model = args.model or "resnet18"
         options = {} if folder else dict(size=args.size, num_classes=args.num_classes)
@@ -356,7 +377,7 @@ def _language_input(args: argparse.Namespace, task: str, capability: str, prompt
     video = Path(args.input).suffix.lower() in VIDEO_EXTENSIONS
     if video and args.frames < 1:
         raise bad_value("--frames", "a positive number of frames", args.frames)
-    image = None if video else read_image(args.input)
+    image = None if video else _read_image(args)
     adapter = _capable(_language_adapter(args, task), capability, task)
     print(_weights_line(adapter))
     if image is not None:

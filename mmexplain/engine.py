@@ -447,6 +447,35 @@ def _replace_at(value: Any, path: tuple[Any, ...], new: Any) -> Any:
     return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
 
 
+#: modules whose 3-D outputs are channels first (B, C, L): not tokens
+_CHANNELS_FIRST = (nn.modules.conv._ConvNd, nn.modules.pooling._MaxPoolNd,
+                   nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+                   nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.batchnorm._BatchNorm,
+                   nn.modules.instancenorm._InstanceNorm)
+
+
+def check_not_tokens(layer_name: str, layer: nn.Module, acts: torch.Tensor) -> None:
+    """Refuse token-shaped activations (B, N, C) read as (B, C, grid) without a reshape
+    (a ViT block gave a "map" over its embedding channels): the layer has no 1-D
+    convolution, pooling or batch norm inside, and a Linear, LayerNorm or attention of
+    width C."""
+    if acts.dim() != 3:
+        return
+    width = acts.shape[-1]
+    modules = list(layer.modules())
+    if any(isinstance(m, _CHANNELS_FIRST) for m in modules):
+        return
+    if any((isinstance(m, nn.Linear) and m.out_features == width)
+           or (isinstance(m, nn.LayerNorm) and m.normalized_shape[-1] == width)
+           or (isinstance(m, nn.MultiheadAttention) and m.embed_dim == width)
+           for m in modules):
+        raise InputError(f"layer: expected activations (B, C, *grid) at {layer_name!r}, "
+                         f"received token-shaped activations {tuple(acts.shape)} (B, N tokens, "
+                         "C channels): pass reshape= to put the tokens on a grid, e.g. "
+                         "reshape=TokenGrid((h, w), order) of mmexplain.adapters.tokengrid, or "
+                         "explain the model through its adapter, which knows its token grid")
+
+
 class _HookRunner:
     """Any nn.Module, through a forward hook on the target layer.
 
@@ -504,6 +533,8 @@ class _HookRunner:
             if not isinstance(output, torch.Tensor):
                 self._path = self._picked(output)  # reshape reads the tuple first
             base = _at(output, self._path).detach()
+            if self.reshape is None:
+                check_not_tokens(self.layer_name, self.layer, base)
             rows = base.shape[0] if base.dim() > 0 else None
             if k > 1:
                 base = base.repeat_interleave(k, dim=0)
