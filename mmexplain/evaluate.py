@@ -58,6 +58,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
@@ -439,7 +440,8 @@ class DenseCap(Protocol):
             paths = [_file(args.image, "--image", "the image DenseCap ran on")]
         else:
             folder = _folder(args.images, "--images", "the folder of the images (or --image)")
-            paths = [folder / entry.img_name for entry in results]
+            paths = [_inside(folder, entry.img_name, f"results[{i}] of {args.results!r}")
+                     for i, entry in enumerate(results)]
         items = _limited([{"id": entry.img_name, "index": i}
                           for i, entry in enumerate(results)], args, "image")
         options: dict[str, Any] = {}
@@ -453,6 +455,7 @@ class DenseCap(Protocol):
             picture = _picture(str(paths[item["index"]]))
             size = picture.shape[:2]  # (H, W) of the image DenseCap was given
             boxes = region.boxes(original_size=[int(s) for s in size])  # (R, 4) x1 y1 x2 y2
+            _warn_overhang(region, size, paths[item["index"]])
             captioner = model()
             x = image_pixels(picture, args.size or DEFAULT_SIZE).to(P.device_of(captioner))
             task = P.CaptionTask(captioner, list(region.captions))
@@ -463,6 +466,33 @@ class DenseCap(Protocol):
                                 for i, c in enumerate(region.captions)]}
 
         return Plan(items, evaluate, summarize)
+
+
+def _inside(folder: Path, name: str, where: str) -> Path:
+    """``folder / name``, refused when it leaves the folder (``../../x``, an absolute path)."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise bad_value("--results", "img_name values inside --images", f"{name!r} ({where}), "
+                        f"which leaves {str(folder)!r}", raw=True)
+    return path
+
+
+#: how far (a fraction of the image's side) DenseCap's boxes may stick out of their image
+OVERHANG = 0.1
+
+
+def _warn_overhang(region: Any, size: Sequence[int], path: Path) -> None:
+    """A warning naming the image when boxes reach far beyond it (the boxes of another
+    image: DenseCap's own stick out by a few pixels)."""
+    boxes = region.boxes(original_size=[int(s) for s in size], clip=False)
+    height, width = size
+    beyond = {"width": float(max(-boxes[:, 0].min(), boxes[:, 2].max() - width)) / width,
+              "height": float(max(-boxes[:, 1].min(), boxes[:, 3].max() - height)) / height}
+    side, far = max(beyond.items(), key=lambda kv: kv[1])
+    if far > OVERHANG:
+        warnings.warn(f"densecap: the boxes of {region.img_name!r} reach {100 * far:.0f} % of "
+                      f"the {side} beyond {str(path)!r} ({width} x {height}): is it the image "
+                      "DenseCap ran on?", UserWarning, stacklevel=2)
 
 
 class OcclusionAgreement(Protocol):
@@ -1007,7 +1037,7 @@ def run(args: argparse.Namespace) -> int:
 def _label(method: str) -> str:
     from mmexplain.methods import labels
 
-    return labels().get(method, method)
+    return {**labels(), P.GUIDED: "Guided Backprop"}.get(method, method)
 
 
 def _mean_of(value: Any) -> float | None:
@@ -1055,9 +1085,9 @@ def summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
         layers = summary["layers"]
         return {f"sanity_{mode}": plots.curves_figure(
             {_label(m): summary[m][mode]["rho"] for m in methods}, x=list(range(1, len(layers) + 1)),
-            hline=0.5, title=f"{mode} randomisation ({where}); layers top first",
-            xlabel="layers randomised (1: " + layers[0] + f", {len(layers)}: {layers[-1]})",
-            ylabel="rank correlation with the trained maps")
+            xticklabels=layers, hline=0.5, title=f"{mode} randomisation ({where})",
+            xlabel="layer randomised" + (" (and every one before it)" if mode == "cascading" else ""),
+            ylabel="rank correlation with the trained maps", size=(640, 480))
             for mode in P.RANDOMIZATIONS if mode in summary[methods[0]]}
     return {}
 
@@ -1070,7 +1100,7 @@ def _sanity_panel(example: dict[str, Any]) -> Any:
     return plots.sanity_figure(
         {_label(m): [t.numpy() for t in v] for m, v in maps.items()}, example["layers"],
         {_label(m): example[mode][m]["rho"] for m in maps},
-        title=f"{mode} randomisation of one input (layers top first)")
+        title=f"{mode} randomisation, one input")
 
 
 def write_figures(summary: dict[str, Any], out: Path,

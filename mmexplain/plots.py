@@ -96,6 +96,7 @@ def curves_figure(
     xlabel: str = "fraction of the input removed",
     ylabel: str = "score",
     hline: float | None = None,
+    xticklabels: Sequence[str] | None = None,
     size: tuple[int, int] = (640, 420),
 ) -> Figure:
     """One line per name in ``series`` (e.g. a method's deletion curve), in the dict's order.
@@ -103,7 +104,8 @@ def curves_figure(
     ``x`` is shared by every curve; by default a curve of ``n`` points is drawn at
     ``linspace(0, 1, n)`` (the fraction of cells removed or inserted). ``auc[name]``,
     when given, goes into the legend as ``"name (AUC 0.290)"``. ``hline`` draws a
-    dashed horizontal bar at that height (e.g. the sanity check's 0.5).
+    dashed horizontal bar at that height (e.g. the sanity check's 0.5);
+    ``xticklabels`` names the points of ``x`` (e.g. the layers randomised).
     """
     _check_mapping("series", series, "name -> 1-D curve")
     if auc is not None and not isinstance(auc, Mapping):
@@ -121,7 +123,11 @@ def curves_figure(
         ax.plot(np.linspace(0.0, 1.0, y.size) if xs is None else xs, y, label=label, linewidth=1.6, marker=".")
     if hline is not None:
         ax.axhline(_bar_value("hline", hline), color="grey", linestyle="--", linewidth=1.0)
-    ax.set_title(str(title))
+    if xticklabels is not None:
+        if xs is None or isinstance(xticklabels, str) or len(xticklabels) != xs.size:
+            raise bad_value("xticklabels", "one label per point of x (x given)", xticklabels)
+        ax.set_xticks(xs, [str(t) for t in xticklabels], rotation=45, ha="right", fontsize="small")
+    ax.set_title(str(title), wrap=True)
     ax.set_xlabel(str(xlabel))
     ax.set_ylabel(str(ylabel))
     ax.grid(True, alpha=0.3)
@@ -138,12 +144,12 @@ def curves(
     xlabel: str = "fraction of the input removed",
     ylabel: str = "score",
     hline: float | None = None,
+    xticklabels: Sequence[str] | None = None,
     size: tuple[int, int] = (640, 420),
 ) -> bytes:
     """:func:`curves_figure` as PNG bytes."""
-    return figure_png(
-        curves_figure(series, x=x, auc=auc, title=title, xlabel=xlabel, ylabel=ylabel, hline=hline, size=size)
-    )
+    return figure_png(curves_figure(series, x=x, auc=auc, title=title, xlabel=xlabel, ylabel=ylabel,
+                                    hline=hline, xticklabels=xticklabels, size=size))
 
 
 # ---------------------------------------------------------------------------
@@ -264,11 +270,11 @@ def sanity_figure(
     ``i``). Each tile is the map coloured by :func:`mmexplain.render.heatmap_image`,
     titled with the step and its rank correlation to the trained map
     (``correlations[method][i]``; NaN shows as "n/a"). A clip's map is averaged
-    over time. ``size`` defaults to 130 x 150 pixels per tile.
+    over time. ``size`` defaults to 130 x 150 pixels per tile (at least 400 wide).
     """
     _check_panel(maps, layers, correlations)
     rows, cols = len(maps), len(layers) + 1
-    fig = _new_figure(size if size is not None else (max(130 * cols, 320), 150 * rows + 50))
+    fig = _new_figure(size if size is not None else (max(130 * cols, 400), 150 * rows + 50))
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, (method, row) in enumerate(maps.items()):
         for c, m in enumerate(row):
@@ -284,7 +290,7 @@ def sanity_figure(
             shown = "n/a" if math.isnan(rho) else f"{rho:.2f}"
             ax.set_title(f"{layers[c - 1]}\nρ = {shown}", fontsize="x-small")
     if title:
-        fig.suptitle(str(title))
+        fig.suptitle(str(title), fontsize="medium", wrap=True)
     return fig
 
 

@@ -728,8 +728,8 @@ def guided_map(task: ClassTask, x: torch.Tensor, cls: int) -> torch.Tensor:
 
 def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str] = METHODS,
            modes: Sequence[str] = RANDOMIZATIONS, layers: Sequence[str] | None = None,
-           seed: int = 0, size: Sequence[int] | None = None, guided: bool = False
-           ) -> dict[str, Any]:
+           seed: int = 0, size: Sequence[int] | None = None, guided: bool = False,
+           keep_maps: bool = False) -> dict[str, Any]:
     """Adebayo et al.'s parameter randomisation (sec. 3.1) for class ``cls`` of one input.
 
     Every layer of ``layers`` (default: every layer with parameters, top first) is
@@ -738,7 +738,9 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
     the trained model's, upsampled to ``size``: Spearman rank correlation and SSIM of
     the min-max normalised maps. With ``guided``, Guided Backpropagation (:func:`guided_map`,
     at the input's resolution) is compared too, reported as :data:`GUIDED`.
-    -> {"layers": names, mode: {method: {"rho": per layer, "ssim": per layer}}}
+    -> {"layers": names, mode: {method: {"rho": per layer, "ssim": per layer}}}, and with
+    ``keep_maps`` "maps": {mode: {method: [the trained map, the map after each layer]}}
+    (CPU tensors, for the sanity panel of :mod:`mmexplain.plots`).
     """
     import copy
 
@@ -753,6 +755,7 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
     methods = list(methods) + ([GUIDED] if guided else [])
     original = {m: map_of(task, m) for m in methods}
     out: dict[str, Any] = {"layers": None}
+    kept: dict[str, Any] = {mode: {m: [original[m].cpu()] for m in methods} for mode in modes}
     for mode in modes:
         out[mode] = {m: {"rho": [], "ssim": []} for m in methods}
         names = []
@@ -762,12 +765,15 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
             randomized.adapter = model
             for m in methods:
                 r = map_of(randomized, m)
+                kept[mode][m].append(r.detach().cpu())
                 dims = r.dim()
                 out[mode][m]["rho"].append(float(rank_correlation(r, original[m],
                                                                   grid_dims=dims)))
                 out[mode][m]["ssim"].append(float(ssim(norm(r), norm(original[m]),
                                                        grid_dims=dims)))
         out["layers"] = names
+    if keep_maps:
+        out["maps"] = kept
     return out
 
 

@@ -26,6 +26,7 @@ from mmexplain.metrics import (
     perturbation_curve,
     randomizable_layers,
     randomized_models,
+    rank_correlation,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
     road_curve,
@@ -602,3 +603,69 @@ def test_deletion_and_insertion_auc_equal_torch_cam() -> None:
     for mode in ("deletion", "insertion"):
         ours = perturbation_curve(prob, x[0], cam, mode=mode, steps=16, baseline=0.0)[0]
         assert float(curve_auc(ours)) == pytest.approx(theirs[f"{mode}_auc"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- figures of the summaries
+
+
+def test_eval_deletion_writes_the_mean_curves_of_the_records_as_its_figure(tmp_path: Path
+                                                                           ) -> None:
+    import base64
+
+    from PIL import Image
+
+    from mmexplain.evaluate import summary_figures
+    from mmexplain.plots import figure_png
+
+    summary = run_eval(tmp_path, "deletion", "--limit", "1", "--steps", "3", "--cell", "8")
+    got = entries(tmp_path)
+    assert summary["figures"] == ["deletion_curves.png"]
+    assert json.loads((tmp_path / "summary.json").read_text())["figures"] == summary["figures"]
+    fig = summary_figures(summary)["deletion_curves"]
+    lines = fig.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [
+        f"Grad-CAM (AUC {summary['gradcam']['auc']['mean']:.3f})",
+        f"Grad-CAM++ (AUC {summary['gradcam++']['auc']['mean']:.3f})"]
+    for line, m in zip(lines, ("gradcam", "gradcam++")):
+        mean_curve = np.mean([e["curve"][m] for e in got], axis=0)  # the records' curves
+        np.testing.assert_allclose(line.get_ydata(), mean_curve, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(line.get_ydata(), summary[m]["curve"])
+        np.testing.assert_array_equal(line.get_xdata(), [0, 1 / 3, 2 / 3, 1])
+    png = (tmp_path / "deletion_curves.png").read_bytes()
+    assert png == figure_png(fig)  # the file is this figure
+    assert Image.open(tmp_path / "deletion_curves.png").size == (640, 420)
+    assert base64.b64encode(png).decode() in (tmp_path / "summary.html").read_text()
+
+
+def test_eval_sanity_writes_its_correlations_and_the_panel_of_its_first_input(tmp_path: Path
+                                                                              ) -> None:
+    from mmexplain.cli import build_parser
+    from mmexplain.evaluate import PROTOCOLS, _sanity_panel, summary_figures
+    from mmexplain.plots import figure_png
+
+    argv = ["sanity", "--limit", "1", "--method", "gradcam,gradcam++", "--layers",
+            "model.classifier.4,model.classifier.1", "--randomization", "cascading", "--guided"]
+    summary = run_eval(tmp_path, *argv)
+    (entry,) = entries(tmp_path)
+    assert summary["figures"] == ["sanity_cascading.png", "sanity_panel.png"]
+    lines = summary_figures(summary)["sanity_cascading"].axes[0].get_lines()
+    assert [line.get_label() for line in lines[:3]] == ["Grad-CAM", "Grad-CAM++", "Guided Backprop"]
+    for line, m in zip(lines, ("gradcam", "gradcam++", "guided-backprop")):
+        np.testing.assert_array_equal(line.get_ydata(), entry["cascading"][m]["rho"])
+    assert list(lines[3].get_ydata()) == [0.5, 0.5]  # the sanity bar
+    # the panel: the first input again, with its maps; its correlations are the record's
+    args = build_parser().parse_args(["eval", *argv, "--weights", "random"])
+    args.model = "shapes-vqa"
+    example = PROTOCOLS["sanity"].plan(args, ("gradcam", "gradcam++")).example()
+    maps = example["maps"]["cascading"]
+    for m in ("gradcam", "gradcam++", "guided-backprop"):
+        assert example["cascading"][m]["rho"] == pytest.approx(entry["cascading"][m]["rho"],
+                                                               abs=1e-9)
+        assert len(maps[m]) == 3  # trained, then after each layer
+        rho = [float(rank_correlation(r, maps[m][0], grid_dims=2)) for r in maps[m][1:]]
+        assert rho == pytest.approx(entry["cascading"][m]["rho"], abs=1e-9)
+    panel = _sanity_panel(example)
+    assert [ax.get_title() for ax in panel.axes[:3]] == ["trained"] + [
+        f"{layer}\nρ = {r:.2f}" for layer, r in zip(entry["layers"],
+                                                    entry["cascading"]["gradcam"]["rho"])]
+    assert (tmp_path / "sanity_panel.png").read_bytes() == figure_png(panel)

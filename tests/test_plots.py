@@ -155,8 +155,8 @@ def test_sanity_tiles_are_the_library_heat_maps_titled_with_their_correlation() 
 def test_sanity_panel_png_decodes_at_its_size() -> None:
     maps, layers, correlations = sanity_inputs()
     assert decode(plots.sanity_panel(maps, layers, correlations, size=(420, 330))).size == (420, 330)
-    # default: 130 px per column (3), 150 per row (2) + 50 for the title
-    assert decode(plots.sanity_panel(maps, layers, correlations)).size == (390, 350)
+    # default: 130 px per column (3; at least 400), 150 per row (2) + 50 for the title
+    assert decode(plots.sanity_panel(maps, layers, correlations)).size == (400, 350)
 
 
 def test_sanity_panel_names_a_missing_step() -> None:
