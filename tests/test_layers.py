@@ -7,8 +7,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: The application layer: the command line, the commands, eval, the demo, dataset runs, serve.
-APPLICATION = {"__main__", "cli", "commands", "evaluate", "demo", "runs", "serve"}
+#: The application layer: the command line, the commands, eval, the demo (and its section on
+#: the modern shapes models), dataset runs, serve.
+APPLICATION = {"__main__", "cli", "commands", "evaluate", "demo", "demo_modern", "runs", "serve"}
 FORBIDDEN = ("mmexplain.adapters", "mmexplain.tasks")
 
 
