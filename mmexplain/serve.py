@@ -191,13 +191,14 @@ def load_models(extra: str | None, weights: str | None, device: str) -> dict[str
     its config.json when only ``weights`` names a folder)."""
     from mmexplain.commands import _folder_family, build_adapter
 
-    models = {name: build_adapter(name, None, None, device) for name in DEFAULT_MODELS}
-    if extra is not None or weights is not None:
-        spec = argparse.Namespace(model=extra, weights=weights)
+    spec = argparse.Namespace(model=extra, weights=weights)
+    if weights is not None:
         _folder_family(spec, None)
         if spec.model is None:
             raise bad_value("--model", "the registered model that --weights FILE is for",
                             None)
+    models = {name: build_adapter(name, None, None, device) for name in DEFAULT_MODELS}
+    if spec.model is not None:
         models[spec.model] = build_adapter(spec.model, weights, None, device)
     return {name: Model(name, task_of(a), a) for name, a in models.items()}
 

@@ -387,3 +387,27 @@ def test_the_store_keeps_the_newest_within_its_count_and_bytes() -> None:
         store.get("nope")
     assert raised.value.status == 404
     assert all(len(k) >= 16 for k in keys) and len(set(keys)) == 4  # random, not guessable
+
+
+def test_a_hugging_face_folder_is_served_beside_the_shapes_models(tmp_path: Path) -> None:
+    """--weights DIR alone: the folder's family (config.json), loaded as the commands load it;
+    an uploaded PNG's caption maps are the engine's."""
+    import hf_tiny
+    from mmexplain.adapters import get_adapter
+    from mmexplain.render import png_bytes
+
+    folder = hf_tiny.save_folder("blip-caption", tmp_path / "blip")
+    with pytest.raises(serve.InputError, match="--model: expected the registered model"):
+        serve.load_models(None, str(tmp_path / "blip" / "config.json"), "cpu")
+    app = serve.create_app(weights=str(folder))
+    assert [m.task for m in app.state.explorer.models.values()] == ["caption", "vqa", "video",
+                                                                    "caption"]
+    image = hf_tiny.image()
+    with TestClient(app) as c:
+        made = c.post("/api/upload/image", files={"file": ("photo.png", png_bytes(image))}).json()
+        got = explain(c, input=made["input"], task="caption", model="blip-caption",
+                      caption=hf_tiny.CORPUS[0])
+    reference, labels, _ = caption_maps(get_adapter("blip-caption", path=folder), image,
+                                        hf_tiny.CORPUS[0])
+    assert got["labels"] == labels and got["pointing"] == [None] * len(labels)
+    torch.testing.assert_close(torch.tensor(got["maps"]), reference, rtol=1e-5, atol=1e-6)
