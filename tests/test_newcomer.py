@@ -352,3 +352,96 @@ def test_a_coco_polygon_out_of_shape_names_the_annotation_and_the_file(tmp_path:
                        rf"points\), received list \[\[1.0, 2.0, 3.0\]\] \(annotation id "
                        rf"{ann['id']} of '{path}'\)$"):
         coco.category_mask(397133, ann["category_id"])
+
+
+# --------------------------------------------------------------------------- issue 18 #10: nonsense
+
+
+class _TokenNet(torch.nn.Module):
+    """A ViT in miniature: 16 patch tokens of 8 channels, a block, mean pooling, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 8)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, 3, 4, 4)
+        tokens = self.embed(x.flatten(2).transpose(1, 2))  # (B, 16, 8)
+        return self.head(self.block(tokens).mean(1))
+
+
+def test_token_shaped_activations_without_a_reshape_are_named() -> None:
+    """Were explained as a (B, K, 8) "map" over the 16 tokens' channels as if positions."""
+    import mmexplain as mx
+    from mmexplain.errors import InputError
+
+    torch.manual_seed(0)
+    model, x = _TokenNet().eval(), torch.rand(1, 3, 4, 4)
+    with pytest.raises(InputError, match=r"^layer: expected activations \(B, C, \*grid\) at "
+                       r"'block', received token-shaped activations \(1, 16, 8\) \(B, N "
+                       r"tokens, C channels\): pass reshape= to put the tokens on a grid, e\.g\. "
+                       r"reshape=TokenGrid\(\(h, w\), order\) of mmexplain\.adapters\.tokengrid, "
+                       r"or explain the model through its adapter, which knows its token grid$"):
+        mx.GradCAM(model, layer="block")(x, target=2)
+    from mmexplain.adapters.tokengrid import raster_grid
+
+    grid = raster_grid((4, 4))  # the fix the message names
+    fixed = mx.GradCAM(model, layer="block", reshape=grid)(x, target=2).maps
+    assert fixed.shape == (1, 1, 4, 4) and torch.isfinite(fixed).all()
+
+
+def test_an_image_smaller_than_the_layer_grid_is_a_warning(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    dot = tmp_path / "dot.png"
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(dot)
+    with pytest.warns(UserWarning, match=r"^image: .*dot\.png' is 1 x 1 pixels, fewer than "
+                      r"the 2 x 2 cells of the map at layer 'layer4': it was upsampled to "
+                      r"64 x 64 and the map shows the model's view of an upsampled blur$"):
+        assert main(["classify", str(dot), "--weights", "random", "--size", "64",
+                     "--out", str(tmp_path / "o")]) == 0
+
+
+def _densecap_results(tmp_path: Path, img_name: str) -> Path:
+    import json
+
+    data = json.loads(shared_file("densecap", "results.json").read_text())
+    data["results"][0]["img_name"] = img_name
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_densecap_img_name_leaving_images_is_refused(tmp_path: Path, capsys) -> None:
+    """``../../x`` read a file outside --images."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "a" / "b"
+    images.mkdir(parents=True)
+    Image.fromarray(np.zeros((72, 53, 3), np.uint8)).save(tmp_path / "x.png")  # outside
+    results = _densecap_results(tmp_path, "../../x.png")
+    assert main(["eval", "densecap", "--dataset", "densecap", "--results", str(results),
+                 "--images", str(images), "--weights", "random", "--size", "64", "--limit",
+                 "1", "--no-progress", "--out", str(tmp_path / "o")]) == 2
+    assert "--results: expected img_name values inside --images, received '../../x.png' " \
+           f"(results[0] of {str(results)!r}), which leaves {str(images)!r}" \
+           in capsys.readouterr().err
+
+
+def test_densecap_boxes_far_beyond_the_image_are_a_warning_naming_it(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"  # the results are of a tall 526 x 720 image
+    Image.fromarray(np.zeros((100, 400, 3), np.uint8)).save(wide)
+    results = _densecap_results(tmp_path, "1.jpg")
+    with pytest.warns(UserWarning, match=r"^densecap: the boxes of '1\.jpg' reach \d+ % of "
+                      r"the height beyond .*wide\.png' \(400 x 100\): is it the image "
+                      r"DenseCap ran on\?$"):
+        assert main(["eval", "densecap", "--dataset", "densecap", "--results", str(results),
+                     "--image", str(wide), "--weights", "random", "--size", "32", "--top", "2",
+                     "--method", "gradcam", "--no-progress",
+                     "--out", str(tmp_path / "o")]) == 0
