@@ -363,3 +363,29 @@ def test_swin3d_from_a_weight_file_through_the_video_command(clip20, tmp_path, c
     assert saved["frame_indices"].tolist() == [list(range(0, 16)), list(range(4, 20))]
     assert saved["maps"].shape == (2, 1, 8, 2, 2)  # t/2 (tubelets of 2), 64 px / 32
     assert np.isfinite(saved["maps"]).all() and saved["maps"].max() > 0
+
+
+def test_mvit_from_a_weight_file_through_the_video_command(clip20, tmp_path, capsys) -> None:
+    """A torchvision MViT v2-S kept as a state_dict file through ``mmexplain video --model
+    mvit_v2_s --weights FILE`` (its fixed 16 x 224 x 224 input; one window to keep the test
+    short): the file's weights, the layer before the last block (whose patch tokens reach
+    the CLS-pooled head), maps on its (8, 7, 7) grid, the MP4 with every explained frame
+    once (--max-windows 1: the first 16 of 20)."""
+    from torchvision.models.video import mvit_v2_s
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mvit_v2_s.pth"
+    torch.save(mvit_v2_s().state_dict(), weights)
+    out = tmp_path / "out"
+    rc = main(["video", str(clip20), "--model", "mvit_v2_s", "--weights", str(weights),
+               "--max-windows", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0 and f"weights: file {weights}" in printed, printed
+    stem = out / "walk_mvit-v2-s_gradcam"
+    assert mp4_frames(stem.with_suffix(".mp4")) == 16
+    saved = np.load(stem.with_suffix(".npz"))
+    assert str(saved["layer"]) == "blocks.14"
+    assert saved["frame_indices"].tolist() == [list(range(0, 16))]
+    assert saved["maps"].shape == (1, 1, 8, 7, 7)  # tubelets of 2 frames, 224 px / 32
+    assert np.isfinite(saved["maps"]).all() and saved["maps"].max() > 0
+    assert saved["frame_windows"].tolist() == [1] * 16
