@@ -779,9 +779,14 @@ async def _upload(request: Any, kind: str, limit: int) -> tuple[bytes, str]:
                            f"field 'file', received the fields {sorted(form.keys())}")
     data = await upload.read(limit + 1)
     if len(data) > limit:
-        raise RequestError(413, too_big + "a larger one")
-    name = Path(upload.filename or "upload").name[:200] or "upload"
-    return data, name
+        size = upload.size if upload.size is not None else len(data)
+        raise RequestError(413, too_big + f"{name_of(upload)!r} of {size / MB:.3g} MB")
+    return data, name_of(upload)
+
+
+def name_of(upload: Any) -> str:
+    """The client's file name, for messages only (its last part, at most 200 characters)."""
+    return Path(upload.filename or "upload").name[:200] or "upload"
 
 
 def create_app(extra_model: str | None = None, weights: str | None = None, device: str = "cpu",

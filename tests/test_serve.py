@@ -167,6 +167,12 @@ def test_a_clip_is_the_video_commands_work(client: TestClient, tmp_path: Path) -
                                                      "clip_shapes-c3d_gradcam.npz") as theirs:
         np.testing.assert_allclose(ours["frame_maps"], theirs["frame_maps"], atol=1e-6)
         assert ours["labels"].tolist() == theirs["labels"].tolist()
+    asked = explain(client, input=made["input"], task="video", model="shapes-c3d", frames=16,
+                    action="rotating", method="gradcam++")
+    assert asked["labels"] == ["rotating"] and asked["actions"][0]["action"] == "rotating"
+    with np.load(io.BytesIO(client.get(f"/api/result/{asked['result']}/download.npz").content)
+                 ) as z:
+        assert z["labels"].tolist() == [["rotating"]] and str(z["method"]) == "gradcam++"
     frame = client.get(f"/api/result/{got['result']}/overlay/0.png?frame=5")
     assert decoded(frame.content).shape == (64, 64, 3)
     mp4 = client.get(f"/api/result/{got['result']}/download.mp4")
@@ -190,8 +196,9 @@ def test_bad_uploads_and_requests_answer_a_clear_json_error(client: TestClient, 
     small = serve.create_app(models=app.state.explorer.models, limits=serve.Limits(image_bytes=1000))
     with TestClient(small) as c:
         big = c.post("/api/upload/image", files={"file": ("big.png", b"\0" * 5000)})
-    assert big.status_code == 413 and big.json()["error"].startswith(
-        "image: expected a file of at most ")
+    assert big.status_code == 413 and big.json()["error"] == (
+        f"image: expected a file of at most {1000 / 2**20:g} MB, received 'big.png' of "
+        f"{5000 / 2**20:.3g} MB")
     assert client.post("/api/upload/image", data={"x": "1"}).status_code == 400
     assert client.post("/api/explain", json={"input": "nope", "task": "caption"}).json() == {
         "error": "input: expected the id of an input this server holds (the newest 64 are "
@@ -312,7 +319,7 @@ def shown_map(tab: Any, label: str) -> tuple[torch.Tensor, bytes]:
     return torch.tensor(values), tab.request.get(tab.eval_on_selector("#map", "m => m.src")).body()
 
 
-def test_the_page_explains_words_answers_and_a_video(page: Any, app: Any) -> None:
+def test_the_page_explains_two_words_and_a_forced_answer(page: Any, app: Any) -> None:
     tab = page
     tab.click("#gen-scene")
     tab.wait_for_selector("#words button")
@@ -411,3 +418,20 @@ def test_a_hugging_face_folder_is_served_beside_the_shapes_models(tmp_path: Path
                                         hf_tiny.CORPUS[0])
     assert got["labels"] == labels and got["pointing"] == [None] * len(labels)
     torch.testing.assert_close(torch.tensor(got["maps"]), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_the_command_binds_this_machine_by_default(app: Any, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import uvicorn
+
+    from mmexplain.cli import main
+
+    started = []
+    monkeypatch.setattr(serve, "load_models", lambda *a: app.state.explorer.models)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    assert main(["serve"]) == 0 and main(["serve", "--host", "0.0.0.0", "--port", "9000"]) == 0
+    assert [(s["host"], s["port"]) for s in started] == [("127.0.0.1", 8765), ("0.0.0.0", 9000)]
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:8765/" in out and "note: listening on 0.0.0.0" in out
+    assert main(["serve", "--max-frames", "0"]) == 2
+    assert "--max-frames: expected a positive number, received int 0" in capsys.readouterr().err
