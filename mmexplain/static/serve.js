@@ -118,6 +118,7 @@ async function newInput(request) {
   $("video-panel").hidden = image;
   $("answers").replaceChildren();
   $("own-answers").textContent = "";
+  $("own-chips").replaceChildren();
   $("question").value = "";
   const questions = (data.truth && data.truth.questions) || [];
   $("questions").replaceChildren(...questions.map((q) => el("option", null, { value: q.question })));
@@ -193,7 +194,8 @@ function render(r) {
     const visual = r.pointing.findIndex((p) => p !== null);
     first = visual >= 0 ? visual : 0;
   } else if (r.task === "vqa") {
-    $("own-answers").textContent = "The model answers: " + r.own.map((a) => a.answer + " (" + (100 * a.p).toFixed(1) + " %)").join(", ") + (r.true_answer ? " — truth: " + r.true_answer : "");
+    $("own-answers").textContent = "The model's top answers (click one to explain it)" + (r.true_answer ? "; the truth: " + r.true_answer : "") + ":";
+    chips($("own-chips"), r.own.map((a) => a.answer + " " + (100 * a.p).toFixed(1) + " %"), (k) => force(r.own[k].answer));
     chips($("answers"), r.labels.map((a, k) => (k === 0 ? a : a + "?")), pick);
   } else {
     chips($("actions"), r.actions.map((a) => a.action), (k) => explain("video", { action: r.actions[k].action }).catch(() => {}));
