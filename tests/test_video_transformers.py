@@ -342,50 +342,41 @@ def test_the_readme_commands_of_the_video_transformer_table_run(folders, clip20,
         assert mp4_frames(mp4) == 20
 
 
-def test_swin3d_from_a_weight_file_through_the_video_command(clip20, tmp_path, capsys) -> None:
-    """A torchvision Swin3D kept as a user keeps it (a state_dict file) through
-    ``mmexplain video --model swin3d_t --weights FILE``: the file's weights, every frame
-    once, the tail window, maps on the last stage's grid."""
-    from torchvision.models.video import swin3d_t
+#: arch -> (extra argv, layer, windows per explained frame, windows' frame indices, maps' shape)
+FROM_FILE = {
+    # the tail window (16-19), maps on the last stage's grid: t/2 (tubelets of 2), 64 px / 32
+    "swin3d_t": (["--size", "64", "--window", "16", "--stride", "16"], "features.6",
+                 [1] * 4 + [2] * 12 + [1] * 4, [list(range(0, 16)), list(range(4, 20))],
+                 (2, 1, 8, 2, 2)),
+    # its fixed 16 x 224 x 224 input, one window to keep the test short; the layer before
+    # the last block, whose patch tokens reach the CLS-pooled head: (8, 7, 7)
+    "mvit_v2_s": (["--max-windows", "1"], "blocks.14", [1] * 16, [list(range(0, 16))],
+                  (1, 1, 8, 7, 7)),
+}
 
+
+@pytest.mark.parametrize("arch", list(FROM_FILE))
+def test_torchvision_video_transformers_from_a_weight_file_through_the_video_command(
+        arch, clip20, tmp_path, capsys) -> None:
+    """A torchvision Swin3D / MViT kept as a user keeps it (a state_dict file) through
+    ``mmexplain video --model ARCH --weights FILE``: the file's weights, every explained
+    frame once in the MP4, the windows' frames, maps on the layer's grid."""
+    from torchvision.models import video as tv_video
+
+    argv, layer, covering, windows, shape = FROM_FILE[arch]
     torch.manual_seed(0)
-    weights = tmp_path / "swin3d_t.pth"
-    torch.save(swin3d_t().state_dict(), weights)
+    weights = tmp_path / f"{arch}.pth"
+    torch.save(getattr(tv_video, arch)().state_dict(), weights)
     out = tmp_path / "out"
-    rc = main(["video", str(clip20), "--model", "swin3d_t", "--weights", str(weights),
-               "--size", "64", "--window", "16", "--stride", "16", "--out", str(out)])
+    rc = main(["video", str(clip20), "--model", arch, "--weights", str(weights), *argv,
+               "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0 and f"weights: file {weights}" in printed, printed
-    stem = out / "walk_swin3d-t_gradcam"
-    assert mp4_frames(stem.with_suffix(".mp4")) == 20
+    stem = out / f"walk_{arch.replace('_', '-')}_gradcam"
+    assert mp4_frames(stem.with_suffix(".mp4")) == len(covering)
     saved = np.load(stem.with_suffix(".npz"))
-    assert str(saved["layer"]) == "features.6"
-    assert saved["frame_indices"].tolist() == [list(range(0, 16)), list(range(4, 20))]
-    assert saved["maps"].shape == (2, 1, 8, 2, 2)  # t/2 (tubelets of 2), 64 px / 32
+    assert str(saved["layer"]) == layer
+    assert saved["frame_indices"].tolist() == windows
+    assert saved["maps"].shape == shape
     assert np.isfinite(saved["maps"]).all() and saved["maps"].max() > 0
-
-
-def test_mvit_from_a_weight_file_through_the_video_command(clip20, tmp_path, capsys) -> None:
-    """A torchvision MViT v2-S kept as a state_dict file through ``mmexplain video --model
-    mvit_v2_s --weights FILE`` (its fixed 16 x 224 x 224 input; one window to keep the test
-    short): the file's weights, the layer before the last block (whose patch tokens reach
-    the CLS-pooled head), maps on its (8, 7, 7) grid, the MP4 with every explained frame
-    once (--max-windows 1: the first 16 of 20)."""
-    from torchvision.models.video import mvit_v2_s
-
-    torch.manual_seed(0)
-    weights = tmp_path / "mvit_v2_s.pth"
-    torch.save(mvit_v2_s().state_dict(), weights)
-    out = tmp_path / "out"
-    rc = main(["video", str(clip20), "--model", "mvit_v2_s", "--weights", str(weights),
-               "--max-windows", "1", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert rc == 0 and f"weights: file {weights}" in printed, printed
-    stem = out / "walk_mvit-v2-s_gradcam"
-    assert mp4_frames(stem.with_suffix(".mp4")) == 16
-    saved = np.load(stem.with_suffix(".npz"))
-    assert str(saved["layer"]) == "blocks.14"
-    assert saved["frame_indices"].tolist() == [list(range(0, 16))]
-    assert saved["maps"].shape == (1, 1, 8, 7, 7)  # tubelets of 2 frames, 224 px / 32
-    assert np.isfinite(saved["maps"]).all() and saved["maps"].max() > 0
-    assert saved["frame_windows"].tolist() == [1] * 16
+    assert saved["frame_windows"].tolist() == covering

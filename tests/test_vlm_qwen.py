@@ -91,13 +91,33 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(folders):
     """name -> (adapter, inputs, shown, context, generated tokens (1, 4))."""
+    return _prepared_per_family(folders, "prepare_image", tiny.image(), "describe the image", 4)
+
+
+def _prepared_per_family(folders, prepare: str, picture, prompt: str, steps: int) -> dict:
+    """name -> (adapter, inputs, shown, context, ``steps`` generated tokens)."""
     out = {}
     for name, folder in folders.items():
         adapter = get_adapter(name, path=folder)
-        inputs, shown, context = adapter.prepare_image(tiny.image(), "describe the image")
-        tokens = adapter.generate(inputs, max_new_tokens=4, **context)
+        inputs, shown, context = getattr(adapter, prepare)(picture, prompt)
+        tokens = adapter.generate(inputs, max_new_tokens=steps, **context)
         out[name] = (adapter, inputs, shown, context, tokens)
     return out
+
+
+def _own_forward(adapter, inputs, context, tokens):
+    """The model's own forward teacher-forced on prompt + tokens[:, :-1] -> the logits
+    predicting the tokens, and the sequence's token types (M-RoPE reads them)."""
+    full = torch.cat([context["input_ids"], tokens[:, :-1]], 1)
+    types = torch.cat([context["mm_token_type_ids"], torch.zeros_like(tokens[:, :-1])], 1)
+    prompt = context["input_ids"].shape[1]
+
+    def forward():
+        out = adapter.model(input_ids=full, attention_mask=torch.ones_like(full),
+                            mm_token_type_ids=types, **inputs)
+        return out.logits[:, prompt - 1:]
+
+    return forward, types
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -107,17 +127,8 @@ def test_per_token_maps_equal_the_plain_engine_by_layer_name(prepared, name, lay
     Grad-CAM by the model's module name (hook, the model's own forward, the token grid:
     merge order / window order restored), and equals a single-token run."""
     adapter, inputs, shown, context, tokens = prepared[name]
-    model = adapter.model
-    full = torch.cat([context["input_ids"], tokens[:, :-1]], 1)
-    types = torch.cat([context["mm_token_type_ids"], torch.zeros_like(tokens[:, :-1])], 1)
-    prompt = context["input_ids"].shape[1]
-
-    def forward():
-        out = model(input_ids=full, attention_mask=torch.ones_like(full),
-                    mm_token_type_ids=types, **inputs)
-        return out.logits[:, prompt - 1:]
-
-    grid = qwen_grid(model, inputs["image_grid_thw"], layer)
+    forward, _ = _own_forward(adapter, inputs, context, tokens)
+    grid = qwen_grid(adapter.model, inputs["image_grid_thw"], layer)
     shape = (10, 14) if layer.endswith("blocks.0") else (5, 7)
     tiny.check_per_token_maps(adapter, inputs, context, tokens, layer, forward, grid, shape)
     assert shown.shape == (40, 56, 3)
@@ -234,13 +245,7 @@ def test_video_tubelets_in_the_processors_order_come_back_at_their_cell():
 @pytest.fixture(scope="module")
 def clips(folders):
     """name -> (adapter, inputs, shown, context, generated tokens (1, 3)) for a 5-frame clip."""
-    out = {}
-    for name, folder in folders.items():
-        adapter = get_adapter(name, path=folder)
-        inputs, shown, context = adapter.prepare_video(_clip(), "describe the clip")
-        tokens = adapter.generate(inputs, max_new_tokens=3, **context)
-        out[name] = (adapter, inputs, shown, context, tokens)
-    return out
+    return _prepared_per_family(folders, "prepare_video", _clip(), "describe the clip", 3)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -250,18 +255,9 @@ def test_video_per_token_maps_over_tubelets_equal_the_plain_engine(clips, name, 
     name on the model's own video forward (pixel_values_videos, video_grid_thw, M-RoPE
     from its token types), the merge / window order restored frame by frame."""
     adapter, inputs, shown, context, tokens = clips[name]
-    model = adapter.model
-    full = torch.cat([context["input_ids"], tokens[:, :-1]], 1)
-    types = torch.cat([context["mm_token_type_ids"], torch.zeros_like(tokens[:, :-1])], 1)
+    forward, types = _own_forward(adapter, inputs, context, tokens)
     assert int((types == 2).sum()) == 3 * 5 * 7  # video tokens: 3 tubelets of 5 x 7 merged
-    prompt = context["input_ids"].shape[1]
-
-    def forward():
-        out = model(input_ids=full, attention_mask=torch.ones_like(full),
-                    mm_token_type_ids=types, **inputs)
-        return out.logits[:, prompt - 1:]
-
-    grid = qwen_grid(model, inputs["video_grid_thw"], layer)
+    grid = qwen_grid(adapter.model, inputs["video_grid_thw"], layer)
     shape = (3, 10, 14) if layer.endswith("blocks.0") else (3, 5, 7)
     expl = tiny.check_per_token_maps(adapter, inputs, context, tokens, layer, forward, grid,
                                      shape)
