@@ -239,7 +239,8 @@ def _uploaded(data: bytes, name: str, read: Callable[[Path], Any], status: int =
             return read(path)
         except InputError as exc:
             raise RequestError(status, str(exc).replace(repr(str(path)), repr(name))
-                               .replace(str(path), name)) from exc
+                               .replace(str(path), name).replace(tmp, "<temporary folder>")
+                               ) from exc
 
 
 def image_input(data: bytes, name: str) -> Input:

@@ -374,6 +374,26 @@ def test_the_page_plays_an_uploaded_video_and_scrubs_it(page: Any) -> None:
     shot(tab, "video")
 
 
+def test_the_page_shows_a_clips_truth_and_explains_another_action(page: Any) -> None:
+    tab = page
+    tab.click("#gen-clip")
+    tab.wait_for_selector("#targets button")
+    index = int(tab.text_content("#input-name").split()[-1])
+    clip = ShapesWorld(seed=SEED).clip(index)
+    truth = tab.locator("#truth-list dd").all_text_contents()
+    actor = clip.objects[clip.actor]
+    assert truth == [clip.action_name, f"{actor.color} {actor.shape}"]
+    tab.wait_for_selector("#mask-figure:not([hidden])")  # the actor's mask, frame 0
+    assert tab.text_content("#pointing").split(":")[0] in ("hit", "miss")
+    actions = tab.locator("#actions button").all_text_contents()
+    other = actions[1]
+    tab.locator("#actions button").nth(1).click()
+    tab.wait_for_selector(f"#map[data-label={json.dumps(other)}]")
+    assert tab.locator("#actions button").all_text_contents() == actions  # still offered
+    assert tab.locator("#targets button").all_text_contents() == [other]
+    shot(tab, "clip")
+
+
 def test_the_page_says_what_is_wrong_and_escapes_names(page: Any) -> None:
     tab = page
     name = "<img src=x onerror=document.title=1>.png"

@@ -198,7 +198,10 @@ function render(r) {
     chips($("own-chips"), r.own.map((a) => a.answer + " " + (100 * a.p).toFixed(1) + " %"), (k) => force(r.own[k].answer));
     chips($("answers"), r.labels.map((a, k) => (k === 0 ? a : a + "?")), pick);
   } else {
-    chips($("actions"), r.actions.map((a) => a.action), (k) => explain("video", { action: r.actions[k].action }).catch(() => {}));
+    if (!state.body.action) {  // the clip's candidates stay while one of them is explained
+      chips($("actions"), r.actions.map((a) => a.action), (k) => explain("video", { action: r.actions[k].action }).catch(() => {}));
+    }
+    for (const b of $("actions").children) b.classList.toggle("on", b.textContent === state.body.action);
     chips($("targets"), r.labels, pick);
     $("scrub").max = r.frames - 1;
     $("player").src = "/api/result/" + encodeURIComponent(r.result) + "/download.mp4";
