@@ -238,6 +238,25 @@ def _tile_map(arg: str, value: Any) -> np.ndarray:
     return value.mean(axis=0) if value.ndim == 3 else value
 
 
+def _short_names(layers: Sequence[str], width: int = 18) -> list[str]:
+    """Layer names for narrow tiles: their common dotted prefix dropped (each keeping two
+    components at least: "classifier.4", not "4"), then at most ``width`` characters,
+    leading components dropped first ("…stages.conv4.2")."""
+    names = [str(n) for n in layers]
+    parts = [n.split(".") for n in names]
+    common = 0
+    while len(names) > 1 and all(len(p) >= common + 3 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    out = []
+    for p in parts:
+        p, cut = p[common:], False
+        while len(".".join(p)) > width and len(p) > 1:  # whole components first
+            p, cut = p[1:], True
+        name = ("…" if cut else "") + ".".join(p)
+        out.append(name if len(name) <= width else "…" + name[-(width - 1):])
+    return out
+
+
 def _check_panel(maps: Any, layers: Any, correlations: Any) -> None:
     _check_mapping("maps", maps, "method -> [trained map, map after each step]")
     _check_mapping("correlations", correlations, "method -> [correlation after each step]")
@@ -268,12 +287,14 @@ def sanity_figure(
     Rows are methods; columns are the trained model, then the model after each
     step of the cascade (``layers[i]`` is the last layer randomised at step
     ``i``). Each tile is the map coloured by :func:`mmexplain.render.heatmap_image`,
-    titled with the step and its rank correlation to the trained map
+    titled with the step (the layer's name, its common prefix dropped, cut to 18
+    characters from the left) and its rank correlation to the trained map
     (``correlations[method][i]``; NaN shows as "n/a"). A clip's map is averaged
     over time. ``size`` defaults to 130 x 150 pixels per tile (at least 400 wide).
     """
     _check_panel(maps, layers, correlations)
     rows, cols = len(maps), len(layers) + 1
+    names = _short_names(layers)
     fig = _new_figure(size if size is not None else (max(130 * cols, 400), 150 * rows + 50))
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, (method, row) in enumerate(maps.items()):
@@ -288,7 +309,7 @@ def sanity_figure(
                 continue
             rho = _bar_value(f"correlations[{method!r}][{c - 1}]", correlations[method][c - 1])
             shown = "n/a" if math.isnan(rho) else f"{rho:.2f}"
-            ax.set_title(f"{layers[c - 1]}\nρ = {shown}", fontsize="x-small")
+            ax.set_title(f"{names[c - 1]}\nρ = {shown}", fontsize="x-small")
     if title:
         fig.suptitle(str(title), fontsize="medium", wrap=True)
     return fig

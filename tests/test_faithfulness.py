@@ -6,6 +6,7 @@ then cross-checks against Quantus and torch-cam where those are installed."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -666,6 +667,72 @@ def test_eval_sanity_writes_its_correlations_and_the_panel_of_its_first_input(tm
         assert rho == pytest.approx(entry["cascading"][m]["rho"], abs=1e-9)
     panel = _sanity_panel(example)
     assert [ax.get_title() for ax in panel.axes[:3]] == ["trained"] + [
-        f"{layer}\nρ = {r:.2f}" for layer, r in zip(entry["layers"],
+        f"{layer}\nρ = {r:.2f}" for layer, r in zip(["classifier.4", "classifier.1"],
                                                     entry["cascading"]["gradcam"]["rho"])]
     assert (tmp_path / "sanity_panel.png").read_bytes() == figure_png(panel)
+
+
+# --------------------------------------------------------------------------- the sanity finding
+
+
+def test_gradcampp_maps_are_a_positive_mix_of_the_activations_that_a_random_head_keeps(
+        monkeypatch) -> None:
+    """Why Grad-CAM++ fails the sanity bar on the shipped models (issue 19, as measured).
+
+    Its channel weights w_k = sum_ij alpha_ij relu(dS/dA_ij) (eq. 19-20) are never negative,
+    and with 16 x 16 positions every channel has some positive gradient: all 64 weights are
+    > 0. Its map is then a positive mix of the layer's activations, and *any* positive
+    weights give nearly the same map (random ones: mean rank correlation 0.71-0.90 on
+    these scenes), while signed weights and the ReLU, Grad-CAM's regime, give another map
+    each time (0.12-0.20). Randomising the layers above the explained one changes the
+    gradients only (the activations stay bit-identical), so Grad-CAM++'s map keeps its
+    layout until conv3, the explained layer, is itself randomised. The exponential form
+    is not the cause: s * g stays far below 2 (alpha ~ 1/2, no saturation)."""
+    from mmexplain.data.shapes import ShapesWorld
+    from mmexplain.evaluate import load_model
+    from mmexplain.methods import gradcampp
+    from mmexplain.tasks import protocols as P
+
+    vqa = load_model("shapes-vqa", seed=SEED)  # the shipped, trained weights
+    assert "checkpoint" in vqa.weights_source or "file" in vqa.weights_source
+    seen: dict[str, torch.Tensor] = {}
+    spied = gradcampp.gradcam_pp_weights
+
+    def spy(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        seen["acts"], seen["grads"] = acts.detach(), grads.detach()
+        return spied(acts, grads)
+
+    monkeypatch.setattr(gradcampp, "gradcam_pp_weights", spy)
+    gen = torch.Generator().manual_seed(0)
+    world = ShapesWorld(seed=SEED)
+    for index, (pos_floor, signed_ceiling) in enumerate([(0.65, 0.3), (0.85, 0.3), (0.7, 0.3)]):
+        sample = world.image(index)
+        _, task, _ = P._shapes_tasks(vqa, sample, first=True)[0]
+        x, cls, _ = P._predicted(task, P.scene_pixels(sample))
+        gcpp = P.explain(task, x, [cls], "gradcam++")[0]
+        acts, grads = seen["acts"][0], seen["grads"][0]  # (64, 16, 16) at conv3
+        w = spied(acts[None], grads[None])[0]
+        assert acts.shape == (64, 16, 16) and float(acts.min()) >= 0 and float(w.min()) > 0
+
+        def mix(weights: torch.Tensor) -> torch.Tensor:
+            return torch.relu((weights.view(-1, 1, 1) * acts).sum(0))
+
+        np.testing.assert_allclose(gcpp, torch.nn.functional.interpolate(
+            mix(w)[None, None], size=gcpp.shape, mode="bilinear", align_corners=False)[0, 0],
+            rtol=1e-4, atol=1e-6 * float(gcpp.max()))
+
+        def rho(weights: torch.Tensor) -> float:
+            return float(rank_correlation(mix(weights), mix(w), grid_dims=2))
+
+        positive = np.mean([rho(torch.rand(64, generator=gen)) for _ in range(20)])
+        signed = np.mean([rho(torch.randn(64, generator=gen)) for _ in range(20)])
+        assert positive > pos_floor and signed < signed_ceiling, (index, positive, signed)
+        s_g = (acts.sum(dim=(1, 2)).view(-1, 1, 1) * grads)[grads > 0]
+        assert float(s_g.median()) < 1.0  # alpha = 1 / (2 + s g) ~ 1/2: not saturated
+        # the head randomised (cascade step 1): the activations are the same tensors' values
+        (_, top), = list(randomized_models(vqa, layers=["model.classifier.4"], seed=SEED))
+        randomized = copy.copy(task)
+        randomized.adapter = top
+        P.explain(randomized, x, [cls], "gradcam++")
+        assert torch.equal(seen["acts"][0], acts) and not torch.equal(seen["grads"][0], grads)
+        assert float(spied(seen["acts"], seen["grads"]).min()) > 0  # still a positive mix

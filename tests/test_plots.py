@@ -152,6 +152,18 @@ def test_sanity_tiles_are_the_library_heat_maps_titled_with_their_correlation() 
     assert "cascading randomisation" in texts(fig)
 
 
+def test_sanity_tiles_name_layers_without_their_common_prefix_and_within_18_characters() -> None:
+    layers = ["model.classifier.4", "model.trunk.stages.conv4.2", "model.classifier.1"]
+    assert plots._short_names(layers) == ["classifier.4", "…stages.conv4.2", "classifier.1"]
+    assert plots._short_names(["model.fc8", "model.conv3b.0"]) == ["model.fc8", "model.conv3b.0"]
+    assert plots._short_names(["model.fc8"]) == ["model.fc8"]  # one name: nothing in common
+    assert plots._short_names(["a." + "b" * 30, "c"]) == ["…" + "b" * 17, "c"]
+    maps = {"Grad-CAM": [np.eye(3)] * 4}
+    fig = plots.sanity_figure(maps, layers, {"Grad-CAM": [0.1, 0.2, 0.3]})
+    assert [ax.get_title() for ax in fig.axes] == [
+        "trained", "classifier.4\nρ = 0.10", "…stages.conv4.2\nρ = 0.20", "classifier.1\nρ = 0.30"]
+
+
 def test_sanity_panel_png_decodes_at_its_size() -> None:
     maps, layers, correlations = sanity_inputs()
     assert decode(plots.sanity_panel(maps, layers, correlations, size=(420, 330))).size == (420, 330)
