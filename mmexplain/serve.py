@@ -2,7 +2,8 @@
 
     pip install -e ".[serve]"
     mmexplain serve                                   # http://127.0.0.1:8765, the shapes models
-    mmexplain serve --model blip --weights ./blip-base   # a Hugging Face folder beside them
+    mmexplain serve --model shapes-vqa-plain --model r3d_18   # more registered models
+    mmexplain serve --weights ./blip-base            # a Hugging Face folder beside them
 
 A Starlette app run by uvicorn, with one small hand-written page (``mmexplain/static``:
 no CDN, it works with no network). Pick an image (upload, or a freshly generated shapes
@@ -70,12 +71,13 @@ class RequestError(MMExplainError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", action="append", default=None,
                         help="a registered model to serve beside the shipped shapes models "
-                        "(default: only those); with --weights DIR alone, the folder's family")
+                        "(repeat for more; default: only those); with --weights DIR alone, "
+                        "the folder's family")
     parser.add_argument("--weights", default=None,
-                        help="local weight file or Hugging Face folder for --model (as the "
-                        "caption / vqa / video commands take it)")
+                        help="local weight file or Hugging Face folder for the one --model "
+                        "(as the caption / vqa / video commands take it)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -151,7 +153,7 @@ class Model:
     """One loaded model: its adapter, the task it serves and the lock its calls take."""
 
     name: str
-    task: str  # caption | vqa | video
+    tasks: tuple[str, ...]  # caption, vqa, video
     adapter: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -164,43 +166,50 @@ class Model:
         return self.adapter.at_layer(layer)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "layer": self.adapter.layer,
+        return {"name": self.name, "tasks": list(self.tasks), "layer": self.adapter.layer,
                 "layers": list(self.adapter.layers),
                 "weights": str(getattr(self.adapter, "weights_source", ""))}
 
 
-def task_of(adapter: Any) -> str:
-    """The explorer's task for a model: caption, vqa or video (by its capabilities)."""
+def tasks_of(adapter: Any) -> tuple[str, ...]:
+    """The explorer's tasks for a model, by its capabilities: caption, vqa (a generative
+    VLM does both) or video."""
     from mmexplain.adapters.capabilities import offers
 
     found = offers(adapter)
-    if "answer" in found:
-        return "vqa"
-    if "caption" in found:
-        return "caption"
-    if "classify" in found and getattr(adapter, "clip_length", None):
-        return "video"
+    tasks = tuple(task for task, capability in (("caption", "caption"), ("vqa", "answer"))
+                  if capability in found)
+    if not tasks and "classify" in found and getattr(adapter, "clip_length", None):
+        tasks = ("video",)
+    if tasks:
+        return tasks
     raise InputError(f"--model: expected a captioner, a VQA model or a video classifier, "
                      f"received {getattr(adapter, 'name', adapter)!r}, which offers "
                      f"{', '.join(found) or 'no capability'}")
 
 
-def load_models(extra: str | None, weights: str | None, device: str) -> dict[str, Model]:
-    """The shipped shapes models and ``extra`` (with ``weights``), each loaded once by the
-    commands' loader (:func:`mmexplain.commands.build_adapter`, the folder's family from
-    its config.json when only ``weights`` names a folder)."""
+def load_models(extra: str | list[str] | None, weights: str | None, device: str
+                ) -> dict[str, Model]:
+    """The shipped shapes models and the ``extra`` ones (``weights`` for the one extra
+    model), each loaded once by the commands' loader (:func:`mmexplain.commands.build_adapter`,
+    the folder's family from its config.json when only ``weights`` names a folder)."""
     from mmexplain.commands import _folder_family, build_adapter
 
-    spec = argparse.Namespace(model=extra, weights=weights)
+    extra = [extra] if isinstance(extra, str) else list(extra or [])
     if weights is not None:
+        if len(extra) > 1:
+            raise bad_value("--weights", "the weights of one --model", f"{weights!r} for "
+                            f"{len(extra)} models ({', '.join(extra)})", raw=True)
+        spec = argparse.Namespace(model=extra[0] if extra else None, weights=weights)
         _folder_family(spec, None)
         if spec.model is None:
             raise bad_value("--model", "the registered model that --weights FILE is for",
                             None)
-    models = {name: build_adapter(name, None, None, device) for name in DEFAULT_MODELS}
-    if spec.model is not None:
-        models[spec.model] = build_adapter(spec.model, weights, None, device)
-    return {name: Model(name, task_of(a), a) for name, a in models.items()}
+        extra = [spec.model]
+    names = list(dict.fromkeys([*DEFAULT_MODELS, *extra]))
+    adapters = {name: build_adapter(name, weights if name in extra else None, None, device)
+                for name in names}
+    return {name: Model(name, tasks_of(a), a) for name, a in adapters.items()}
 
 
 @dataclass
@@ -472,7 +481,8 @@ def explain_vqa_request(model: Model, inp: Input, body: dict[str, Any], limits: 
     mask, truth = answer_mask(inp.truth, question)
     result, info = image_result(adapter, inp, expl, labels, shown, [mask] * len(labels),
                                 {"question": question})
-    return result, {**info, "question": question, "own": [{"answer": a, "p": p} for a, p in own],
+    return result, {**info, "question": question,
+                    "own": [{"answer": a, "score": p} for a, p in own],
                     "true_answer": truth}
 
 
@@ -647,8 +657,8 @@ class Explorer:
 
     def model(self, name: Any, task: str | None = None) -> Model:
         model = self.models.get(name) if isinstance(name, str) else None
-        if model is None or (task is not None and model.task != task):
-            names = [m.name for m in self.models.values() if task in (None, m.task)]
+        if model is None or (task is not None and task not in model.tasks):
+            names = [m.name for m in self.models.values() if task is None or task in m.tasks]
             raise bad_value("model", f"one of the models served{f' for {task}' if task else ''}"
                             f" ({', '.join(names)})", name)
         return model

@@ -358,7 +358,9 @@ def test_the_page_plays_an_uploaded_video_and_scrubs_it(page: Any) -> None:
     tab = page
     tab.fill("#frames", "32")
     tab.set_input_files("#video-file", str(shared_file("video", "armwrestling.mp4")))
-    tab.wait_for_selector("#targets button")
+    tab.wait_for_function("() => document.querySelector('#map').dataset.frame !== ''"
+                          " && document.querySelector('#input-name').textContent"
+                          " === 'armwrestling.mp4'")
     tab.wait_for_function("() => document.querySelector('#player').readyState >= 2")
     assert tab.get_attribute("#scrub", "max") == "31"  # 32 frames explained
     tab.evaluate("() => document.querySelector('#player').play()")
@@ -376,8 +378,10 @@ def test_the_page_plays_an_uploaded_video_and_scrubs_it(page: Any) -> None:
 
 def test_the_page_shows_a_clips_truth_and_explains_another_action(page: Any) -> None:
     tab = page
+    before = tab.get_attribute("#map", "data-result")
     tab.click("#gen-clip")
-    tab.wait_for_selector("#targets button")
+    tab.wait_for_function("old => { const m = document.querySelector('#map');"
+                          " return m.dataset.result && m.dataset.result !== old; }", arg=before)
     index = int(tab.text_content("#input-name").split()[-1])
     clip = ShapesWorld(seed=SEED).clip(index)
     truth = tab.locator("#truth-list dd").all_text_contents()
@@ -426,9 +430,12 @@ def test_a_hugging_face_folder_is_served_beside_the_shapes_models(tmp_path: Path
     folder = hf_tiny.save_folder("blip-caption", tmp_path / "blip")
     with pytest.raises(serve.InputError, match="--model: expected the registered model"):
         serve.load_models(None, str(tmp_path / "blip" / "config.json"), "cpu")
+    with pytest.raises(serve.InputError, match="--weights: expected the weights of one --model, "
+                       "received 'w.pt' for 2 models"):
+        serve.load_models(["resnet18", "r3d_18"], "w.pt", "cpu")
     app = serve.create_app(weights=str(folder))
-    assert [m.task for m in app.state.explorer.models.values()] == ["caption", "vqa", "video",
-                                                                    "caption"]
+    assert [m.tasks for m in app.state.explorer.models.values()] == [
+        ("caption",), ("vqa",), ("video",), ("caption",)]
     image = hf_tiny.image()
     with TestClient(app) as c:
         made = c.post("/api/upload/image", files={"file": ("photo.png", png_bytes(image))}).json()

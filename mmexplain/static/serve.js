@@ -64,7 +64,7 @@ async function init() {
   fill($("method"), info.methods.map((m) => [m.name, m.label]));
   fill($("cmap"), info.colormaps.map((c) => [c, c]));
   for (const task of ["caption", "vqa", "video"]) {
-    fill($(task + "-model"), info.models.filter((m) => m.task === task).map((m) => [m.name, m.name]));
+    fill($(task + "-model"), info.models.filter((m) => m.tasks.includes(task)).map((m) => [m.name, m.name]));
     $(task + "-model").addEventListener("change", () => { fillLayers(); rerun(); });
   }
   $("frames").max = info.limits.frames;
@@ -195,7 +195,9 @@ function render(r) {
     first = visual >= 0 ? visual : 0;
   } else if (r.task === "vqa") {
     $("own-answers").textContent = "The model's top answers (click one to explain it)" + (r.true_answer ? "; the truth: " + r.true_answer : "") + ":";
-    chips($("own-chips"), r.own.map((a) => a.answer + " " + (100 * a.p).toFixed(1) + " %"), (k) => force(r.own[k].answer));
+    // a classifier's answers come with probabilities, a generative model's with log p
+    const shown = (a) => (a.score >= 0 && a.score <= 1 ? (100 * a.score).toFixed(1) + " %" : "log p " + a.score.toFixed(2));
+    chips($("own-chips"), r.own.map((a) => a.answer + " " + shown(a)), (k) => force(r.own[k].answer));
     chips($("answers"), r.labels.map((a, k) => (k === 0 ? a : a + "?")), pick);
   } else {
     if (!state.body.action) {  // the clip's candidates stay while one of them is explained
