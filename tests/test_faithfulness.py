@@ -736,3 +736,34 @@ def test_gradcampp_maps_are_a_positive_mix_of_the_activations_that_a_random_head
         P.explain(randomized, x, [cls], "gradcam++")
         assert torch.equal(seen["acts"][0], acts) and not torch.equal(seen["grads"][0], grads)
         assert float(spied(seen["acts"], seen["grads"]).min()) > 0  # still a positive mix
+
+
+def test_faithfulness_road_and_relevance_summaries_become_bars_of_their_numbers() -> None:
+    from mmexplain.evaluate import summary_figures
+
+    base = {"dataset": "shapes", "model": "shapes-vqa", "entries": 3}
+    faith = {**base, "protocol": "faithfulness", "methods": ["gradcam", "gradcam++"],
+             "gradcam": {"average_drop": 46.5, "increase_in_confidence": 13.4, "win": 38.0},
+             "gradcam++": {"average_drop": 36.8, "increase_in_confidence": 17.1, "win": 62.0}}
+    ax = summary_figures(faith)["faithfulness_bars"].axes[0]
+    assert [p.get_height() for p in ax.patches] == [46.5, 13.4, 38.0, 36.8, 17.1, 62.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "Average Drop %", "Increase in Confidence %", "Win %"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["Grad-CAM", "Grad-CAM++"]
+    one = {**base, "protocol": "faithfulness", "methods": ["eigencam"],
+           "eigencam": {"average_drop": 60.0, "increase_in_confidence": 5.0}}  # no Win % alone
+    ax = summary_figures(one)["faithfulness_bars"].axes[0]
+    assert [p.get_height() for p in ax.patches] == [60.0, 5.0]
+    assert [t.get_text() for t in ax.texts] == ["n/a"]
+    rel = {**base, "protocol": "relevance", "methods": ["gradcam"],
+           "gradcam": {"mass": {"mean": 0.29, "sem": 0.01, "n": 3},
+                       "rank": {"mean": 0.66, "sem": 0.02, "n": 3}}}
+    ax = summary_figures(rel)["relevance_bars"].axes[0]
+    assert [p.get_height() for p in ax.patches] == [0.29, 0.66]
+    road = {**base, "protocol": "road", "methods": ["gradcam"], "fractions": [0.5],
+            "gradcam": {"morf_area": 0.25, "lerf_area": 0.87, "gap": 0.62}}
+    ax = summary_figures(road)["road_bars"].axes[0]
+    assert [p.get_height() for p in ax.patches] == [0.25, 0.87, 0.62]
+    empty = {**base, "entries": 0, "protocol": "faithfulness", "methods": ["gradcam"],
+             "gradcam": None}
+    assert summary_figures(empty) == {}  # nothing measured, no figure
