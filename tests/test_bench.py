@@ -254,7 +254,7 @@ def test_peak_memory_of_a_known_allocation(bench: ModuleType) -> None:
 
 def test_bad_arguments_are_named(bench: ModuleType) -> None:
     with pytest.raises(InputError, match=r"--rows: expected comma-separated row numbers from "
-                                         r"\[1, 2, 3, 4, 5, 6, 7\], received '1,9'"):
+                                         r"\[1, 2, 3, 4, 5, 6, 7, 8\], received '1,9'"):
         bench.main(["--rows", "1,9"])
     with pytest.raises(InputError, match=r"--repeat: expected a number of timed calls >= 0, "
                                          r"received -1"):
