@@ -57,6 +57,8 @@ MB = 1 << 20
 KEEP = 64
 BUDGET = 1 << 30
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+#: The Host headers a server bound to this machine answers.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
 class RequestError(MMExplainError):
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
             raise bad_value(f"--{arg.replace('_', '-')}", "a positive number", getattr(args, arg))
     app = create_app(extra_model=args.model, weights=args.weights, device=args.device,
                      seed=args.seed, limits=Limits(int(args.max_image_mb * MB),
-                                                   int(args.max_video_mb * MB), args.max_frames))
+                                                   int(args.max_video_mb * MB), args.max_frames),
+                     allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK else None)
     if args.host not in LOOPBACK:
         print(f"note: listening on {args.host}: anyone who can reach this machine can use the "
               "explorer (default 127.0.0.1: this machine only)")
@@ -731,6 +734,18 @@ def ranged(data: bytes, header: str | None, media: str) -> Any:
     return response
 
 
+def same_origin(request: Any) -> None:
+    """A POST from another site's page (its Origin is not this server) is refused: other
+    pages cannot make this server work for them (cross-site request forgery)."""
+    from urllib.parse import urlsplit
+
+    origin = request.headers.get("origin")
+    if request.method == "POST" and origin and urlsplit(origin).netloc != request.headers.get(
+            "host"):
+        raise RequestError(403, f"origin: expected a request from this server's page "
+                           f"({request.headers.get('host')}), received one from {origin!r}")
+
+
 def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
     """A handler whose errors answer JSON: a RequestError its status, an input error 400,
     anything else 500 with its type and message; the server goes on serving."""
@@ -740,6 +755,7 @@ def guarded(handler: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(handler)
     async def wrapper(request: Any) -> Any:
         try:
+            same_origin(request)
             return await handler(request)
         except RequestError as exc:
             return _response({"error": str(exc)}, exc.status)
@@ -802,8 +818,10 @@ def name_of(upload: Any) -> str:
 
 def create_app(extra_model: str | None = None, weights: str | None = None, device: str = "cpu",
                seed: int = 2026, limits: Limits | None = None,
-               models: dict[str, Model] | None = None) -> Any:
-    """The explorer as a Starlette app (its Explorer state as ``app.state.explorer``)."""
+               models: dict[str, Model] | None = None,
+               allowed_hosts: tuple[str, ...] | None = None) -> Any:
+    """The explorer as a Starlette app (its Explorer state as ``app.state.explorer``);
+    ``allowed_hosts``: the Host headers it answers (None: any)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.routing import Route
@@ -863,6 +881,10 @@ def create_app(extra_model: str | None = None, weights: str | None = None, devic
         Route("/api/input/{key:str}.png", input_png),
         Route("/api/explain", explain, methods=["POST"]),
         *result_routes(ex)])
+    if allowed_hosts:  # a DNS name rebound to 127.0.0.1 by another site is refused
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.state.explorer = ex
     return app
 

@@ -207,6 +207,10 @@ def test_bad_uploads_and_requests_answer_a_clear_json_error(client: TestClient, 
     wrong = client.post("/api/explain", json={"input": made["input"], "task": "caption",
                                               "model": "shapes-captioner", "method": "magic"})
     assert wrong.status_code == 400 and wrong.json()["error"].startswith("method: expected one of")
+    forged = client.post("/api/generate/scene", json={}, headers={"Origin": "http://evil.example"})
+    assert forged.status_code == 403 and forged.json()["error"] == (
+        "origin: expected a request from this server's page (testserver), received one from "
+        "'http://evil.example'")
     monkeypatch.setitem(serve.EXPLAINERS, "caption", lambda *a: 1 / 0)
     broken = client.post("/api/explain", json={"input": made["input"], "task": "caption",
                                                "model": "shapes-captioner"})
@@ -453,12 +457,17 @@ def test_the_command_binds_this_machine_by_default(app: Any, monkeypatch: pytest
 
     from mmexplain.cli import main
 
-    started = []
+    started, started_apps = [], []
     monkeypatch.setattr(serve, "load_models", lambda *a: app.state.explorer.models)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: (started.append(kw),
+                                                          started_apps.append(app)))
     assert main(["serve"]) == 0 and main(["serve", "--host", "0.0.0.0", "--port", "9000"]) == 0
     assert [(s["host"], s["port"]) for s in started] == [("127.0.0.1", 8765), ("0.0.0.0", 9000)]
     out = capsys.readouterr().out
     assert "http://127.0.0.1:8765/" in out and "note: listening on 0.0.0.0" in out
+    with TestClient(started_apps[0]) as c:  # bound to this machine: other host names refused
+        assert c.get("/api/models").status_code == 400  # TestClient's Host is "testserver"
+    with TestClient(started_apps[1]) as c:
+        assert c.get("/api/models").status_code == 200
     assert main(["serve", "--max-frames", "0"]) == 2
     assert "--max-frames: expected a positive number, received int 0" in capsys.readouterr().err
