@@ -2,7 +2,7 @@
 
     pip install -e ".[serve]"
     mmexplain serve                                   # http://127.0.0.1:8765, the shapes models
-    mmexplain serve --model shapes-vqa-plain --model r3d_18   # more registered models
+    mmexplain serve --model r3d_18 --model swin3d_t   # more registered models
     mmexplain serve --weights ./blip-base            # a Hugging Face folder beside them
 
 A Starlette app run by uvicorn, with one small hand-written page (``mmexplain/static``:
@@ -19,7 +19,8 @@ captions explained by :func:`mmexplain.tasks.caption.explain_caption`, answers b
 :func:`mmexplain.tasks.vqa.explain_vqa`, videos by the video command's
 ``_explain_video`` (sliding windows, the stitched per-frame maps, its MP4 and ``.npz``).
 
-Safe by default: it binds 127.0.0.1; uploads have size and type limits and are read in
+Safe by default: it binds 127.0.0.1 and then answers only this machine's host names; a
+POST from another site's page is refused; uploads have size and type limits and are read in
 memory or into temporary files the server names (no path from a request reaches the
 filesystem); every text reaches the page through ``textContent``, under a
 Content-Security-Policy of ``'self'``; a failing request answers a JSON error (4xx for
@@ -46,7 +47,7 @@ import torch
 from mmexplain.errors import InputError, MMExplainError, bad_type, bad_value
 
 HELP = "an interactive explorer in the browser: click a word, an answer or an action, see its map"
-#: The models served when no --model is given: the shipped shapes-world models.
+#: The models always served (--model adds more): the shipped shapes-world models.
 DEFAULT_MODELS = ("shapes-captioner", "shapes-vqa", "shapes-c3d")
 #: Colormaps offered on the page, those that mmexplain.render knows.
 COLORMAP_CHOICES = ("jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray")
