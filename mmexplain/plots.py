@@ -16,9 +16,11 @@ normalisation, the same colormap), so a tile's pixels are the library's heat map
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +60,19 @@ def figure_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     canvas.print_png(buf)
     return buf.getvalue()
+
+
+def _png_twin(build: Callable[..., Figure], name: str) -> Callable[..., bytes]:
+    """The function ``name`` taking ``build``'s arguments and returning its figure's PNG bytes."""
+
+    @functools.wraps(build)
+    def png(*args: Any, **kwargs: Any) -> bytes:
+        return figure_png(build(*args, **kwargs))
+
+    png.__name__ = png.__qualname__ = name
+    png.__doc__ = f":func:`{build.__name__}` as PNG bytes (the same arguments).\n\n{build.__doc__}"
+    png.__signature__ = inspect.signature(build).replace(return_annotation=bytes)  # type: ignore[attr-defined]
+    return png
 
 
 def _check_mapping(arg: str, value: Any, what: str) -> None:
@@ -135,21 +150,7 @@ def curves_figure(
     return fig
 
 
-def curves(
-    series: Mapping[str, np.ndarray | Sequence[float]],
-    *,
-    x: np.ndarray | Sequence[float] | None = None,
-    auc: Mapping[str, float] | None = None,
-    title: str = "",
-    xlabel: str = "fraction of the input removed",
-    ylabel: str = "score",
-    hline: float | None = None,
-    xticklabels: Sequence[str] | None = None,
-    size: tuple[int, int] = (640, 420),
-) -> bytes:
-    """:func:`curves_figure` as PNG bytes."""
-    return figure_png(curves_figure(series, x=x, auc=auc, title=title, xlabel=xlabel, ylabel=ylabel,
-                                    hline=hline, xticklabels=xticklabels, size=size))
+curves = _png_twin(curves_figure, "curves")
 
 
 # ---------------------------------------------------------------------------
@@ -211,15 +212,7 @@ def bars_figure(
     return fig
 
 
-def bars(
-    values: Mapping[str, Mapping[str, float | None]],
-    *,
-    title: str = "",
-    ylabel: str = "",
-    size: tuple[int, int] = (640, 420),
-) -> bytes:
-    """:func:`bars_figure` as PNG bytes."""
-    return figure_png(bars_figure(values, title=title, ylabel=ylabel, size=size))
+bars = _png_twin(bars_figure, "bars")
 
 
 # ---------------------------------------------------------------------------
@@ -315,14 +308,4 @@ def sanity_figure(
     return fig
 
 
-def sanity_panel(
-    maps: Mapping[str, Sequence[np.ndarray]],
-    layers: Sequence[str],
-    correlations: Mapping[str, Sequence[float]],
-    *,
-    title: str = "",
-    cmap: str | np.ndarray = "jet",
-    size: tuple[int, int] | None = None,
-) -> bytes:
-    """:func:`sanity_figure` as PNG bytes."""
-    return figure_png(sanity_figure(maps, layers, correlations, title=title, cmap=cmap, size=size))
+sanity_panel = _png_twin(sanity_figure, "sanity_panel")

@@ -56,6 +56,12 @@ def test_curves_take_a_shared_x_a_tensor_and_a_dashed_bar() -> None:
 
 
 def test_curves_png_decodes_at_the_requested_size() -> None:
+    import inspect
+
+    for png_of, figure_of in ((plots.curves, plots.curves_figure), (plots.bars, plots.bars_figure),
+                              (plots.sanity_panel, plots.sanity_figure)):  # the same arguments
+        assert inspect.signature(png_of).parameters == inspect.signature(figure_of).parameters
+        assert inspect.signature(png_of).return_annotation is bytes
     png = plots.curves({"a": [1.0, 0.0]}, title="t", size=(500, 300))
     image = decode(png)
     assert image.format == "PNG" and image.size == (500, 300)
