@@ -871,6 +871,10 @@ class Sanity(_Literature):
         parser.add_argument("--guided", action="store_true", help="also Guided "
                             "Backpropagation's maps (the method Adebayo et al. found "
                             "insensitive), reported as guided-backprop")
+        parser.add_argument("--form", choices=("exp", "softmax"), default="exp",
+                            help="Grad-CAM++'s form: exp (eq. 19-20, default) or softmax "
+                            "(eq. 22-24, explaining the class probability); methods without "
+                            "a form ignore it")
 
     @classmethod
     def plan(cls, args: argparse.Namespace, methods: tuple[str, ...]) -> Plan:
@@ -878,7 +882,7 @@ class Sanity(_Literature):
         layers = [n.strip() for n in args.layers.split(",") if n.strip()] if args.layers \
             else None
         options = dict(methods=methods, modes=modes, layers=layers, seed=args.seed,
-                       guided=args.guided)
+                       guided=args.guided, form=args.form)
 
         def per_input(task: P.ClassTask, pixels: torch.Tensor, **opts: Any) -> dict[str, Any]:
             x = task.model_input(pixels)

@@ -83,15 +83,15 @@ def _check_mapping(arg: str, value: Any, what: str) -> None:
 
 
 def _as_series(arg: str, value: Any) -> np.ndarray:
-    """A 1-D finite float64 array with at least two points."""
+    """A non-empty 1-D finite float64 array (one point is drawn as its marker)."""
     if isinstance(value, torch.Tensor):
         value = value.detach().to("cpu", torch.float64).numpy()
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         raise bad_type(arg, "a 1-D array or list of numbers", value) from None
-    if arr.ndim != 1 or arr.size < 2:
-        raise bad_value(arg, "a 1-D array of at least 2 numbers", value)
+    if arr.ndim != 1 or arr.size < 1:
+        raise bad_value(arg, "a non-empty 1-D array of numbers", value)
     if not np.isfinite(arr).all():
         raise bad_value(arg, "finite numbers", "values containing NaN or inf", raw=True)
     return arr

@@ -75,7 +75,7 @@ from mmexplain.metrics import (
 )
 from mmexplain.targets import IndexTarget, logits_of
 from mmexplain.engine import device_of, make_cam
-from mmexplain.methods import chosen_methods
+from mmexplain.methods import chosen_methods, get_method
 from mmexplain.tasks.caption import CaptionLogProb, WordLogProbs, word_task
 
 #: The papers' pair, the default of the protocols (any registered method may be named).
@@ -169,11 +169,13 @@ class CaptionTask(ClassTask):
 
 
 def explain(task: ClassTask, x: torch.Tensor, classes: Sequence[int], method: str,
-            size: Sequence[int] | None = None) -> torch.Tensor:
+            size: Sequence[int] | None = None, **options: Any) -> torch.Tensor:
     """Maps (K, *grid) of ``classes`` for one input, upsampled to ``size`` if given: the
-    evidence *for* each class, so a signed map (HiResCAM's) keeps its positive part."""
+    evidence *for* each class, so a signed map (HiResCAM's) keeps its positive part.
+    ``options`` go to the method (:func:`mmexplain.engine.make_cam`, e.g. ``form``)."""
     inputs, target, context = task.problem(x, classes)
-    expl: Explanation = make_cam(task.adapter, method)(inputs, target=target, **context)
+    expl: Explanation = make_cam(task.adapter, method, **options)(inputs, target=target,
+                                                                  **context)
     if size is not None:
         expl = expl.upsample(tuple(size))
     return evidence(expl.maps.flatten(0, 1))  # (1, K, *grid) or (K, 1, *grid) -> (K, *grid)
@@ -729,7 +731,7 @@ def guided_map(task: ClassTask, x: torch.Tensor, cls: int) -> torch.Tensor:
 def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str] = METHODS,
            modes: Sequence[str] = RANDOMIZATIONS, layers: Sequence[str] | None = None,
            seed: int = 0, size: Sequence[int] | None = None, guided: bool = False,
-           keep_maps: bool = False) -> dict[str, Any]:
+           keep_maps: bool = False, form: str = "exp") -> dict[str, Any]:
     """Adebayo et al.'s parameter randomisation (sec. 3.1) for class ``cls`` of one input.
 
     Every layer of ``layers`` (default: every layer with parameters, top first) is
@@ -740,7 +742,8 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
     at the input's resolution) is compared too, reported as :data:`GUIDED`.
     -> {"layers": names, mode: {method: {"rho": per layer, "ssim": per layer}}}, and with
     ``keep_maps`` "maps": {mode: {method: [the trained map, the map after each layer]}}
-    (CPU tensors, for the sanity panel of :mod:`mmexplain.plots`).
+    (CPU tensors, for the sanity panel of :mod:`mmexplain.plots`). ``form`` goes to the
+    methods that take one (Grad-CAM++: "exp", eq. 19-20, or "softmax", eq. 22-24).
     """
     import copy
 
@@ -750,7 +753,10 @@ def sanity(task: ClassTask, x: torch.Tensor, cls: int, *, methods: Sequence[str]
         return normalize_maps(m.unsqueeze(0), start_dim=1)[0]
 
     def map_of(t: ClassTask, m: str) -> torch.Tensor:
-        return guided_map(t, x, cls) if m == GUIDED else explain(t, x, [cls], m, size)[0]
+        if m == GUIDED:
+            return guided_map(t, x, cls)
+        takes_form = form != "exp" and "form" in get_method(m).accepts
+        return explain(t, x, [cls], m, size, **({"form": form} if takes_form else {}))[0]
 
     methods = list(methods) + ([GUIDED] if guided else [])
     original = {m: map_of(task, m) for m in methods}

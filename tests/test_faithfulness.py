@@ -767,3 +767,30 @@ def test_faithfulness_road_and_relevance_summaries_become_bars_of_their_numbers(
     empty = {**base, "entries": 0, "protocol": "faithfulness", "methods": ["gradcam"],
              "gradcam": None}
     assert summary_figures(empty) == {}  # nothing measured, no figure
+
+
+def test_eval_sanity_with_form_softmax_randomises_gradcampp_of_eq_22_24(tmp_path: Path, vqa,
+                                                                        scene) -> None:
+    """--form softmax: Grad-CAM++ explains the class probability (eq. 22-24), whose alpha
+    and so weights can be negative; methods without a form run as always."""
+    summary = run_eval(tmp_path, "sanity", "--limit", "1", "--method", "gradcam,gradcam++",
+                       "--layers", "model.classifier.4", "--randomization", "cascading",
+                       "--form", "softmax")
+    from mmexplain.engine import make_cam
+
+    (entry,) = entries(tmp_path)
+    assert json.loads((tmp_path / "settings.json").read_text())["form"] == "softmax"
+    image = torch.from_numpy(scene.image)[None]
+    context = vqa.question_context(scene.qas[0].question)
+    (_, top), = list(randomized_models(vqa, layers=["model.classifier.4"], seed=SEED))
+
+    def rho(method: str, **options) -> float:
+        a, b = (make_cam(m, method, **options)(image, target=entry["class"], **context)
+                .upsample(tuple(image.shape[2:])).maps[0, 0].clamp(min=0) for m in (vqa, top))
+        return float(rank_correlation(b, a, grid_dims=2))
+
+    softmax = rho("gradcam++", form="softmax")
+    assert entry["cascading"]["gradcam++"]["rho"] == [pytest.approx(softmax, abs=1e-6)]
+    assert abs(softmax - rho("gradcam++")) > 1e-3  # not the exponential form's number
+    assert entry["cascading"]["gradcam"]["rho"] == [pytest.approx(rho("gradcam"), abs=1e-6)]
+    assert summary["gradcam++"]["cascading"]["rho"] == entry["cascading"]["gradcam++"]["rho"]

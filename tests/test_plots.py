@@ -55,6 +55,12 @@ def test_curves_take_a_shared_x_a_tensor_and_a_dashed_bar() -> None:
     assert list(bar.get_ydata()) == [0.5, 0.5] and bar.get_linestyle() == "--"
 
 
+def test_a_curve_of_one_point_is_its_marker() -> None:  # a sanity run of one layer
+    (line,) = plots.curves_figure({"a": [0.3]}, x=[1], xticklabels=["fc8"]).axes[0].get_lines()
+    assert list(line.get_xdata()) == [1] and list(line.get_ydata()) == [0.3]
+    assert line.get_marker() == "."
+
+
 def test_curves_png_decodes_at_the_requested_size() -> None:
     import inspect
 
@@ -73,7 +79,8 @@ def test_curves_png_decodes_at_the_requested_size() -> None:
     ("kwargs", "message"),
     [
         ({"series": {}}, "series: expected a non-empty dict"),
-        ({"series": {"a": [1.0]}}, "series['a']: expected a 1-D array of at least 2 numbers"),
+        ({"series": {"a": []}}, "series['a']: expected a non-empty 1-D array of numbers"),
+        ({"series": {"a": [[1.0, 2.0]]}}, "series['a']: expected a non-empty 1-D array of numbers"),
         ({"series": {"a": [1.0, float("nan")]}}, "series['a']: expected finite numbers"),
         ({"series": {"a": [1.0, 2.0]}, "x": [0, 1, 2]}, "series['a']: expected 3 points, as many as x, received 2"),
         ({"series": {"a": [1.0, 2.0]}, "size": (10, 300)}, "size: expected a pair of ints (width, height)"),
