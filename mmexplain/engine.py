@@ -126,6 +126,9 @@ def resize_grid(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """
     size = tuple(int(n) for n in size)
     nd = len(size)
+    if min(size, default=1) < 1 or x.dim() < nd or min(x.shape[x.dim() - nd:], default=1) < 1:
+        raise bad_value("size", f"a grid of positive sides to resize the grid of "
+                        f"{describe(x)} to", size)  # an empty grid divided by zero
     if not x.is_floating_point():
         mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
         return F.interpolate(x, size=size, mode=mode, align_corners=False)  # its error
@@ -262,10 +265,15 @@ def check_batch(inputs: Any, model: Any, batch: int) -> None:
     if not isinstance(inputs, torch.Tensor):
         return
     params = model.parameters() if isinstance(model, nn.Module) else iter(())
-    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
     if inputs.dim() >= 4 and not (inputs.is_floating_point() or inputs.is_complex()):
-        raise bad_value("inputs", f"a floating-point image tensor (the model's {dtype}; a "
-                        "uint8 image scaled to [0, 1]: x.float() / 255)", inputs)
+        raise bad_value("inputs", f"a floating-point image tensor (the model's "
+                        f"{dtype or torch.float32}; a uint8 image scaled to [0, 1]: "
+                        "x.float() / 255)", inputs)
+    if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype \
+            and not torch.is_autocast_enabled(inputs.device.type):
+        raise bad_value("inputs", f"a tensor of the model's dtype {dtype} (x.to({dtype}))",
+                        inputs)
     first = _first_layer(model) if isinstance(model, nn.Module) else None
     if first is not None and isinstance(first[1], nn.modules.conv._ConvNd):
         dims = len(first[1].kernel_size)

@@ -160,9 +160,13 @@ def mean_sem(values: Tensorish, *, arg: str = "values") -> Summary:
     """
     v = _values(values, arg)
     n = v.numel()
-    mean = float(v.mean())
-    sem = float(v.std(correction=1) / math.sqrt(n)) if n > 1 else 0.0
-    return Summary(mean, sem, n)
+    # huge finite values (1e178) overflowed the sum of squares to inf: those are computed
+    # over their largest magnitude
+    scale = max(float(v.abs().max()), 1.0) if float(v.abs().max()) > 1e150 else 1.0
+    u = v / scale
+    mean = float(u.mean()) * scale
+    sem = float(u.std(correction=1) / math.sqrt(n)) * scale if n > 1 else 0.0
+    return Summary(mean, sem, n)  # |mean| and sem are at most the largest |value|
 
 
 # --------------------------------------------------------------------------- pointing game
@@ -356,6 +360,8 @@ def _box_indicators(boxes: torch.Tensor, height: int, width: int
 def boxes_to_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The union of boxes as a mask: (*lead, N, 4) -> (*lead, H, W) bool; one box (4,) -> (H, W)."""
     boxes = _boxes(boxes)
+    height = _positive_int(height, "height", "a positive image height in pixels")
+    width = _positive_int(width, "width", "a positive image width in pixels")
     if boxes.dim() == 1:
         boxes = boxes.unsqueeze(0)  # (1, 4)
     rows, cols = _box_indicators(boxes, height, width)  # (*lead, N, H), (*lead, N, W)

@@ -348,7 +348,7 @@ def test_a_coco_polygon_out_of_shape_names_the_annotation_and_the_file(tmp_path:
     coco = CocoAnnotations(path)
     ann = coco.annotations(397133)[0]
     with pytest.raises(InputError, match=r"^segmentation: expected polygons: a non-empty list "
-                       r"of \[x1, y1, x2, y2, \.\.\.\] lists of finite numbers \(two or more "
+                       r"of \[x1, y1, x2, y2, \.\.\.\] lists of finite numbers \(three or more "
                        rf"points\), received list \[\[1.0, 2.0, 3.0\]\] \(annotation id "
                        rf"{ann['id']} of '{path}'\)$"):
         coco.category_mask(397133, ann["category_id"])

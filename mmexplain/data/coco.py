@@ -99,10 +99,10 @@ def _rle(segmentation: Any, height: int, width: int) -> dict:
 
     if isinstance(segmentation, list):  # polygons [[x1, y1, x2, y2, ...], ...]
         if not segmentation or not all(
-                isinstance(poly, list) and len(poly) >= 4 and len(poly) % 2 == 0
+                isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
                 and all(_finite_number(v) for v in poly) for poly in segmentation):
             raise bad_value("segmentation", "polygons: a non-empty list of [x1, y1, x2, y2, "
-                            "...] lists of finite numbers (two or more points)", segmentation)
+                            "...] lists of finite numbers (three or more points)", segmentation)
         return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         _check_rle(segmentation, height, width)

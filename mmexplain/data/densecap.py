@@ -17,6 +17,7 @@ by default); :meth:`DenseCapImage.boxes` maps them back to the original image.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,36 +104,49 @@ class DenseCapResults:
         return self.images[key]
 
 
+def _entry(entry: Any, i: int, image_size: int) -> DenseCapImage:
+    """One ``results`` entry, checked: boxes [[x, y, w, h], ...] and scores finite numbers,
+    as many as the captions (strings), img_name a string."""
+    if not isinstance(entry, dict):
+        raise bad_type(f"results[{i}]", "a dict with img_name, boxes, scores, captions", entry)
+    try:
+        boxes = torch.tensor(entry.get("boxes", []), dtype=torch.float64).reshape(-1, 4)
+        scores = torch.tensor(entry.get("scores", []), dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise bad_value(f"results[{i}]", "boxes [[x, y, w, h], ...] and numeric scores",
+                        entry.get("boxes")) from exc
+    if not (bool(torch.isfinite(boxes).all()) and bool(torch.isfinite(scores).all())):
+        raise bad_value(f"results[{i}]", "finite boxes and scores", entry.get("boxes"))
+    captions = entry.get("captions", [])
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise bad_type(f"results[{i}].captions", "a list of caption strings", captions)
+    if not len(boxes) == len(scores) == len(captions):
+        raise bad_value(f"results[{i}]", "as many boxes as scores and captions",
+                        f"{len(boxes)} boxes, {len(scores)} scores, {len(captions)} captions",
+                        raw=True)
+    name = entry.get("img_name", str(i))
+    if not isinstance(name, str):
+        raise bad_type(f"results[{i}].img_name", "the image's file name", name)
+    return DenseCapImage(name, boxes, scores, tuple(captions), image_size)
+
+
 def load_densecap(path: str | Path) -> DenseCapResults:
     """Read a DenseCap ``results.json``."""
     path = Path(path)
     if not path.is_file():
         raise bad_value("path", "an existing DenseCap results.json", str(path), raw=True)
+    expected = "a DenseCap results.json with 'opt' (a dict) and 'results' (a list)"
     try:
         data = json.loads(path.read_text("utf-8"))
         opt, results = data["opt"], data["results"]
-        image_size = int(opt.get("image_size", 720))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise bad_value("path", "a DenseCap results.json with 'opt' and 'results'", str(path),
-                        raw=True) from exc
-    if image_size <= 0:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise bad_value("path", expected, str(path), raw=True) from exc
+    if not isinstance(opt, dict) or not isinstance(results, list):
+        raise bad_value("path", expected, str(path), raw=True)
+    image_size = opt.get("image_size", 720)
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, float)) or \
+            not math.isfinite(image_size) or image_size < 1:
         raise bad_value("opt.image_size", "a positive size (the resized longest side)",
                         image_size)
-    images = []
-    for i, entry in enumerate(results):
-        if not isinstance(entry, dict):
-            raise bad_type(f"results[{i}]", "a dict with img_name, boxes, scores, captions", entry)
-        try:
-            boxes = torch.tensor(entry.get("boxes", []), dtype=torch.float64).reshape(-1, 4)
-            scores = torch.tensor(entry.get("scores", []), dtype=torch.float64).reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise bad_value(f"results[{i}]", "boxes [[x, y, w, h], ...] and numeric scores",
-                            entry.get("boxes")) from exc
-        captions = tuple(entry.get("captions", []))
-        if not len(boxes) == len(scores) == len(captions):
-            raise bad_value(f"results[{i}]", "as many boxes as scores and captions",
-                            f"{len(boxes)} boxes, {len(scores)} scores, {len(captions)} captions",
-                            raw=True)
-        images.append(DenseCapImage(str(entry.get("img_name", i)), boxes, scores, captions,
-                                    image_size))
-    return DenseCapResults(opt, tuple(images))
+    return DenseCapResults(opt, tuple(_entry(e, i, int(image_size))
+                                      for i, e in enumerate(results)))

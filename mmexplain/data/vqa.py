@@ -21,8 +21,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mmexplain.errors import bad_type, bad_value
+from mmexplain.errors import InputError, bad_type, bad_value, describe
 
 __all__ = ["VqaItem", "load_vqa", "normalize_answer", "vqa_accuracy", "vqa_image_name"]
 
@@ -47,11 +48,37 @@ def _read_json(path: str | Path, arg: str, key: str) -> list[dict]:
     try:
         data = json.loads(path.read_text("utf-8"))
         entries = data[key]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise bad_value(arg, f"a VQA JSON file with a '{key}' list", str(path), raw=True) from exc
     if not isinstance(entries, list):
         raise bad_value(arg, f"a VQA JSON file with a '{key}' list", str(path), raw=True)
     return entries
+
+
+def _field(entry: Any, i: int, key: str, fields: dict[str, type], arg: str, path: Any) -> None:
+    """Every entry of the file's ``key`` list a dict with ``fields`` of those types: an
+    InputError naming the file, the entry and the key (was a raw KeyError / TypeError)."""
+    if not isinstance(entry, dict):
+        raise InputError(f"{arg}: expected {key}[{i}] of {str(path)!r} to be a dict with "
+                         f"{', '.join(map(repr, fields))}, received {describe(entry)}")
+    for name, kind in fields.items():
+        value = entry.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            got = "no such key" if name not in entry else describe(value)
+            raise InputError(f"{arg}: expected every entry of {key!r} in a VQA file to have "
+                             f"{name!r} ({'an int' if kind is int else 'a ' + kind.__name__}),"
+                             f" received {str(path)!r}, whose {key}[{i}] has {got}")
+
+
+def _answers(ann: dict, i: int, path: Any) -> tuple[str, ...]:
+    answers = ann["answers"]
+    for j, a in enumerate(answers):
+        _field(a, j, f"annotations[{i}].answers", {"answer": str}, "annotations", path)
+    for key in ("multiple_choice_answer", "answer_type", "question_type"):
+        if ann.get(key) is not None and not isinstance(ann[key], str):
+            raise InputError(f"annotations: expected {key!r} to be a str, received "
+                             f"{str(path)!r}, whose annotations[{i}] has {describe(ann[key])}")
+    return tuple(a["answer"] for a in answers)
 
 
 def load_vqa(questions: str | Path, annotations: str | Path | None = None) -> list[VqaItem]:
@@ -59,21 +86,27 @@ def load_vqa(questions: str | Path, annotations: str | Path | None = None) -> li
 
     Every question must have an annotation when an annotations file is given.
     """
-    items = [VqaItem(int(q["question_id"]), int(q["image_id"]), q["question"])
-             for q in _read_json(questions, "questions", "questions")]
+    entries = _read_json(questions, "questions", "questions")
+    for i, q in enumerate(entries):
+        _field(q, i, "questions", {"question_id": int, "image_id": int, "question": str},
+               "questions", questions)
+    items = [VqaItem(q["question_id"], q["image_id"], q["question"]) for q in entries]
     if annotations is None:
         return items
-    by_id = {int(a["question_id"]): a for a in _read_json(annotations, "annotations",
-                                                          "annotations")}
+    anns = _read_json(annotations, "annotations", "annotations")
+    for i, a in enumerate(anns):
+        _field(a, i, "annotations", {"question_id": int, "answers": list}, "annotations",
+               annotations)
+    by_id = {a["question_id"]: (i, a) for i, a in enumerate(anns)}
     out = []
     for item in items:
-        ann = by_id.get(item.question_id)
-        if ann is None:
+        if item.question_id not in by_id:
             raise bad_value("annotations", "an annotation for every question",
                             f"none for question_id {item.question_id}", raw=True)
+        i, ann = by_id[item.question_id]
         out.append(VqaItem(
             item.question_id, item.image_id, item.question,
-            answers=tuple(a["answer"] for a in ann["answers"]),
+            answers=_answers(ann, i, annotations),
             multiple_choice_answer=ann.get("multiple_choice_answer"),
             answer_type=ann.get("answer_type"),
             question_type=ann.get("question_type"),

@@ -22,7 +22,7 @@ from mmexplain.errors import bad_value
 
 __all__ = ["VqaHatMaps", "index_vqahat", "load_attention_map"]
 
-_NAME = re.compile(r"^(\d+)_(\d+)\.png$", re.IGNORECASE)
+_NAME = re.compile(r"^([0-9]+)_([0-9]+)\.png$", re.IGNORECASE)  # ASCII digits only
 
 
 def index_vqahat(folder: str | Path) -> dict[int, list[Path]]:
@@ -47,13 +47,17 @@ def index_vqahat(folder: str | Path) -> dict[int, list[Path]]:
 
 def load_attention_map(path: str | Path) -> torch.Tensor:
     """One attention map as a float32 tensor (H, W) in [0, 1]."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L"):
-            data = np.asarray(image, dtype=np.float32) / 65535.0
-        else:
-            data = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("I;16", "I;16B", "I;16L"):
+                data = np.asarray(image, dtype=np.float32) / 65535.0
+            else:
+                data = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise bad_value("path", "a VQA-HAT attention map PIL can read (a greyscale PNG)",
+                        f"{str(path)!r} ({exc})", raw=True) from exc
     return torch.from_numpy(np.ascontiguousarray(data))
 
 
