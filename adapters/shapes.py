@@ -11,7 +11,10 @@ Three tiny models trained on :mod:`mmexplain.data.shapes` by
 All three are trained with explanation supervision (GAIN, Li et al. 2018: their
 Grad-CAM maps at the default layers are pulled towards the ground-truth masks),
 so their evidence is known to lie on the objects; see the README and
-``scripts/train_shapes.py``.
+``scripts/train_shapes.py``. Their twins ``shapes-captioner-plain``,
+``shapes-vqa-plain`` and ``shapes-c3d-plain`` (the same classes, other weight files)
+are trained on their task alone (``scripts/train_shapes.py --plain``): models never
+trained for either explanation method.
 
 The image trunk is the tiny CNN of the captioner module with two coordinate
 channels (x, y in [-1, 1]) appended to its input ("CoordConv"), so that the
@@ -52,11 +55,11 @@ VQA_SIZES = dict(embed_size=32, hidden_size=96, num_layers=2, common_size=128, m
 C3D_SIZES = dict(width=0.125, frames=16, size=64, fc_width=128, dropout=0.2)
 #: The shapes C3D sees clips in [0, 1] normalised as (x - mean) / std.
 CLIP_MEAN, CLIP_STD = 0.5, 0.25
-WEIGHT_FILES = {
-    "shapes-captioner": "shapes-captioner.safetensors",
-    "shapes-vqa": "shapes-vqa.safetensors",
-    "shapes-c3d": "shapes-c3d.safetensors",
-}
+#: The shipped models, each with its task-only twin (``-plain``), and their weight files.
+SHIPPED_MODELS = ("shapes-captioner", "shapes-vqa", "shapes-c3d")
+PLAIN = "-plain"
+WEIGHT_FILES = {f"{name}{suffix}": f"{name}{suffix}.safetensors"
+                for name in SHIPPED_MODELS for suffix in ("", PLAIN)}
 
 
 class AddCoords(nn.Module):
@@ -96,8 +99,9 @@ def weights_dir() -> Path:
 def shipped_weights(name: str) -> Path:
     path = weights_dir() / WEIGHT_FILES[name]
     if not path.is_file():
-        raise bad_value("weights", f"the shipped {name} weights at {path} (run "
-                        "scripts/train_shapes.py to make them)", "a missing file", raw=True)
+        script = "scripts/train_shapes.py" + (" --plain" if name.endswith(PLAIN) else "")
+        raise bad_value("weights", f"the shipped {name} weights at {path} (run {script} to "
+                        "make them)", "a missing file", raw=True)
     return path
 
 
@@ -129,38 +133,36 @@ def _trunk_model(factory: Any, name: str, weights: str | Path | bool | None, lay
     return adapter
 
 
-@register_adapter("shapes-captioner")
 def shapes_captioner(*, weights: str | Path | bool | None = None, layer: str | None = None,
-                     device: str | torch.device | None = None) -> Adapter:
+                     device: str | torch.device | None = None,
+                     name: str = "shapes-captioner") -> Adapter:
     """Show-and-Tell captioner trained on the shapes world (shipped weights)."""
     from mmexplain.adapters.captioner import show_tell
     from mmexplain.data.shapes import CAPTION_VOCAB
 
-    return _trunk_model(show_tell, "shapes-captioner", weights, layer, device,
+    return _trunk_model(show_tell, name, weights, layer, device,
                         dict(vocab=CAPTION_VOCAB, normalize=None, **CAPTIONER_SIZES))
 
 
-@register_adapter("shapes-vqa")
 def shapes_vqa(*, weights: str | Path | bool | None = None, layer: str | None = None,
-               device: str | torch.device | None = None) -> Adapter:
+               device: str | torch.device | None = None, name: str = "shapes-vqa") -> Adapter:
     """CNN+LSTM VQA model trained on the shapes world (shipped weights)."""
     from mmexplain.adapters.vqa import vqa_lstm
     from mmexplain.data.shapes import ANSWER_VOCAB, QUESTION_VOCAB
 
-    return _trunk_model(vqa_lstm, "shapes-vqa", weights, layer, device,
+    return _trunk_model(vqa_lstm, name, weights, layer, device,
                         dict(question_vocab=QUESTION_VOCAB, answer_vocab=ANSWER_VOCAB,
                              normalize=None, **VQA_SIZES))
 
 
-@register_adapter("shapes-c3d")
 def shapes_c3d(*, weights: str | Path | bool | None = None, layer: str | None = None,
-               device: str | torch.device | None = None) -> Adapter:
+               device: str | torch.device | None = None, name: str = "shapes-c3d") -> Adapter:
     """A narrow C3D trained on the shapes world's 16-frame action clips (shipped weights)."""
     from mmexplain.adapters.c3d import C3D, c3d_adapter
     from mmexplain.data.shapes import ACTIONS
     from mmexplain.data.video import Preprocess
 
-    path = shipped_weights("shapes-c3d") if weights is None else weights
+    path = shipped_weights(name) if weights is None else weights
     cfg = stored_config(path) if weights is not False else {}
     model = C3D(**{"num_classes": len(ACTIONS), **C3D_SIZES, **cfg})
     prep = Preprocess(resize=(model.size, model.size), crop=(model.size, model.size),
@@ -168,5 +170,22 @@ def shapes_c3d(*, weights: str | Path | bool | None = None, layer: str | None = 
     adapter = c3d_adapter(weights=path if weights is not False else False, model=model,
                           labels=list(ACTIONS), preprocess=prep,
                           layer=layer or C3D_DEFAULT_LAYER)
-    adapter.name = "shapes-c3d"
+    adapter.name = name
     return adapter.to(device) if device is not None else adapter
+
+
+def _register_shipped() -> None:
+    """Register each shipped model and its task-only twin: one factory, another name (and
+    so another weight file, :data:`WEIGHT_FILES`)."""
+    from functools import partial
+
+    factories = dict(zip(SHIPPED_MODELS, (shapes_captioner, shapes_vqa, shapes_c3d)))
+    for base, factory in factories.items():
+        doc = (factory.__doc__ or "").strip().split("\n")[0]
+        register_adapter(base, doc)(factory)
+        register_adapter(base + PLAIN, doc.replace("trained on", "trained on the task alone "
+                                                   "(no explanation supervision) on"))(
+            partial(factory, name=base + PLAIN))
+
+
+_register_shipped()

@@ -2,6 +2,7 @@
 
     python scripts/train_shapes.py                 # all three, into mmexplain/weights/
     python scripts/train_shapes.py --only vqa --out /tmp/w
+    python scripts/train_shapes.py --plain          # the task-only twins (*-plain)
 
 Deterministic (fixed seeds, fixed thread count): the same command on the same
 machine gives the same weights. Trains on world seed 0 and reports accuracy on
@@ -10,6 +11,11 @@ Budget: 20 minutes on 2 CPU cores for all three (each model trains in its own
 single-threaded process, side by side: ``--jobs 3``, the default); measured: 18 min
 13 s and 19 min 27 s wall clock in two runs, about 12 GB of memory at peak (see the
 README).
+
+``--plain`` trains the same three architectures, seeds and data on their task alone --
+no auxiliary probes, no concept supervision, no explanation supervision (no third phase)
+-- on the longer schedule :data:`PLAIN_SCHEDULE`, into ``shapes-*-plain.safetensors``:
+models never trained for any explanation method, for the demo's side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -58,6 +64,17 @@ EXPLAIN_WEIGHT = 1.0
 CAPTIONER_EXPLAIN_LR, VQA_EXPLAIN_LR = 1e-3, 3e-4
 #: The captioner's third phase trains on the stored conv2 maps of this many head scenes.
 EXPLAIN_IMAGES = 20000
+
+
+#: The defaults --plain changes: the steps the probes and the explanation phases took go to
+#: longer task-only phases.
+PLAIN_SCHEDULE = dict(epochs=20, vqa_epochs=4, explain_steps=0,
+                      vqa_explain_steps=0)
+
+
+def weights_name(model: str, plain: bool) -> str:
+    """The file a model's weights are saved to (``shapes-vqa-plain.safetensors`` when plain)."""
+    return f"shapes-{model}{'-plain' if plain else ''}.safetensors"
 
 
 #: glibc malloc settings for the training processes. Each step allocates activations of
@@ -225,16 +242,61 @@ def pointing_loss(pre: torch.Tensor, cover: torch.Tensor, space_dims: int = 2,
 
 
 class Probes(nn.Module):
-    """The model and both auxiliary probes, trained together (only the model is saved)."""
+    """The model and both auxiliary probes, trained together (only the model is saved), with
+    their targets for the ``data`` scenes."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, data: world_mod.SceneBatch) -> None:
         super().__init__()
         self.model, self.looks = model, LooksProbe(model.feature_dim)
         self.presence = PresenceProbe(model)
+        self.targets = look_maps(data, PROBE_GRID), looks_present(data)
 
-    def loss(self, fmap: torch.Tensor, looks: torch.Tensor, present: torch.Tensor
+    def loss(self, fmap: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """fmap: the final maps of the scenes ``rows``."""
+        looks, present = self.targets
+        return self.looks.loss(fmap, looks[rows]) + self.presence.loss(fmap, present[rows])
+
+
+class CaptionerProbes(nn.Module):
+    """The captioner's auxiliary signals in its first phase (not shipped): :class:`Probes` on
+    the final map and a :class:`LooksProbe` on the explained layer (per-word maps need
+    channels that tell a red circle from a blue one there, not only in the pooled map),
+    with their targets for the ``data`` scenes."""
+
+    def __init__(self, model: nn.Module, data: world_mod.SceneBatch) -> None:
+        super().__init__()
+        self.probes = Probes(model, data)
+        self.explained = LooksProbe(TRUNK_CHANNELS[model.trunk.names.index(DEFAULT_LAYER)])
+        self.looks_fine = look_maps(data, data.images.shape[-1] // 4)  # conv3: 16 x 16
+
+    def loss(self, fmap: torch.Tensor, explained: torch.Tensor, idx: torch.Tensor
              ) -> torch.Tensor:
-        return self.looks.loss(fmap, looks) + self.presence.loss(fmap, present)
+        return (self.probes.loss(fmap, idx)
+                + self.explained.loss(explained, self.looks_fine[idx]))
+
+
+def captioner_loss(model: nn.Module, probes: CaptionerProbes | None, images: torch.Tensor,
+                   tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The captioner's first-phase loss on the scenes ``idx``: the caption's mean negative
+    log-likelihood per token (= ShowTell.loss), plus the probes' losses unless ``probes``
+    is None (--plain: the task alone). The trunk runs once for all the losses."""
+    explained = model.feature_map(images[idx], stop=DEFAULT_LAYER)
+    fmap = model.finish(explained, DEFAULT_LAYER)
+    out = model.teacher_forced(model.embed_image(fmap), tokens[idx])
+    nll = -out.token_logprobs().sum() / out.mask.sum().clamp(min=1)
+    return nll if probes is None else nll + probes.loss(fmap, explained, idx)
+
+
+def vqa_loss(model: nn.Module, probes: Probes | None, data: world_mod.SceneBatch,
+             idx: torch.Tensor) -> torch.Tensor:
+    """The VQA model's first-phase loss on the questions ``idx``: cross-entropy of the
+    answers, plus the probes' losses on their scenes unless ``probes`` is None (--plain)."""
+    rows = data.question_image[idx]
+    fmap = model.feature_map(data.images[rows])  # the trunk runs once for all three losses
+    q, n = data.questions[idx], data.question_lengths[idx]
+    logits = model.fuse(model.image_code(fmap), model.question_code(q, n))  # = model(...)
+    task = nn.functional.cross_entropy(logits, data.answers[idx])
+    return task if probes is None else task + probes.loss(fmap, rows)
 
 
 @torch.no_grad()
@@ -352,33 +414,22 @@ def explain_vqa(model: nn.Module, head: world_mod.SceneBatch, steps: int, lr: fl
 
 
 def train_captioner(out: Path, images: int, epochs: int, seed: int,
-                    head: world_mod.SceneBatch, head_steps: int, explain_steps: int) -> None:
+                    head: world_mod.SceneBatch, head_steps: int, explain_steps: int,
+                    plain: bool = False) -> None:
     """Phase 1: trunk, probes and LSTM together on ``images`` scenes. Phase 2 (as Show and
     Tell trains its LSTM on a fixed CNN): the trunk frozen, image_proj + LSTM on the pooled
     codes of the many more scenes in ``head`` (a trunk pass each, then cheap steps).
-    Phase 3: explanation supervision (:func:`explain_captioner`)."""
+    Phase 3: explanation supervision (:func:`explain_captioner`). ``plain``: no probes
+    (and no phase 3 with ``explain_steps`` 0), saved as shapes-captioner-plain."""
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).image_batch(images)
     tokens = data.captions[:, 1:]  # words then <end>, padded (the captioner's format)
     model = ShowTell(world_mod.CAPTION_VOCAB, trunk=shapes_trunk(TRUNK_CHANNELS),
                      trunk_channels=TRUNK_CHANNELS, normalize=None, **CAPTIONER)
-    probes = Probes(model)
-    looks, present = look_maps(data, PROBE_GRID), looks_present(data)
-    # the explained layer learns the looks too: per-word maps need channels that tell a red
-    # circle from a blue one there, not only in the pooled map
-    explained_looks = LooksProbe(TRUNK_CHANNELS[model.trunk.names.index(DEFAULT_LAYER)])
-    looks_fine = look_maps(data, data.images.shape[-1] // 4)  # conv3: 16 x 16
-
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        explained = model.feature_map(data.images[idx], stop=DEFAULT_LAYER)
-        fmap = model.finish(explained, DEFAULT_LAYER)  # the trunk runs once for all losses
-        out = model.teacher_forced(model.embed_image(fmap), tokens[idx])
-        nll = -out.token_logprobs().sum() / out.mask.sum().clamp(min=1)  # = ShowTell.loss
-        return (nll + probes.loss(fmap, looks[idx], present[idx])
-                + explained_looks.loss(explained, looks_fine[idx]))
-
-    fit(nn.ModuleList([probes, explained_looks]), loss_of, images, epochs=epochs, batch=64,
-        lr=2e-3, seed=seed, name="captioner")
+    probes = None if plain else CaptionerProbes(model, data)
+    fit(model if probes is None else probes,
+        lambda idx: captioner_loss(model, probes, data.images, tokens, idx), images,
+        epochs=epochs, batch=64, lr=2e-3, seed=seed, name="captioner")
     names = model.trunk.names
     below = names[names.index(DEFAULT_LAYER) - 1]  # the stage feeding the explained layer
     keep = min(EXPLAIN_IMAGES, len(head.images)) if explain_steps > 0 else 0
@@ -393,33 +444,24 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int,
         lr=CAPTIONER_HEAD_LR, seed=seed + 3, name="captioner LSTM", params=head_params(model),
         clip=None)
     explain_captioner(model, head, stored, explain_steps, CAPTIONER_EXPLAIN_LR, seed + 4)
-    path = save_checkpoint(model, out / "shapes-captioner.safetensors")
+    path = save_checkpoint(model, out / weights_name("captioner", plain))
     acc = caption_accuracy(model, world_mod.ShapesWorld(seed=seed + 1).image_batch(500))
     print(f"captioner: visual words correct {acc:.1%} on 500 fresh scenes -> {path}")
 
 
 def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.SceneBatch,
-              head_steps: int, explain_steps: int) -> None:
+              head_steps: int, explain_steps: int, plain: bool = False) -> None:
     """The phases of :func:`train_captioner`, with the question LSTM and fusion; phase 3 is
-    :func:`explain_vqa`."""
+    :func:`explain_vqa`. ``plain``: no probes, saved as shapes-vqa-plain."""
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).image_batch(images)
     model = LSTMQNormI(world_mod.QUESTION_VOCAB, world_mod.ANSWER_VOCAB,
                        trunk=shapes_trunk(TRUNK_CHANNELS), trunk_channels=TRUNK_CHANNELS,
                        normalize=None, **VQA)
     loss_fn = nn.CrossEntropyLoss()
-    probes = Probes(model)
-    looks, present = look_maps(data, PROBE_GRID), looks_present(data)
-
-    def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        rows = data.question_image[idx]
-        fmap = model.feature_map(data.images[rows])  # the trunk runs once for all three losses
-        q, n = data.questions[idx], data.question_lengths[idx]
-        logits = model.fuse(model.image_code(fmap), model.question_code(q, n))  # = model(...)
-        return loss_fn(logits, data.answers[idx]) + probes.loss(fmap, looks[rows], present[rows])
-
-    fit(probes, loss_of, len(data.questions), epochs=epochs, batch=64, lr=2e-3, seed=seed,
-        name="vqa")
+    probes = None if plain else Probes(model, data)
+    fit(model if probes is None else probes, lambda idx: vqa_loss(model, probes, data, idx),
+        len(data.questions), epochs=epochs, batch=64, lr=2e-3, seed=seed, name="vqa")
     codes, _ = pooled_codes(model, head.images)
 
     def head_loss(idx: torch.Tensor) -> torch.Tensor:
@@ -431,7 +473,7 @@ def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.Sc
     fit(model, head_loss, n, epochs=head_epochs(head_steps, n, 64), batch=64, lr=VQA_HEAD_LR,
         seed=seed + 3, name="vqa LSTM", params=head_params(model), clip=None)
     explain_vqa(model, head, explain_steps, VQA_EXPLAIN_LR, seed + 4)
-    path = save_checkpoint(model, out / "shapes-vqa.safetensors")
+    path = save_checkpoint(model, out / weights_name("vqa", plain))
     acc = vqa_accuracy(model, world_mod.ShapesWorld(seed=seed + 1).image_batch(500))
     print(f"vqa: accuracy {acc:.1%} on the questions of 500 fresh scenes -> {path}")
 
@@ -467,39 +509,51 @@ def augment_clips(videos: torch.Tensor, actions: torch.Tensor, gen: torch.Genera
     return videos, actions
 
 
-def train_c3d(out: Path, clips: int, epochs: int, seed: int) -> None:
+def c3d_loss(model: nn.Module, acts: dict[str, torch.Tensor], both: torch.Tensor,
+             actions: torch.Tensor, plain: bool = False) -> torch.Tensor:
+    """The C3D's loss on augmented clips ``both`` (B, 4, T, H, W) uint8, the actor's mask as
+    the fourth channel: cross-entropy of the actions, plus (unless ``plain``) the concept
+    loss of the explained layer (``acts["a"]``, kept by :func:`keep_output`) and
+    EXPLAIN_WEIGHT times the pointing loss of its Grad-CAM map per frame."""
+    from mmexplain.adapters.shapes import CLIP_MEAN, CLIP_STD
+
+    x = (both[:, :3].float() / 255 - CLIP_MEAN) / CLIP_STD
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, actions)
+    if plain:
+        return loss
+    grid = acts["a"].shape[-3:]  # conv3b: (T/2, H/4, W/4)
+    actor = nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), grid)  # cell coverage
+    n_actions = len(world_mod.ACTIONS)
+    target = actor * nn.functional.one_hot(actions, n_actions).float()[:, :, None, None, None]
+    explained = maps_at(acts["a"], logits.gather(1, actions[:, None])[:, 0])
+    return (loss + concept_loss(acts["a"], target)
+            + EXPLAIN_WEIGHT * pointing_loss(explained, actor[:, 0]))  # per frame
+
+
+def train_c3d(out: Path, clips: int, epochs: int, seed: int, plain: bool = False) -> None:
+    """The C3D on mirrored and reversed clips (:func:`augment_clips`) with :func:`c3d_loss`;
+    ``plain``: the task alone, saved as shapes-c3d-plain."""
     from safetensors.torch import save_file
 
     from mmexplain.adapters.c3d import C3D
-    from mmexplain.adapters.shapes import CLIP_MEAN, CLIP_STD
     from mmexplain.tasks.shapes import action_accuracy
 
     torch.manual_seed(seed)
     data = world_mod.ShapesWorld(seed=seed).clip_batch(clips, dtype=torch.uint8)
     model = C3D(**C3D_CONFIG)
-    loss_fn = nn.CrossEntropyLoss()
-
     gen = torch.Generator().manual_seed(seed + 2)
     acts, hook = keep_output(getattr(model, C3D_DEFAULT_LAYER))
-    n_actions = len(world_mod.ACTIONS)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
         # the actor's masks ride along as a fourth channel, so they are mirrored with the clip
         both = torch.cat([data.videos[idx], data.actor_masks[idx, None].to(torch.uint8)], 1)
         both, actions = augment_clips(both, data.actions[idx], gen)
-        x = (both[:, :3].float() / 255 - CLIP_MEAN) / CLIP_STD
-        logits = model(x)
-        loss = loss_fn(logits, actions)
-        grid = acts["a"].shape[-3:]  # conv3b: (T/2, H/4, W/4)
-        actor = nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), grid)  # cell coverage
-        target = actor * nn.functional.one_hot(actions, n_actions).float()[:, :, None, None, None]
-        explained = maps_at(acts["a"], logits.gather(1, actions[:, None])[:, 0])
-        return (loss + concept_loss(acts["a"], target)
-                + EXPLAIN_WEIGHT * pointing_loss(explained, actor[:, 0]))  # per frame
+        return c3d_loss(model, acts, both, actions, plain)
 
     fit(model, loss_of, clips, epochs=epochs, batch=32, lr=2e-3, seed=seed, name="c3d")
     hook.remove()
-    path = out / "shapes-c3d.safetensors"
+    path = out / weights_name("c3d", plain)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata={"mmexplain_config": json.dumps(C3D_CONFIG)})
     acc = action_accuracy(model, world_mod.ShapesWorld(seed=seed + 1).clip_batch(300))
@@ -510,7 +564,9 @@ def _yield_cpu() -> None:
     os.nice(10)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (``argv``, default sys.argv[1:]); --plain changes the defaults of
+    :data:`PLAIN_SCHEDULE` (values given on the command line are kept)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=weights_dir())
     parser.add_argument("--only", choices=["captioner", "vqa", "c3d"], action="append")
@@ -535,7 +591,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per process")
     parser.add_argument("--jobs", type=int, default=3, help="processes: more than 1 trains "
                         "each model in its own process, side by side")
-    args = parser.parse_args()
+    parser.add_argument("--plain", action="store_true", help="train on the task alone (no "
+                        "probes, no concept or explanation supervision) into "
+                        "shapes-*-plain.safetensors; changes the defaults of PLAIN_SCHEDULE")
+    if parser.parse_known_args(argv)[0].plain:
+        parser.set_defaults(**PLAIN_SCHEDULE)
+    return parser.parse_args(argv)
+
+
+def child_command(args: argparse.Namespace, name: str) -> list[str]:
+    """The command line of the process that trains model ``name`` alone (--jobs 1) with
+    every other setting of ``args`` spelled out."""
+    return ([sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--jobs",
+             "1"] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                     if k not in ("out", "only", "jobs", "plain")]
+            + (["--plain"] if args.plain else []) + ["--only", name])
+
+
+def main() -> None:
+    args = parse_args()
     reuse_memory()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -545,12 +619,9 @@ def main() -> None:
     if args.jobs > 1 and len(todo) > 1:
         # one process per model, single-threaded each (so the same weights as one by one);
         # the operating system shares the cores between them
-        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
-                "--jobs", "1"] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                  if k not in ("out", "only", "jobs")]
         # the captioner's process is the longest: the others yield the CPU to it (the same
         # work and the same weights; only the order in which the cores serve them changes)
-        children = [subprocess.Popen(base + ["--only", name],
+        children = [subprocess.Popen(child_command(args, name),
                                      preexec_fn=None if name == "captioner" else _yield_cpu)
                     for name in todo]
         failed = [name for name, child in zip(todo, children) if child.wait() != 0]
@@ -562,13 +633,13 @@ def main() -> None:
     if "captioner" in todo:
         train_captioner(args.out, args.images, args.epochs, args.seed,
                         world.image_batch(args.head_images), args.head_steps,
-                        args.explain_steps)
+                        args.explain_steps, args.plain)
     if "vqa" in todo:
         train_vqa(args.out, args.images, args.vqa_epochs, args.seed,
                   world.image_batch(args.vqa_head_images), args.vqa_head_steps,
-                  args.vqa_explain_steps)
+                  args.vqa_explain_steps, args.plain)
     if "c3d" in todo:
-        train_c3d(args.out, args.clips, args.c3d_epochs, args.seed)
+        train_c3d(args.out, args.clips, args.c3d_epochs, args.seed, args.plain)
     print(f"done in {time.time() - start:.0f} s")
 
 

@@ -1,0 +1,219 @@
+"""The task-only twins of the shapes models (issue 19): shapes-captioner-plain,
+shapes-vqa-plain and shapes-c3d-plain, trained by ``scripts/train_shapes.py --plain``.
+
+They work (the supervised models' accuracy bars, on the tests' seed), every command
+takes them by name, and their training loss is the task's alone: no probe, no concept
+and no explanation term (checked on values), deterministically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmexplain.adapters import get_adapter
+from mmexplain.data import shapes as W
+from mmexplain.tasks.shapes import action_accuracy, caption_accuracy, vqa_accuracy
+
+EVAL_SEED = 777  # as tests/test_demo.py: training used world seeds 0 and 1
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes.py"
+
+
+def _shipped() -> bool:
+    from mmexplain.adapters.shapes import PLAIN, SHIPPED_MODELS, WEIGHT_FILES, weights_dir
+
+    return all((weights_dir() / WEIGHT_FILES[n + PLAIN]).is_file() for n in SHIPPED_MODELS)
+
+
+#: The tests of the shipped plain models wait for their weights (the training's losses and
+#: determinism below are checked either way).
+shipped = pytest.mark.skipif(not _shipped(), reason="the plain models' weights are not in "
+                             "mmexplain/weights yet: run scripts/train_shapes.py --plain")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_shapes_plain", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fresh_scenes() -> W.SceneBatch:
+    return W.ShapesWorld(seed=EVAL_SEED).image_batch(300)
+
+
+# --------------------------------------------------------------------------- the shipped twins
+
+
+def test_the_plain_models_are_registered_beside_the_supervised_ones() -> None:
+    """The same factories under another name: the same classes, another weight file."""
+    from mmexplain.adapters import describe_adapters
+    from mmexplain.adapters.shapes import WEIGHT_FILES, shipped_weights
+
+    docs = describe_adapters()
+    for name in ("shapes-captioner", "shapes-vqa", "shapes-c3d"):
+        plain = get_adapter(name + "-plain", weights=False)
+        assert plain.name == name + "-plain"
+        assert type(plain) is type(get_adapter(name, weights=False))
+        assert "task alone" in docs[name + "-plain"] and "task alone" not in docs[name]
+        assert WEIGHT_FILES[name + "-plain"] == name + "-plain.safetensors"
+        assert shipped_weights(name).name == name + ".safetensors"
+
+
+@shipped
+def test_the_shipped_plain_weights_are_other_weights() -> None:
+    for name in ("shapes-captioner", "shapes-vqa", "shapes-c3d"):
+        sup = get_adapter(name).model.state_dict()
+        twin = get_adapter(name + "-plain").model.state_dict()
+        assert sup.keys() == twin.keys() and not any(torch.equal(sup[k], twin[k]) for k in sup
+                                                     if k.endswith(".weight"))
+
+
+@shipped
+def test_the_plain_captioner_names_what_is_there(fresh_scenes: W.SceneBatch) -> None:
+    acc = caption_accuracy(get_adapter("shapes-captioner-plain").model, fresh_scenes)
+    assert acc >= 0.90, f"visual words of generated captions {acc:.1%} correct"
+
+
+@shipped
+def test_the_plain_vqa_model_answers(fresh_scenes: W.SceneBatch) -> None:
+    acc = vqa_accuracy(get_adapter("shapes-vqa-plain").model, fresh_scenes)
+    assert acc >= 0.85, f"VQA accuracy {acc:.1%} on {len(fresh_scenes.questions)} questions"
+
+
+@shipped
+def test_the_plain_c3d_recognises_actions() -> None:
+    clips = W.ShapesWorld(seed=EVAL_SEED).clip_batch(120)
+    acc = action_accuracy(get_adapter("shapes-c3d-plain").model, clips)
+    assert acc >= 0.90, f"action accuracy {acc:.1%}"
+
+
+@shipped
+def test_mmexplain_vqa_explains_the_plain_model_as_the_library_does(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mmexplain.cli import main
+    from mmexplain.data.images import read_image
+    from mmexplain.tasks.vqa import explain_vqa
+
+    scene = W.ShapesWorld(seed=5).image(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray((scene.image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    question = "what color is the circle ?"
+    assert main(["vqa", str(path), "--model", "shapes-vqa-plain", "--question", question,
+                 "--answers", "red,blue", "--out", str(tmp_path / "o")]) == 0
+    saved = np.load(next((tmp_path / "o").glob("*.npz")))
+    plain = get_adapter("shapes-vqa-plain")
+    expl, answers = explain_vqa(plain, plain.prepare_image(read_image(path))[0], question,
+                                ["red", "blue"])
+    assert answers == ["red", "blue"] and saved["maps"].shape == (2, 16, 16)
+    np.testing.assert_allclose(saved["maps"], expl.maps[0].numpy(), rtol=1e-5, atol=1e-7)
+    supervised, _ = explain_vqa(get_adapter("shapes-vqa"), plain.prepare_image(
+        read_image(path))[0], question, ["red", "blue"])
+    assert not np.allclose(saved["maps"], supervised.maps[0].numpy())  # the other model
+
+
+# --------------------------------------------------------------------------- the training
+
+
+def test_plain_losses_are_the_task_alone(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model's loss with plain=True / probes=None equals its task loss, computed
+    independently, and never calls the concept or pointing loss; the supervised loss adds
+    exactly those terms."""
+    from mmexplain.adapters.c3d import C3D
+
+    torch.manual_seed(0)
+    model = C3D(**{**script.C3D_CONFIG, "dropout": 0.0}).eval()
+    clips = W.ShapesWorld(seed=3).clip_batch(2, dtype=torch.uint8)
+    both = torch.cat([clips.videos, clips.actor_masks[:, None].to(torch.uint8)], 1)
+    acts, hook = script.keep_output(getattr(model, script.C3D_DEFAULT_LAYER))
+    supervised = script.c3d_loss(model, acts, both, clips.actions).item()
+    # the terms computed here, from one forward: cross-entropy, concept and pointing losses
+    x = (clips.videos.float() / 255 - 0.5) / 0.25
+    logits = model(x)
+    conv3b = acts["a"]
+    task = float(torch.nn.functional.cross_entropy(logits, clips.actions))
+    actor = torch.nn.functional.adaptive_avg_pool3d(both[:, 3:].float(), conv3b.shape[-3:])
+    target = actor * torch.nn.functional.one_hot(clips.actions, len(W.ACTIONS)).float()[
+        :, :, None, None, None]
+    explained = script.maps_at(conv3b, logits.gather(1, clips.actions[:, None])[:, 0])
+    extra = float(script.concept_loss(conv3b, target)
+                  + script.pointing_loss(explained, actor[:, 0]))
+    called = []
+    for name in ("concept_loss", "pointing_loss", "maps_at"):
+        monkeypatch.setattr(script, name, lambda *a, name=name, **k: called.append(name))
+    plain = script.c3d_loss(model, acts, both, clips.actions, plain=True).item()
+    hook.remove()
+    monkeypatch.undo()
+    assert called == [] and plain == pytest.approx(task, rel=1e-6)
+    assert extra > 0.01 and supervised == pytest.approx(task + extra, rel=1e-5)
+
+
+def test_plain_image_losses_have_no_probe_term(script) -> None:
+    from mmexplain.adapters.captioner import ShowTell
+    from mmexplain.adapters.shapes import shapes_trunk
+    from mmexplain.adapters.vqa import LSTMQNormI
+
+    data = W.ShapesWorld(seed=3).image_batch(4)
+    idx = torch.tensor([2, 0])
+    torch.manual_seed(0)
+    channels = script.TRUNK_CHANNELS
+    cap = ShowTell(W.CAPTION_VOCAB, trunk=shapes_trunk(channels), trunk_channels=channels,
+                   normalize=None, **script.CAPTIONER).eval()
+    tokens = data.captions[:, 1:]
+    plain = float(script.captioner_loss(cap, None, data.images, tokens, idx))
+    assert plain == pytest.approx(float(cap.loss(data.images[idx], tokens[idx])), rel=1e-6)
+    probes = script.CaptionerProbes(cap, data).eval()
+    with_probes = float(script.captioner_loss(cap, probes, data.images, tokens, idx))
+    assert with_probes - plain > 1.0  # the looks probes' cross-entropies (~log 31)
+    vqa = LSTMQNormI(W.QUESTION_VOCAB, W.ANSWER_VOCAB, trunk=shapes_trunk(channels),
+                     trunk_channels=channels, normalize=None, **script.VQA).eval()
+    q = torch.arange(3)
+    logits = vqa(data.images[data.question_image[q]], data.questions[q], data.question_lengths[q])
+    want = float(torch.nn.functional.cross_entropy(logits, data.answers[q]))
+    assert float(script.vqa_loss(vqa, None, data, q)) == pytest.approx(want, rel=1e-6)
+    assert float(script.vqa_loss(vqa, script.Probes(vqa, data), data, q)) > want + 1.0
+
+
+def test_plain_defaults_and_the_child_processes_flag(script) -> None:
+    args = script.parse_args(["--plain"])
+    assert args.plain and args.explain_steps == 0 and args.vqa_explain_steps == 0
+    assert (args.epochs, args.vqa_epochs) == (script.PLAIN_SCHEDULE["epochs"],
+                                             script.PLAIN_SCHEDULE["vqa_epochs"])
+    assert script.parse_args(["--plain", "--epochs", "3"]).epochs == 3  # asked for: kept
+    assert script.parse_args([]).explain_steps == 1500  # the supervised schedule unchanged
+    child = script.child_command(args, "vqa")
+    assert child.count("--plain") == 1 and child[-2:] == ["--only", "vqa"]
+    assert "--epochs=20" in child and "--explain-steps=0" in child
+    assert "--plain" not in script.child_command(script.parse_args([]), "vqa")
+
+
+TINY = ["--images", "64", "--vqa-epochs", "1", "--vqa-head-images", "64",
+        "--vqa-head-steps", "2", "--jobs", "1", "--only", "vqa"]
+
+
+def test_the_plain_path_is_deterministic_and_named_plain(script, tmp_path: Path) -> None:
+    """scripts/train_shapes.py --plain (a tiny VQA run) writes shapes-vqa-plain only, and
+    the same weights as the same run in this process, twice."""
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, str(SCRIPT), "--plain", "--out", str(out), *TINY],
+                   check=True, capture_output=True)
+    assert [p.name for p in out.iterdir()] == ["shapes-vqa-plain.safetensors"]
+    world, threads = W.ShapesWorld(seed=0), torch.get_num_threads()
+    torch.set_num_threads(1)  # the script's threads (the same arithmetic)
+    try:
+        for run in ("a", "b"):
+            (tmp_path / run).mkdir()
+            script.train_vqa(tmp_path / run, 64, 1, 0, world.image_batch(64), 2, 0, plain=True)
+    finally:
+        torch.set_num_threads(threads)
+    files = [d / "shapes-vqa-plain.safetensors" for d in (out, tmp_path / "a", tmp_path / "b")]
+    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
