@@ -271,7 +271,8 @@ def check_batch(inputs: Any, model: Any, batch: int) -> None:
                         f"{dtype or torch.float32}; a uint8 image scaled to [0, 1]: "
                         "x.float() / 255)", inputs)
     if dtype is not None and inputs.is_floating_point() and inputs.dtype != dtype \
-            and not torch.is_autocast_enabled(inputs.device.type):
+            and not is_adapter(model) and not torch.is_autocast_enabled(inputs.device.type):
+        # (an adapter casts its inputs itself: a bf16 Hugging Face model takes float32 pixels)
         raise bad_value("inputs", f"a tensor of the model's dtype {dtype} (x.to({dtype}))",
                         inputs)
     first = _first_layer(model) if isinstance(model, nn.Module) else None

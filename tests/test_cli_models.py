@@ -100,7 +100,7 @@ def test_classify_writes_overlays_and_maps_equal_to_the_library_call(tmp_path, c
     path = shared_file("images", "cat_dog.png")
     torch.manual_seed(1)
     rc = main(["classify", str(path), "--classes", "tabby,boxer", "--size", "112",
-               "--out", str(tmp_path)])
+               "--seed", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0 and "weights: random weights: no weight file or cache found" in out
     saved = np.load(tmp_path / "cat_dog_resnet18_gradcam.npz")
