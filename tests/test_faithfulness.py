@@ -686,8 +686,10 @@ def test_gradcampp_maps_are_a_positive_mix_of_the_activations_that_a_random_head
     these scenes), while signed weights and the ReLU, Grad-CAM's regime, give another map
     each time (0.12-0.20). Randomising the layers above the explained one changes the
     gradients only (the activations stay bit-identical), so Grad-CAM++'s map keeps its
-    layout until conv3, the explained layer, is itself randomised. The exponential form
-    is not the cause: s * g stays far below 2 (alpha ~ 1/2, no saturation)."""
+    layout until conv3, the explained layer, is itself randomised. Saturation is not the
+    cause: s * g stays far below 2 (alpha ~ 1/2). The softmax form (eq. 22-24), whose
+    alpha can be negative, weights about a third of the channels negatively on these
+    scenes, and it does fall below 0.5 at the first layer (README, as measured)."""
     from mmexplain.data.shapes import ShapesWorld
     from mmexplain.evaluate import load_model
     from mmexplain.methods import gradcampp
@@ -703,6 +705,9 @@ def test_gradcampp_maps_are_a_positive_mix_of_the_activations_that_a_random_head
         return spied(acts, grads)
 
     monkeypatch.setattr(gradcampp, "gradcam_pp_weights", spy)
+    softmax_weights = gradcampp.gradcam_pp_softmax_weights
+    monkeypatch.setattr(gradcampp, "gradcam_pp_softmax_weights",
+                        lambda *a: seen.setdefault("softmax", softmax_weights(*a)))
     gen = torch.Generator().manual_seed(0)
     world = ShapesWorld(seed=SEED)
     for index, (pos_floor, signed_ceiling) in enumerate([(0.65, 0.3), (0.85, 0.3), (0.7, 0.3)]):
@@ -736,6 +741,10 @@ def test_gradcampp_maps_are_a_positive_mix_of_the_activations_that_a_random_head
         P.explain(randomized, x, [cls], "gradcam++")
         assert torch.equal(seen["acts"][0], acts) and not torch.equal(seen["grads"][0], grads)
         assert float(spied(seen["acts"], seen["grads"]).min()) > 0  # still a positive mix
+        # the softmax form (eq. 22-24): alpha can be negative, so can weights: a signed mix
+        seen.pop("softmax", None)
+        P.explain(task, x, [cls], "gradcam++", form="softmax")
+        assert int((seen["softmax"] < 0).sum()) >= 15  # 21, 19, 19 of the 64 channels
 
 
 def test_faithfulness_road_and_relevance_summaries_become_bars_of_their_numbers() -> None:
