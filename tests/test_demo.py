@@ -1,7 +1,15 @@
-"""The embedded default: the shipped shapes-world models work, and the demo report renders."""
+"""The embedded default: the shipped shapes-world models work, and the demo report renders.
+
+The demo measures two model sets side by side (supervised and plain); here its "plain" set
+is pointed at the supervised models' files (``SETS`` patched), so that the two sets'
+figures must come out equal: the side-by-side machinery is checked on values, whether or
+not the plain models are shipped (tests/test_plain_models.py checks those).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -24,10 +32,11 @@ EVAL_SEED = 777  # training used world seed 0 (and 1 for its own check)
 
 
 def test_shipped_weights_are_small_safetensors() -> None:
-    from mmexplain.adapters.shapes import WEIGHT_FILES, weights_dir
+    from mmexplain.adapters.shapes import PLAIN, WEIGHT_FILES, weights_dir
 
     files = [weights_dir() / f for f in WEIGHT_FILES.values()]
-    assert all(f.is_file() for f in files)
+    assert all(f.is_file() for name, f in zip(WEIGHT_FILES, files) if not name.endswith(PLAIN))
+    files = [f for f in files if f.is_file()]  # the plain twins too, once shipped
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     assert all(f.read_bytes()[8:9] == b"{" for f in files)  # safetensors: u64 header size, JSON
 
@@ -55,15 +64,59 @@ def test_vqa_model_answers(fresh_scenes: W.SceneBatch) -> None:
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import mmexplain.demo as demo
+
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--images", "6", "--clips", "2", "--show", "2",
-                 "--seed", "31"]) == 0
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setattr(demo, "SETS", {"supervised": "", "plain": ""})  # plain = the same files
+        assert main(["demo", "--out", str(out), "--images", "6", "--clips", "2", "--show", "2",
+                     "--curves", "1", "--seed", "31"]) == 0
+    (out / "printed.txt").write_text(printed.getvalue())
     return out
+
+
+def test_demo_measures_both_sets_side_by_side(demo_out: Path) -> None:
+    """Both sets are measured by every method (the same models here: equal figures), the
+    printed summary names the set, the report has a table per set, the papers' pair on
+    both sets and the plots."""
+    figures = json.loads((demo_out / "figures.json").read_text())
+    sets = figures["sets"]
+    assert list(sets) == ["supervised", "plain"]
+    assert sets["plain"]["methods"] == sets["supervised"]["methods"]
+    assert sets["plain"]["checks"] == sets["supervised"]["checks"]
+    assert sets["plain"]["curves"] == sets["supervised"]["curves"]
+    assert sets["supervised"]["models"]["vqa"] == "shapes-vqa"
+    printed = (demo_out / "printed.txt").read_text().splitlines()
+    for s in ("supervised", "plain"):
+        assert sum(line.split()[:2] == [s, "Grad-CAM:"] for line in printed) == 1
+        assert any(line.startswith(f"{s} models: caption visual words") for line in printed)
+    html = (demo_out / "report.html").read_text()
+    assert "supervised models (shapes-captioner, shapes-vqa, shapes-c3d)" in html
+    assert "The papers&#x27; pair on both sets" in html or "The papers' pair on both sets" in html
+    assert html.count("<table>") == 5  # a figures and a checks table per set, the pair's
+    # plots: the faithfulness bars, deletion and insertion curves per set
+    assert html.count("data:image/png;base64,") >= 1 + 2 * 2 + 4
+
+
+def test_demo_deletion_figures_are_the_protocols(demo_out: Path) -> None:
+    """The deletion AUC and curve of the first scene's VQA answers, as the protocol gives."""
+    from mmexplain.tasks import protocols as P
+
+    figures = json.loads((demo_out / "figures.json").read_text())
+    scene = W.ShapesWorld(seed=31).images(1)[0]
+    entries = P.shapes_perturbation(get_adapter("shapes-vqa"), scene, mode="deletion",
+                                    methods=["gradcam"])
+    want = P.summarize_perturbation(entries, ["gradcam"])["gradcam"]
+    got = figures["sets"]["supervised"]
+    assert got["methods"]["gradcam"]["vqa_deletion_auc"] == pytest.approx(want["auc"]["mean"])
+    assert got["curves"]["deletion"]["gradcam"] == pytest.approx(want["curve"])
+    assert len(want["curve"]) == P.CURVE_STEPS + 1
 
 
 def test_demo_figures_are_measured(demo_out: Path) -> None:
     text = (demo_out / "figures.json").read_text()
-    figures = json.loads(text)
+    figures = json.loads(text)["sets"]["supervised"]
     assert "NaN" not in text  # valid JSON: nothing measured is null
     assert list(figures["methods"]) == list_methods()  # every registered method, side by side
     # recompute the Grad-CAM word pointing of the same scenes directly
@@ -94,7 +147,7 @@ def test_demo_report_is_self_contained_and_escaped(demo_out: Path) -> None:
     assert "Pointing: caption words (%)" in html and "word_pointing" not in html
     assert "http://" not in html and "https://" not in html
     assert html.count("data:image/png;base64,") >= 4
-    assert html.count("data:video/mp4;base64,") == 2
+    assert html.count("data:video/mp4;base64,") == 2  # a row per set in each
     assert "<script" not in html
     assert "&#x201c;" in html or "“" in html  # captions are text, quoted
 
