@@ -68,8 +68,7 @@ EXPLAIN_IMAGES = 20000
 
 #: The defaults --plain changes: the steps the probes and the explanation phases took go to
 #: longer task-only phases.
-PLAIN_SCHEDULE = dict(epochs=20, vqa_epochs=4, explain_steps=0,
-                      vqa_explain_steps=0)
+PLAIN_SCHEDULE = dict(epochs=20, explain_steps=0, vqa_explain_steps=0)
 
 
 def weights_name(model: str, plain: bool) -> str:

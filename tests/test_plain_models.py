@@ -186,8 +186,7 @@ def test_plain_image_losses_have_no_probe_term(script) -> None:
 def test_plain_defaults_and_the_child_processes_flag(script) -> None:
     args = script.parse_args(["--plain"])
     assert args.plain and args.explain_steps == 0 and args.vqa_explain_steps == 0
-    assert (args.epochs, args.vqa_epochs) == (script.PLAIN_SCHEDULE["epochs"],
-                                             script.PLAIN_SCHEDULE["vqa_epochs"])
+    assert args.epochs == script.PLAIN_SCHEDULE["epochs"] == 20
     assert script.parse_args(["--plain", "--epochs", "3"]).epochs == 3  # asked for: kept
     assert script.parse_args([]).explain_steps == 1500  # the supervised schedule unchanged
     child = script.child_command(args, "vqa")
