@@ -135,6 +135,9 @@ def _broadcast_lead(a: torch.Tensor, b: torch.Tensor, grid_dims: int, arg_b: str
         lead = torch.broadcast_shapes(lead_a, lead_b)
     except RuntimeError as exc:
         raise bad_value(arg_b, f"leading axes that broadcast with {tuple(lead_a)}", b) from exc
+    if 0 in lead:  # no map at all (an empty batch of masks broadcast the maps away)
+        raise bad_value(arg_b, f"leading axes that broadcast with {tuple(lead_a)} to at least "
+                        "one map", b)
     a = a.expand(*lead, *a.shape[a.dim() - grid_dims:])
     b = b.expand(*lead, *b.shape[b.dim() - grid_dims:])
     return a, b
@@ -607,8 +610,10 @@ def explanation_input(image: torch.Tensor, map: torch.Tensor, *, grid_dims: int 
     image = _maps(image, "image", grid_dims + 1, layout)
     m = _maps(map, "map", grid_dims).to(image.device)
     grid = tuple(image.shape[-grid_dims:])
-    m = resize_grid(m.to(image.dtype), grid)
-    m = normalize_maps(m, start_dim=m.dim() - grid_dims)  # L^c in [0, 1]
+    # resized and normalised in the accumulation dtype, then cast: a float64 map of 1e61
+    # cast to a float32 image's dtype first became -inf and the product NaN
+    m = resize_grid(m.to(_accum_dtype(m.device)), grid)
+    m = normalize_maps(m, start_dim=m.dim() - grid_dims).to(image.dtype)  # L^c in [0, 1]
     m = m.unsqueeze(-grid_dims - 1)  # (*lead', 1, *grid): one map for every channel
     _, m = _broadcast_lead(image, m, grid_dims + 1, "map")
     return image * m  # eq. 25: Hadamard product
@@ -1089,11 +1094,16 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7, data_range: flo
     x, y = (t.reshape(-1, 1, *grid).to(dtype) for t in (a, b))
     win = _positive_int(win_size, "win_size", "a positive odd window size")
     win = min(win, *(n if n % 2 else n - 1 for n in grid))
+    both = torch.cat([x.flatten(1), y.flatten(1)], dim=1)
     if data_range is None:
-        both = torch.cat([x.flatten(1), y.flatten(1)], dim=1)
         rng = both.amax(dim=1) - both.amin(dim=1)
     else:
         rng = torch.full((x.shape[0],), float(data_range), dtype=dtype, device=x.device)
+    # SSIM is scale invariant: each pair over a power of two near its largest |value|
+    # (exact), so squares neither overflow (1e200) nor underflow (1e-167) into 0 / 0
+    scale = torch.ldexp(torch.ones_like(rng), torch.frexp(both.abs().amax(dim=1))[1])
+    x, y = (t / scale.view(-1, *(1,) * (grid_dims + 1)) for t in (x, y))
+    rng = rng / scale
     pool = F.avg_pool2d if grid_dims == 2 else F.avg_pool3d
     mean = lambda t: pool(t, win, stride=1)  # noqa: E731 (windows inside the grid only)
     ux, uy = mean(x), mean(y)
@@ -1103,8 +1113,11 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, win_size: int = 7, data_range: flo
     shape = (-1,) + (1,) * (grid_dims + 1)
     c1, c2 = ((k * rng) ** 2 for k in (0.01, 0.03))
     c1, c2 = c1.view(shape), c2.view(shape)
-    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    s = torch.where(rng.view(shape) > 0, s, 1.0)  # equal constant maps: identical
+    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / torch.where(den > 0, den, 1.0)
+    # equal constant maps are identical; a denominator rounded to 0 (windows flat to
+    # float64 precision) takes the terms' common limit, 1
+    s = torch.where((rng.view(shape) > 0) & (den > 0), s, 1.0)
     return s.flatten(1).mean(dim=1).reshape(lead)
 
 

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - a failure is what the run reports
             failures.append((name, traceback.format_exc()))
             status = "FAILED"
+            print(f"=== {name}\n{failures[-1][1]}", flush=True)
         runs = sum(v for k, v in test_fuzz.COUNTS.items() if "(" not in k and "exit" not in k)
         print(f"{name}: {status}, {runs - before} calls in {time.perf_counter() - t0:.0f} s",
               flush=True)
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(v for k, v in counts.items() if '(' not in k and 'exit' not in k)} calls; "
           f"{len(failures)} failures; {time.perf_counter() - start:.0f} s (examples asked: "
           f"{examples})")
-    for name, text in failures:
-        print(f"\n=== {name}\n{text}")
+    print("failed: " + (", ".join(name for name, _ in failures) or "none"))
     return 1 if failures else 0
 
 

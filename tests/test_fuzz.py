@@ -607,3 +607,30 @@ def test_found_a_float64_input_to_a_float32_model_is_named() -> None:
                        r"torch.float32 \(x.to\(torch.float32\)\), received tensor of shape "
                        r"\(1, 3, 4, 4\) and dtype torch.float64$"):
         mx.GradCAM(model, layer="0")(torch.rand(1, 3, 4, 4, dtype=torch.float64), target=0)
+
+
+def test_found_an_empty_batch_of_masks_is_named() -> None:
+    """pointing_game on masks (0, 1, 1, 1): a RuntimeError reshaping 0 elements."""
+    from mmexplain.errors import InputError
+
+    with pytest.raises(InputError, match=r"^masks: expected leading axes that broadcast with "
+                       r"\(\) to at least one map, received tensor of shape \(0, 1, 1, 1\)"):
+        M.pointing_game(torch.tensor([[0.0]]), torch.zeros(0, 1, 1, 1))
+
+
+def test_found_ssim_of_tiny_or_huge_maps_and_explanation_input_of_a_huge_map() -> None:
+    """ssim of maps of 1e-167 gave NaN (squares underflowed: 0 / 0); a float64 map of 1e61
+    cast to a float32 image's dtype became -inf and E = L o I NaN."""
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 6, 5, dtype=torch.float64), torch.rand(2, 6, 5, dtype=torch.float64)
+    want = M.ssim(a, b)
+    for scale in (1e-167, 1e200):
+        assert torch.allclose(M.ssim(a * scale, b * scale), want, rtol=1e-12, atol=0)
+    flat = torch.full((1, 6, 5), -2.7769e-167, dtype=torch.float64)
+    assert M.ssim(flat, flat).tolist() == [1.0]
+    image = torch.ones(1, 3, 2, 6)  # float32
+    huge = torch.full((1, 6, 1), -2.4102e61, dtype=torch.float64)
+    huge[0, 0, 0] = 0.0  # one cell at the top: its column normalised to 1, the rest 0
+    got = M.explanation_input(image, huge.transpose(1, 2).expand(1, 2, 6).contiguous())
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert got[0, :, :, 0].eq(1).all() and got[0, :, :, 1:].eq(0).all()
