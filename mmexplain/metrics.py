@@ -625,6 +625,8 @@ def _confidences(Y: Tensorish, O: Tensorish, arg_o: str = "O") -> tuple[torch.Te
         raise bad_value(arg_o, f"{y.numel()} scores, one per score of Y", f"{o.numel()}", raw=True)
     if bool((y <= 0).any()):
         raise bad_value("Y", "positive confidences (it divides the drop)", Y)
+    if bool((o < 0).any()):  # a negative score made the drop of Y = 4e-308 infinite
+        raise bad_value(arg_o, "non-negative confidences (probabilities, not logits)", O)
     return y, o.to(y.device)
 
 

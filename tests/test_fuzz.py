@@ -634,3 +634,14 @@ def test_found_ssim_of_tiny_or_huge_maps_and_explanation_input_of_a_huge_map() -
     got = M.explanation_input(image, huge.transpose(1, 2).expand(1, 2, 6).contiguous())
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert got[0, :, :, 0].eq(1).all() and got[0, :, :, 1:].eq(0).all()
+
+
+def test_found_a_negative_confidence_is_named() -> None:
+    """average_drop(4e-308, -75356) was inf: a drop above 100 % from a score below 0."""
+    from mmexplain.errors import InputError
+
+    with pytest.raises(InputError, match=r"^O: expected non-negative confidences "
+                       r"\(probabilities, not logits\), received tensor of shape \(\) and dtype "
+                       r"torch.int32$"):
+        M.average_drop(np.array(4.05398156e-308), torch.tensor(-75356, dtype=torch.int32))
+    assert M.average_drop([0.8, 0.5], [0.4, 0.0]) == pytest.approx(75.0)  # (50 + 100) / 2
