@@ -186,8 +186,9 @@ def _near_mask(points: torch.Tensor, masks: torch.Tensor, radius: float) -> torc
     at the P points only. Cost O(N*H*W + P*radius), never an (H, W) kernel.
     """
     _, height, width = masks.shape
-    r = min(int(math.floor(radius)), height - 1)  # row offsets beyond the image add nothing
     far = height + width + 1  # farther than any in-image distance
+    radius = min(radius, far)  # a radius of 1e200 squared was inf (and floor() of it raised)
+    r = min(int(math.floor(radius)), height - 1)  # row offsets beyond the image add nothing
     cols = torch.arange(width, device=masks.device)
     left = torch.where(masks, cols, -far).cummax(dim=-1).values  # nearest mask column <= x
     right = torch.where(masks, cols, width + far).flip(-1).cummin(dim=-1).values.flip(-1)  # >= x

@@ -645,3 +645,13 @@ def test_found_a_negative_confidence_is_named() -> None:
                        r"torch.int32$"):
         M.average_drop(np.array(4.05398156e-308), torch.tensor(-75356, dtype=torch.int32))
     assert M.average_drop([0.8, 0.5], [0.4, 0.0]) == pytest.approx(75.0)  # (50 + 100) / 2
+
+
+def test_found_a_huge_tolerance_is_everywhere() -> None:
+    """pointing_game with tolerance 1e200: OverflowError (floor of its square, inf)."""
+    maps = torch.zeros(2, 6, 5)
+    maps[0, 1, 1] = maps[1, 5, 4] = 1.0
+    masks = torch.zeros(2, 6, 5)
+    masks[:, 0, 0] = 1
+    assert M.pointing_game(maps, masks, tolerance=1e200).tolist() == [True, True]
+    assert M.pointing_game(maps, masks, tolerance=2).tolist() == [True, False]  # sqrt 2, sqrt 41
