@@ -450,9 +450,10 @@ FIGURE_NAMES = {
     "vqa_deletion_auc": ("Deletion AUC: VQA answers (lower is better)", 1),
     "vqa_insertion_auc": ("Insertion AUC: VQA answers (higher is better)", 1),
 }
-#: The faithfulness figures drawn as bars, per set and method.
-BAR_FIGURES = ("vqa_average_drop", "clip_average_drop", "vqa_increase_in_confidence",
-               "clip_increase_in_confidence")
+#: The faithfulness figures drawn as bars, per set and method, and their short names there.
+BAR_FIGURES = {"vqa_average_drop": "Avg. Drop, VQA", "clip_average_drop": "Avg. Drop, clips",
+               "vqa_increase_in_confidence": "Increase, VQA",
+               "clip_increase_in_confidence": "Increase, clips"}
 
 
 def _figure_name(key: str) -> tuple[str, float]:
@@ -537,11 +538,11 @@ def _plots(demo: Demo, figures: dict[str, Any]) -> None:
     from mmexplain import plots
 
     label = {m: get_method(m).label for m in demo.methods}
-    bars = {f"{_figure_name(key)[0]}\n{s}": {label[m]: figures["sets"][s]["methods"][m][key]
-                                             for m in demo.methods}
-            for key in BAR_FIGURES for s in demo.sets}
+    bars = {f"{name}\n{s}": {label[m]: figures["sets"][s]["methods"][m][key]
+                             for m in demo.methods}
+            for key, name in BAR_FIGURES.items() for s in demo.sets}
     demo.report.plot(plots.bars(bars, title="Faithfulness per method and model set",
-                                ylabel="%", size=(1100, 460)),
+                                ylabel="%", size=(1200, 460)),
                      caption="Average Drop (lower is better) and Increase in Confidence (higher "
                      "is better), VQA answers and clips, each model set.")
     for s in demo.sets:
