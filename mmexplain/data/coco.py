@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmexplain.data.entries import check_entry
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 
 __all__ = [
@@ -147,7 +148,6 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, ...]]]] = {
         "annotations": {"id": (int,), "image_id": (int,), "caption": (str,)},
     },
 }
-_TYPE_NAMES = {list: "a list", dict: "a dict", int: "an int", str: "a str"}
 
 
 def _other_kind(kind: str, entry: dict) -> str:
@@ -168,19 +168,10 @@ def _check_entries(data: dict, kind: str, path: Path, arg: str) -> None:
             got = "has no" if key not in data else f"has {describe(data[key])} as its"
             raise InputError(f"{arg}: expected a COCO {kind} file with a {key!r} list (each "
                              f"with {want}), received {str(path)!r}, which {got} {key!r} key")
+        hint = (lambda entry: _other_kind(kind, entry)) if key == "annotations" else None
         for i, entry in enumerate(data[key]):
-            if not isinstance(entry, dict):
-                raise InputError(f"{arg}: expected {key}[{i}] of {str(path)!r} to be a dict "
-                                 f"with {want}, received {describe(entry)}")
-            for field_name, types in fields.items():
-                value = entry.get(field_name)
-                if isinstance(value, bool) or not isinstance(value, types):
-                    what = " or ".join(_TYPE_NAMES[t] for t in types)
-                    got = "no such key" if field_name not in entry else describe(value)
-                    hint = _other_kind(kind, entry) if key == "annotations" else ""
-                    raise InputError(f"{arg}: expected every entry of {key!r} in a COCO {kind} "
-                                     f"file to have {field_name!r} ({what}), received "
-                                     f"{str(path)!r}, whose {key}[{i}] has {got}{hint}")
+            check_entry(entry, f"{key}[{i}]", fields, arg, path,
+                        f"every entry of {key!r} in a COCO {kind} file", hint)
 
 
 def _check_values(data: dict, kind: str, path: Path, arg: str) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmexplain.data.entries import check_entry
 from mmexplain.errors import InputError, bad_type, bad_value, describe
 
 __all__ = ["VqaItem", "load_vqa", "normalize_answer", "vqa_accuracy", "vqa_image_name"]
@@ -56,18 +57,9 @@ def _read_json(path: str | Path, arg: str, key: str) -> list[dict]:
 
 
 def _field(entry: Any, i: int, key: str, fields: dict[str, type], arg: str, path: Any) -> None:
-    """Every entry of the file's ``key`` list a dict with ``fields`` of those types: an
-    InputError naming the file, the entry and the key (was a raw KeyError / TypeError)."""
-    if not isinstance(entry, dict):
-        raise InputError(f"{arg}: expected {key}[{i}] of {str(path)!r} to be a dict with "
-                         f"{', '.join(map(repr, fields))}, received {describe(entry)}")
-    for name, kind in fields.items():
-        value = entry.get(name)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            got = "no such key" if name not in entry else describe(value)
-            raise InputError(f"{arg}: expected every entry of {key!r} in a VQA file to have "
-                             f"{name!r} ({'an int' if kind is int else 'a ' + kind.__name__}),"
-                             f" received {str(path)!r}, whose {key}[{i}] has {got}")
+    """Entry ``i`` of the file's ``key`` list a dict with ``fields`` of those types."""
+    check_entry(entry, f"{key}[{i}]", {k: (t,) for k, t in fields.items()}, arg, path,
+                f"every entry of {key!r} in a VQA file")
 
 
 def _answers(ann: dict, i: int, path: Any) -> tuple[str, ...]:
