@@ -1,0 +1,515 @@
+"""Train the modern shapes-world models that ship inside the package as Hugging Face folders.
+
+    python scripts/train_shapes_modern.py                  # both, into mmexplain/weights/
+    python scripts/train_shapes_modern.py --only video --out /tmp/w
+
+- ``shapes-vlm``: ``LlavaForConditionalGeneration`` -- a CLIP vision tower on the 64-px
+  scenes (patch 8: an 8 x 8 grid of image tokens), LLaVA's two-layer projector and a small
+  Llama, with a word-level tokenizer over the shapes vocabulary and a ``LlavaProcessor``
+  that places the 64 image tokens; it captions ("Describe the image.") and answers the
+  shapes questions generatively from the prompt.
+- ``shapes-video``: ``VideoMAEForVideoClassification`` on the 16-frame clips (tubelets of
+  4 frames x 8 x 8 pixels: a 4 x 8 x 8 token grid, mean pooling) classifying the actions,
+  its tubelet filters initialised as temporal patterns (:func:`motion_filters`).
+
+Both are trained with auxiliary dense signals (a linear probe of each image token's
+colour-shape look; a probe of each video token's action where the actor is, background
+elsewhere: not shipped) and with explanation supervision (GAIN, Li et al. 2018, as the
+classic shapes models: the model's own Grad-CAM map at the explained layer pulled towards
+the objects' masks with ``pointing_loss``). Deterministic (fixed seeds, fixed threads).
+Trains on world seed 0 and reports accuracy on fresh scenes and clips of seed 1; the tests
+use yet another seed. Each model trains in its own single-threaded process (``--jobs 2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_shapes import fit, look_maps, pointing_loss, reuse_memory  # noqa: E402
+
+from mmexplain.data import shapes as W  # noqa: E402
+from mmexplain.distill import maps_at  # noqa: E402
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "mmexplain" / "weights"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+PROMPT_WORDS = ("user", "assistant", ":", "describe", "the", "image", ".")
+CAPTION_PROMPT = "Describe the image."
+CHAT = ("{% for m in messages %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %} {% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+SIZE, PATCH = 64, 8
+VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+              num_attention_heads=4, image_size=SIZE, patch_size=PATCH, projection_dim=64)
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128)
+VIDEO = dict(image_size=SIZE, patch_size=8, num_frames=16, tubelet_size=4, hidden_size=64,
+             num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
+             use_mean_pooling=True)
+#: Weight of the explanation supervision (GAIN's pointing loss) in each model's last phase.
+EXPLAIN_WEIGHT = 1.0
+
+
+# --------------------------------------------------------------------------- the VLM's files
+
+
+def vocabulary() -> list[str]:
+    """The tokenizer's words: the specials, the prompt's words, every caption, question and
+    answer word of the shapes world (ids in this order)."""
+    words = (*SPECIALS, *PROMPT_WORDS, *W.CAPTION_VOCAB.itos[4:], *W.QUESTION_VOCAB.itos[4:],
+             *W.ANSWERS)
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer() -> Any:
+    """A word-level, lower-casing ``PreTrainedTokenizerFast`` over :func:`vocabulary`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   extra_special_tokens=["<image>"])
+
+
+def build_processor(tokenizer: Any) -> Any:
+    import transformers as tf
+
+    images = tf.CLIPImageProcessor(size={"shortest_edge": SIZE},
+                                   crop_size={"height": SIZE, "width": SIZE})
+    return tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+                             vision_feature_select_strategy="default", chat_template=CHAT,
+                             num_additional_image_tokens=1)
+
+
+def build_vlm(tokenizer: Any, seed: int) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    text = dict(model_type="llama", vocab_size=len(tokenizer), bos_token_id=ids["<s>"],
+                eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"], tie_word_embeddings=False,
+                **TEXT)
+    config = tf.LlavaConfig(vision_config={"model_type": "clip_vision_model", **VISION},
+                            text_config=text, image_token_id=ids["<image>"],
+                            vision_feature_layer=-1, vision_feature_select_strategy="default",
+                            projector_hidden_act="gelu")
+    model = tf.LlavaForConditionalGeneration(config)
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["</s>"], ids["<pad>"], ids["<s>"]
+    gen.max_new_tokens = W.MAX_CAPTION_LEN
+    return model
+
+
+# --------------------------------------------------------------------------- the VLM's data
+
+
+class Conversations:
+    """One training conversation per scene, as LLaVA's multi-turn instruction data: the
+    caption prompt and each question are the user's turns, in an order drawn per scene;
+    the caption and the answers, each with the end token, are the assistant's. The first
+    turn is laid out by the processor (its 64 image tokens), the others follow as text
+    ("USER: ... ASSISTANT:"). The image tokens are read once for all the scene's texts.
+
+    ``ids`` (N, L) padded right; ``target`` (N, L) bool the tokens the model learns to say;
+    ``refs`` (N, L, M) bool the objects each of them names (caption words, the answer);
+    ``first`` (N, L) bool the tokens of the first turn's reply.
+    """
+
+    def __init__(self, processor: Any, scenes: list[W.Scene], seed: int) -> None:
+        tok = processor.tokenizer
+        self.pad, self.eos = tok.pad_token_id, tok.eos_token_id
+        rng = np.random.default_rng(seed)
+        first: dict[str, list[int]] = {}
+        rows = []
+        for scene in scenes:
+            turns = [(CAPTION_PROMPT, list(scene.caption.tokens), list(scene.caption.refs))]
+            turns += [(qa.question, [qa.answer], [qa.answer_refs]) for qa in scene.qas]
+            ids: list[int] = []
+            marks: list[tuple[int, int, tuple[int, ...]]] = []  # (position, turn, objects)
+            for k, t in enumerate(rng.permutation(len(turns))):
+                prompt, words, refs = turns[t]
+                if k == 0:
+                    if prompt not in first:
+                        first[prompt] = prompt_ids(processor, prompt)
+                    ids += first[prompt]
+                else:
+                    ids += tok(f"USER: {prompt} ASSISTANT:", add_special_tokens=False)[
+                        "input_ids"]
+                reply = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+                if len(reply) != len(words):  # word-level: one token a word
+                    raise ValueError(f"the tokenizer split {words}")
+                marks += [(len(ids) + j, k, r) for j, r in enumerate([*refs, ()])]
+                ids += reply + [self.eos]
+            rows.append((ids, marks))
+        n, length = len(rows), max(len(ids) for ids, _ in rows)
+        self.ids = torch.full((n, length), self.pad, dtype=torch.long)
+        self.target = torch.zeros((n, length), dtype=torch.bool)
+        self.first = torch.zeros((n, length), dtype=torch.bool)
+        self.refs = torch.zeros((n, length, W.MAX_OBJECTS), dtype=torch.bool)
+        for s, (ids, marks) in enumerate(rows):
+            self.ids[s, :len(ids)] = torch.tensor(ids)
+            for pos, turn, objects in marks:
+                self.target[s, pos] = True
+                self.first[s, pos] = turn == 0
+                self.refs[s, pos, list(objects)] = True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def prompt_ids(processor: Any, prompt: str) -> list[int]:
+    """The token ids of ``prompt`` as the processor lays it out for one 64-px image."""
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True)
+    out = processor(images=np.zeros((SIZE, SIZE, 3), np.uint8), text=text, return_tensors="pt")
+    return out["input_ids"][0].tolist()
+
+
+def normalise(images: torch.Tensor, processor: Any) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> pixel values as the CLIP image processor makes them."""
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    return (images.float() * float(ip.rescale_factor) - mean) / std
+
+
+def vlm_logits(model: nn.Module, pixels: torch.Tensor, ids: torch.Tensor,
+               attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (B, L, V), the vision tokens the projector reads (B, N, C), the projector's
+    output as a grid (B, D, 8, 8): the explained layer, in the graph) -- the model's own
+    forward with its image features placed at the image tokens."""
+    inner = model.model
+    vision = inner.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    hidden = vision.hidden_states[model.config.vision_feature_layer][:, 1:]  # CLS dropped
+    feats = inner.multi_modal_projector(hidden)  # (B, N, D)
+    side = SIZE // PATCH
+    grid = feats.transpose(1, 2).reshape(feats.shape[0], -1, side, side)
+    tokens = grid.flatten(2).transpose(1, 2)
+    embeds = inner.get_input_embeddings()(ids)
+    where = (ids == model.config.image_token_id)[..., None].expand_as(embeds)
+    embeds = embeds.masked_scatter(where, tokens.reshape(-1).to(embeds.dtype))
+    logits = model(inputs_embeds=embeds, attention_mask=attn, use_cache=False).logits
+    return logits, hidden, grid
+
+
+class LookProbe(nn.Module):
+    """Auxiliary dense signal (not shipped): each image token's colour-shape look (or the
+    background), read linearly from the vision tokens the projector reads."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(channels, 1 + len(W.COLORS) * len(W.SHAPES))
+
+    def loss(self, hidden: torch.Tensor, looks: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.head(hidden).flatten(0, 1), looks.flatten())
+
+
+def object_cover(masks: torch.Tensor, objects: torch.Tensor, side: int) -> torch.Tensor:
+    """masks (B, M, H, W), objects (B, M) bool -> (B, side, side) share of each cell covered."""
+    union = (masks & objects[:, :, None, None]).any(1).float()
+    return nn.functional.adaptive_avg_pool2d(union[:, None], side)[:, 0]
+
+
+def vlm_loss(model: nn.Module, probe: LookProbe, processor: Any, scenes: W.SceneBatch,
+             looks: torch.Tensor, talks: Conversations, idx: torch.Tensor, explain: bool,
+             gen: torch.Generator) -> torch.Tensor:
+    """Next-token loss on the assistant's tokens + the look probe (+ with ``explain``, the
+    pointing loss of the Grad-CAM map of one object-naming token per conversation)."""
+    length = int((talks.ids[idx] != talks.pad).sum(1).max())
+    ids = talks.ids[idx, :length]
+    attn = (ids != talks.pad).long()
+    logits, hidden, grid = vlm_logits(model, normalise(scenes.images[idx], processor), ids,
+                                      attn)
+    logp = logits[:, :-1].float().log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+    scored = talks.target[idx, 1:length]
+    loss = -(logp * scored).sum() / scored.sum()
+    loss = loss + probe.loss(hidden, looks[idx].flatten(1))
+    if not explain:
+        return loss
+    refs = talks.refs[idx, 1:length]  # (B, L-1, M): the objects each predicted token names
+    visual = refs.any(2)
+    keep = visual.any(1)
+    pick = torch.multinomial(visual.float() + ~keep[:, None], 1, generator=gen)  # (B, 1)
+    score = logp.gather(1, pick)[:, 0]
+    named = refs.gather(1, pick[:, :, None].expand(-1, -1, refs.shape[2]))[:, 0]
+    maps = maps_at(grid, score)  # (B, 8, 8) Grad-CAM, differentiable
+    cover = object_cover(scenes.masks[idx], named, maps.shape[-1])
+    return loss + EXPLAIN_WEIGHT * pointing_loss(maps[keep], cover[keep])
+
+
+def save_vlm(model: nn.Module, processor: Any, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def vision_loss(model: nn.Module, probe: LookProbe, processor: Any, scenes: W.SceneBatch,
+                looks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The look probe on the vision tokens the projector reads (the vision tower alone)."""
+    vision = model.model.vision_tower(pixel_values=normalise(scenes.images[idx], processor),
+                                      output_hidden_states=True)
+    hidden = vision.hidden_states[model.config.vision_feature_layer][:, 1:]
+    return probe.loss(hidden, looks[idx].flatten(1))
+
+
+def train_vlm(out: Path, images: int, steps: int, explain_steps: int, seed: int,
+              batch: int, vision_steps: int = 0) -> None:
+    """Phase 0: the vision tower and the look probe alone (:func:`vision_loss`). Phase 1:
+    the whole model and the look probe on the next-token loss of captions and answers.
+    Phase 2: the same plus explanation supervision (:func:`vlm_loss`)."""
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    model = build_vlm(tokenizer, seed)
+    probe = LookProbe(VISION["hidden_size"])
+    start = time.time()
+    world = W.ShapesWorld(seed=seed)
+    listed = world.images(images)
+    scenes = W.collate_scenes(listed, dtype=torch.uint8)
+    talks = Conversations(processor, listed, seed)
+    looks = look_maps(scenes, SIZE // PATCH)
+    print(f"vlm: {images} scenes, {len(talks)} conversations of "
+          f"{talks.ids.shape[1]} tokens at most ({time.time() - start:.0f} s); "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    gen = torch.Generator().manual_seed(seed + 5)
+    both = nn.ModuleList([model, probe])
+    if vision_steps > 0:  # phase 0: the vision tower learns the looks first (no LM: cheap)
+        vision = nn.ModuleList([model.model.vision_tower, probe])
+        fit(vision, lambda idx: vision_loss(model, probe, processor, scenes, looks, idx),
+            len(scenes), steps=vision_steps, batch=64, lr=2e-3, seed=seed + 7,
+            name="vlm vision", clip=1.0)
+    for phase, count, lr in (("vlm", steps, 2e-3), ("vlm explained", explain_steps, 5e-4)):
+        if count > 0:
+            # the pointing loss differentiates a gradient: eager attention (SDPA on CPUs has
+            # no double backward); the same arithmetic
+            model.set_attn_implementation("eager" if phase != "vlm" else "sdpa")
+            fit(both, lambda idx: vlm_loss(model, probe, processor, scenes, looks, talks, idx,
+                                           phase != "vlm", gen),
+                len(talks), steps=count, batch=batch, lr=lr, seed=seed + len(phase),
+                name=phase, clip=1.0)
+    model.set_attn_implementation("sdpa")
+    save_vlm(model, processor, out / "shapes-vlm")
+    report_vlm(out / "shapes-vlm", seed + 1)
+
+
+@torch.no_grad()
+def report_vlm(folder: Path, seed: int, images: int = 300) -> dict[str, float]:
+    """Caption and VQA accuracy of the saved folder, loaded as a user's checkpoint."""
+    from mmexplain.adapters import get_adapter
+    from mmexplain.tasks.shapes import vlm_caption_accuracy, vlm_vqa_accuracy
+
+    adapter = get_adapter("llava", path=folder)
+    batch = W.ShapesWorld(seed=seed).image_batch(images, dtype=torch.uint8)
+    found = {"caption": vlm_caption_accuracy(adapter, batch),
+             "vqa": vlm_vqa_accuracy(adapter, batch)}
+    print(f"vlm: visual words correct {found['caption']:.1%}, answers {found['vqa']:.1%} on "
+          f"{images} fresh scenes -> {folder}", flush=True)
+    return found
+
+
+# --------------------------------------------------------------------------- the video model
+
+
+def build_video(seed: int) -> tuple[nn.Module, Any]:
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    labels = {"id2label": dict(enumerate(W.ACTIONS)),
+              "label2id": {a: i for i, a in enumerate(W.ACTIONS)}}
+    model = tf.VideoMAEForVideoClassification(tf.VideoMAEConfig(**VIDEO, **labels))
+    motion_filters(model.videomae.embeddings.patch_embeddings.projection)
+    processor = tf.VideoMAEImageProcessor(size={"shortest_edge": SIZE},
+                                          crop_size={"height": SIZE, "width": SIZE})
+    return model, processor
+
+
+@torch.no_grad()
+def motion_filters(conv: nn.Conv3d) -> None:
+    """Initialise the tubelet embedding's filters as temporal patterns: each a random
+    spatial filter times a linear ramp over the tubelet's frames (half of them: motion in
+    one direction) or a "V" (the others: there and back, as a bounce), both summing to zero
+    over time -- a still background and the still distractors embed to the bias alone, a
+    moving actor does not. A ViT trained from scratch on a few thousand clips does not find
+    motion by itself (its loss stayed at chance for 300 steps); only the initial weights
+    change, the architecture is VideoMAE's."""
+    out, _, frames = conv.weight.shape[:3]
+    t = torch.linspace(-1.0, 1.0, frames)
+    patterns = [t / t.norm(), (t.abs() - t.abs().mean()) / (t.abs() - t.abs().mean()).norm()]
+    spatial = conv.weight.mean(dim=2, keepdim=True) * frames ** 0.5  # (out, 3, 1, p, p)
+    for k, pattern in enumerate(patterns):
+        rows = slice(k * out // 2, (k + 1) * out // 2)
+        conv.weight[rows] = spatial[rows] * pattern.view(1, 1, frames, 1, 1)
+
+
+def video_logits(model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K), the last layer's tokens as a grid (B, C, t', h', w'): the explained
+    layer, in the graph) -- VideoMAE's forward: the encoder, mean pooling, fc_norm, the
+    classifier. ``pixels`` (B, T, 3, H, W) normalised."""
+    tokens = model.videomae(pixel_values=pixels).last_hidden_state  # (B, N, C), time-major
+    t = VIDEO["num_frames"] // VIDEO["tubelet_size"]
+    side = SIZE // VIDEO["patch_size"]
+    grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, t, side, side)
+    pooled = grid.flatten(2).mean(2)
+    return model.classifier(model.fc_norm(pooled)), grid
+
+
+class ActionProbe(nn.Module):
+    """Auxiliary dense signal (not shipped): each video token's action where the actor is,
+    "background" elsewhere, read linearly from the explained layer's tokens."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.head = nn.Conv3d(channels, 1 + len(W.ACTIONS), 1)
+
+    def loss(self, grid: torch.Tensor, cover: torch.Tensor, actions: torch.Tensor
+             ) -> torch.Tensor:
+        labels = torch.where(cover >= 0.3, 1 + actions[:, None, None, None], 0)
+        return nn.functional.cross_entropy(self.head(grid), labels)
+
+
+def video_loss(model: nn.Module, probe: ActionProbe, mean_std: tuple[torch.Tensor, ...],
+               data: W.ClipBatch, idx: torch.Tensor, explain: bool, gen: torch.Generator
+               ) -> torch.Tensor:
+    """Cross-entropy of the augmented clips + the action probe (+ with ``explain``, the
+    per-frame pointing loss of the true action's Grad-CAM map against the actor)."""
+    from train_shapes import augment_clips
+
+    both = torch.cat([data.videos[idx], data.actor_masks[idx, None].to(torch.uint8)], 1)
+    both, actions = augment_clips(both, data.actions[idx], gen)
+    mean, std = mean_std
+    pixels = ((both[:, :3].float() / 255 - mean) / std).transpose(1, 2)  # (B, T, 3, H, W)
+    logits, grid = video_logits(model, pixels)
+    _running_accuracy(float((logits.argmax(1) == actions).float().mean()))
+    cover = nn.functional.adaptive_avg_pool3d(both[:, 3].float()[:, None], grid.shape[2:])[:, 0]
+    loss = nn.functional.cross_entropy(logits, actions) + probe.loss(grid, cover, actions)
+    if explain:
+        maps = maps_at(grid, logits.gather(1, actions[:, None])[:, 0])  # (B, t', h', w')
+        loss = loss + EXPLAIN_WEIGHT * pointing_loss(maps, cover)  # per time slice
+    return loss
+
+
+_ACCURACY: list[float] = []
+
+
+def _running_accuracy(value: float, every: int = 50) -> None:
+    """Print the training batches' accuracy, averaged over the last ``every`` steps."""
+    _ACCURACY.append(value)
+    if len(_ACCURACY) % every == 0:
+        print(f"  video: batches' accuracy {np.mean(_ACCURACY[-every:]):.1%} over steps "
+              f"{len(_ACCURACY) - every + 1}-{len(_ACCURACY)}", flush=True)
+
+
+def train_video(out: Path, clips: int, steps: int, explain_steps: int, seed: int,
+                batch: int) -> None:
+    """Phase 1: the classifier and the action probe; phase 2: plus explanation supervision."""
+    model, processor = build_video(seed)
+    probe = ActionProbe(VIDEO["hidden_size"])
+    data = W.ShapesWorld(seed=seed).clip_batch(clips, dtype=torch.uint8)
+    mean_std = tuple(torch.tensor(v).view(1, 3, 1, 1, 1) for v in (processor.image_mean,
+                                                                   processor.image_std))
+    print(f"video: {clips} clips; {sum(p.numel() for p in model.parameters()):,} parameters",
+          flush=True)
+    gen = torch.Generator().manual_seed(seed + 2)
+    both = nn.ModuleList([model, probe])
+    for phase, count, lr in (("video", steps, 3e-3), ("video explained", explain_steps, 5e-4)):
+        if count > 0:
+            model.set_attn_implementation("eager" if phase != "video" else "sdpa")
+            fit(both, lambda idx: video_loss(model, probe, mean_std, data, idx,
+                                             phase != "video", gen),
+                clips, steps=count, batch=batch, lr=lr, seed=seed + len(phase), name=phase,
+                clip=1.0)
+    model.set_attn_implementation("sdpa")
+    folder = out / "shapes-video"
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    report_video(folder, seed + 1)
+
+
+@torch.no_grad()
+def report_video(folder: Path, seed: int, clips: int = 300) -> float:
+    from mmexplain.adapters import get_adapter
+    from mmexplain.tasks.shapes import video_action_accuracy
+
+    adapter = get_adapter("videomae", path=folder)
+    acc = video_action_accuracy(adapter, W.ShapesWorld(seed=seed).clip_batch(clips))
+    print(f"video: actions recognised {acc:.1%} on {clips} fresh clips -> {folder}", flush=True)
+    return acc
+
+
+# --------------------------------------------------------------------------- main
+
+
+def times() -> str:
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    peak = max(u.ru_maxrss for u in usage) / 1024
+    return f"CPU {cpu:.0f} s, peak memory of one process {peak:.0f} MB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS)
+    parser.add_argument("--only", choices=["vlm", "video"], action="append")
+    parser.add_argument("--images", type=int, default=10000)
+    parser.add_argument("--vlm-vision-steps", type=int, default=1000, help="steps of 64 "
+                        "scenes training the vision tower alone on the looks first")
+    parser.add_argument("--vlm-steps", type=int, default=1500)
+    parser.add_argument("--vlm-explain-steps", type=int, default=300)
+    parser.add_argument("--vlm-batch", type=int, default=16)
+    parser.add_argument("--clips", type=int, default=4000)
+    parser.add_argument("--video-steps", type=int, default=1200)
+    parser.add_argument("--video-explain-steps", type=int, default=100)
+    parser.add_argument("--video-batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="threads of the VLM's process")
+    parser.add_argument("--video-threads", type=int, default=1, help="threads of the video "
+                        "model's process")
+    parser.add_argument("--jobs", type=int, default=2, help="2: each model in its own process")
+    args = parser.parse_args()
+    reuse_memory()
+    only_video = (args.only or []) == ["video"]
+    torch.set_num_threads(args.video_threads if only_video else args.threads)
+    torch.use_deterministic_algorithms(True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    todo = args.only or ["vlm", "video"]
+    start = time.time()
+    if args.jobs > 1 and len(todo) > 1:
+        base = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out),
+                "--jobs", "1"] + [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                                  if k not in ("out", "only", "jobs")]
+        children = [subprocess.Popen(base + ["--only", name]) for name in todo]
+        failed = [name for name, child in zip(todo, children) if child.wait() != 0]
+        if failed:
+            raise SystemExit(f"training failed for: {', '.join(failed)}")
+    else:
+        if "vlm" in todo:
+            train_vlm(args.out, args.images, args.vlm_steps, args.vlm_explain_steps, args.seed,
+                      args.vlm_batch, args.vlm_vision_steps)
+        if "video" in todo:
+            train_video(args.out, args.clips, args.video_steps, args.video_explain_steps,
+                        args.seed, args.video_batch)
+    print(f"done in {time.time() - start:.0f} s wall; {times()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
