@@ -84,8 +84,10 @@ def main() -> None:
     rows = []
     for minutes in args.minutes:
         clip = folder / f"synthetic_{minutes:g}min.mp4"
-        if not clip.is_file():
-            write_clip(clip, minutes * 60, args.fps)
+        if not clip.is_file():  # written under another name first: an interrupted run
+            part = clip.with_suffix(".part.mp4")  # leaves no broken clip to reuse
+            write_clip(part, minutes * 60, args.fps)
+            part.replace(clip)
         extra = ["--model", args.model, "--size", str(args.size), "--weights", "random",
                  "--batch-size", str(args.batch_size)]
         row = {"minutes": minutes, "frames": int(round(minutes * 60 * args.fps)),
