@@ -413,6 +413,11 @@ def box_inside_outside_ratio(map: torch.Tensor, boxes: torch.Tensor) -> torch.Te
     b = _boxes(boxes).to(m.device)
     if b.dim() < 2:
         raise bad_value("boxes", "a tensor (*lead, N, 4) or (N, 4)", b)
+    try:  # was a RuntimeError from einsum
+        torch.broadcast_shapes(m.shape[:-2], b.shape[:-2])
+    except RuntimeError as exc:
+        raise bad_value("boxes", f"boxes (*lead, N, 4) whose leading axes broadcast with the "
+                        f"map's {tuple(m.shape[:-2])}", b) from exc
     height, width = m.shape[-2:]
     dtype = _accum_dtype(m.device)
     rows, cols = _box_indicators(b.to(dtype), height, width)  # (*, N, H), (*, N, W)

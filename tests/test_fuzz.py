@@ -655,3 +655,17 @@ def test_found_a_huge_tolerance_is_everywhere() -> None:
     masks[:, 0, 0] = 1
     assert M.pointing_game(maps, masks, tolerance=1e200).tolist() == [True, True]
     assert M.pointing_game(maps, masks, tolerance=2).tolist() == [True, False]  # sqrt 2, sqrt 41
+
+
+def test_found_boxes_of_other_leading_axes_are_named() -> None:
+    """box_inside_outside_ratio of maps (3, 2, 4, 2) and boxes (0, 2, 4): an einsum error."""
+    from mmexplain.errors import InputError
+
+    with pytest.raises(InputError, match=r"^boxes: expected boxes \(\*lead, N, 4\) whose "
+                       r"leading axes broadcast with the map's \(3, 2\), received tensor of "
+                       r"shape \(0, 2, 4\)"):
+        M.box_inside_outside_ratio(torch.zeros(3, 2, 4, 2), torch.zeros(0, 2, 4))
+    maps = torch.zeros(3, 2, 4, 2)
+    maps[..., 0, 0] = 1.0  # all inside the box (0, 0, 1, 1) of every map: +inf, as documented
+    assert M.box_inside_outside_ratio(maps, torch.tensor([[0.0, 0.0, 1.0, 1.0]])).eq(
+        math.inf).all()
