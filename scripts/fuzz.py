@@ -37,8 +37,17 @@ def main(argv: list[str] | None = None) -> int:
                   if name.startswith("test_") and hasattr(fn, "hypothesis")
                   and (not args.only or any(w in name for w in args.only))]
     failures: list[tuple[str, str]] = []
+    ran: dict[str, int] = {}
     start = time.perf_counter()
     for name, fn in properties:
+        ran[name] = 0
+        inner = fn.hypothesis.inner_test  # counted: the examples Hypothesis really ran
+
+        def counted(*a: object, _name: str = name, _inner: object = inner, **k: object) -> None:
+            ran[_name] += 1
+            return _inner(*a, **k)  # type: ignore[operator]
+
+        fn.hypothesis.inner_test = counted
         before = sum(v for k, v in test_fuzz.COUNTS.items() if "(" not in k and "exit" not in k)
         t0 = time.perf_counter()
         try:
@@ -49,17 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             status = "FAILED"
             print(f"=== {name}\n{failures[-1][1]}", flush=True)
         runs = sum(v for k, v in test_fuzz.COUNTS.items() if "(" not in k and "exit" not in k)
-        print(f"{name}: {status}, {runs - before} calls in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(f"{name}: {status}, {ran[name]} examples, {runs - before} calls in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     print("\ncalls per target (documented errors in brackets):")
     counts = test_fuzz.COUNTS
     for key in sorted(k for k in counts if "(" not in k):
         print(f"  {key}: {counts[key]} ({counts.get(key + ' (documented error)', 0)})")
-    examples = test_fuzz.EXAMPLES * len(properties)
-    print(f"\n{len(properties)} properties x up to {test_fuzz.EXAMPLES} examples; "
+    print(f"\n{len(properties)} properties x up to {test_fuzz.EXAMPLES} examples: "
+          f"{sum(ran.values())} examples, "
           f"{sum(v for k, v in counts.items() if '(' not in k and 'exit' not in k)} calls; "
-          f"{len(failures)} failures; {time.perf_counter() - start:.0f} s (examples asked: "
-          f"{examples})")
+          f"{len(failures)} failures; {time.perf_counter() - start:.0f} s")
     print("failed: " + (", ".join(name for name, _ in failures) or "none"))
     return 1 if failures else 0
 
