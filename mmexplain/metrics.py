@@ -372,6 +372,16 @@ def boxes_to_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (rows.unsqueeze(-1) & cols.unsqueeze(-2)).any(dim=-3)
 
 
+def _lead_broadcasts(lead: Sequence[int], boxes: torch.Tensor, arg: str) -> None:
+    """Boxes (*lead', N, 4) whose leading axes broadcast with ``lead``, or an InputError
+    naming them (a RuntimeError of torch before)."""
+    try:
+        torch.broadcast_shapes(tuple(lead), boxes.shape[:-2])
+    except RuntimeError as exc:
+        raise bad_value(arg, f"boxes (*lead, N, 4) whose leading axes broadcast with "
+                        f"{tuple(lead)}", boxes) from exc
+
+
 def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
     """Intersection over union of every pair: (*lead, N, 4), (*lead, M, 4) -> (*lead, N, M).
 
@@ -383,6 +393,7 @@ def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
     for arg, t in (("boxes_a", a), ("boxes_b", b)):
         if t.dim() < 2:
             raise bad_value(arg, "a tensor (*lead, N, 4)", t)
+    _lead_broadcasts(a.shape[:-2], b, "boxes_b")
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype).unsqueeze(-2), b.to(dtype).unsqueeze(-3)  # (*, N, 1, 4), (*, 1, M, 4)
     w = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
@@ -413,11 +424,7 @@ def box_inside_outside_ratio(map: torch.Tensor, boxes: torch.Tensor) -> torch.Te
     b = _boxes(boxes).to(m.device)
     if b.dim() < 2:
         raise bad_value("boxes", "a tensor (*lead, N, 4) or (N, 4)", b)
-    try:  # was a RuntimeError from einsum
-        torch.broadcast_shapes(m.shape[:-2], b.shape[:-2])
-    except RuntimeError as exc:
-        raise bad_value("boxes", f"boxes (*lead, N, 4) whose leading axes broadcast with the "
-                        f"map's {tuple(m.shape[:-2])}", b) from exc
+    _lead_broadcasts(m.shape[:-2], b, "boxes")  # was a RuntimeError from einsum
     height, width = m.shape[-2:]
     dtype = _accum_dtype(m.device)
     rows, cols = _box_indicators(b.to(dtype), height, width)  # (*, N, H), (*, N, W)

@@ -662,9 +662,13 @@ def test_found_boxes_of_other_leading_axes_are_named() -> None:
     from mmexplain.errors import InputError
 
     with pytest.raises(InputError, match=r"^boxes: expected boxes \(\*lead, N, 4\) whose "
-                       r"leading axes broadcast with the map's \(3, 2\), received tensor of "
+                       r"leading axes broadcast with \(3, 2\), received tensor of "
                        r"shape \(0, 2, 4\)"):
         M.box_inside_outside_ratio(torch.zeros(3, 2, 4, 2), torch.zeros(0, 2, 4))
+    with pytest.raises(InputError, match=r"^boxes_b: expected boxes \(\*lead, N, 4\) whose "
+                       r"leading axes broadcast with \(4,\), received tensor of shape "
+                       r"\(3, 0, 4\)"):  # box_iou: a RuntimeError of torch.minimum
+        M.box_iou(torch.zeros(4, 0, 4), torch.zeros(3, 0, 4))
     maps = torch.zeros(3, 2, 4, 2)
     maps[..., 0, 0] = 1.0  # all inside the box (0, 0, 1, 1) of every map: +inf, as documented
     assert M.box_inside_outside_ratio(maps, torch.tensor([[0.0, 0.0, 1.0, 1.0]])).eq(
