@@ -181,3 +181,25 @@ def test_report_renders_images_and_videos_in_headless_chromium(demo_out: Path,
     check = json.loads(found.group(1).replace("&quot;", '"'))
     assert len(check["imgs"]) >= 4 and all(check["imgs"])
     assert len(check["vids"]) == 2 and all(check["vids"])
+
+
+def test_a_set_whose_weights_are_not_shipped_is_left_out_with_a_note(
+        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import mmexplain.adapters.shapes as shapes
+    from mmexplain.demo import chosen_sets
+    from mmexplain.errors import InputError
+
+    files = {**shapes.WEIGHT_FILES, "shapes-vqa-plain": "missing-vqa-plain.safetensors",
+             "shapes-c3d-plain": shapes.WEIGHT_FILES["shapes-c3d"]}
+    files["shapes-captioner-plain"] = shapes.WEIGHT_FILES["shapes-captioner"]
+    monkeypatch.setattr(shapes, "WEIGHT_FILES", files)
+    assert chosen_sets("supervised,plain") == ["supervised"]
+    assert capsys.readouterr().out == ("note: the plain models' weights are not shipped "
+                                       "(scripts/train_shapes.py --plain makes them); "
+                                       "measuring supervised only\n")
+    with pytest.raises(InputError, match=r"^--sets: expected model sets whose weights are "
+                       r"shipped .*, received str 'plain'$"):
+        chosen_sets("plain")
+    with pytest.raises(InputError, match=r"^--sets: expected set names among supervised, "
+                       r"plain, comma-separated, received str 'both'$"):
+        chosen_sets("both")
