@@ -471,7 +471,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--only", choices=["vlm", "video"], action="append")
     parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--vlm-vision-steps", type=int, default=1000, help="steps of 64 "
+    parser.add_argument("--vlm-vision-steps", type=int, default=0, help="steps of 64 "
                         "scenes training the vision tower alone on the looks first")
     parser.add_argument("--vlm-steps", type=int, default=1500)
     parser.add_argument("--vlm-explain-steps", type=int, default=300)
