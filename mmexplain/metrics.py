@@ -805,6 +805,9 @@ def _curve_inputs(pixels: Any, maps: Any, baseline: Any, grid_dims: int
     lead = tuple(maps.shape[: maps.dim() - grid_dims])
     maps = maps.reshape(-1, *maps.shape[maps.dim() - grid_dims:])
     if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not math.isfinite(baseline):  # a NaN baseline made the whole curve NaN
+            raise bad_value("baseline", "a finite number or a tensor of finite values",
+                            baseline)
         base = torch.full_like(pixels, float(baseline))
     else:
         base = _maps(baseline, "baseline", grid_dims + 1, layout).to(pixels)

@@ -673,3 +673,17 @@ def test_found_boxes_of_other_leading_axes_are_named() -> None:
     maps[..., 0, 0] = 1.0  # all inside the box (0, 0, 1, 1) of every map: +inf, as documented
     assert M.box_inside_outside_ratio(maps, torch.tensor([[0.0, 0.0, 1.0, 1.0]])).eq(
         math.inf).all()
+
+
+def test_found_a_nan_baseline_is_named() -> None:
+    """perturbation_curve with baseline=nan: every point after the first was NaN."""
+    from mmexplain.errors import InputError
+
+    pixels, maps = torch.zeros(2, 1, 5, dtype=torch.float64), torch.zeros(2, 1, 5)
+    with pytest.raises(InputError, match=r"^baseline: expected a finite number or a tensor of "
+                       r"finite values, received float nan$"):
+        M.perturbation_curve(_score, pixels, maps, baseline=float("nan"))
+    mean = lambda x: x.flatten(1).mean(1, keepdim=True)  # noqa: E731 (N, 1)
+    curve = M.perturbation_curve(mean, torch.ones(2, 1, 4), torch.arange(4.0).view(1, 1, 4),
+                                 baseline=0.0)  # one pixel removed per step
+    assert curve.flatten().tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
