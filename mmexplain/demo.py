@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "deletion and insertion curves (0: none)")
     parser.add_argument("--seed", type=int, default=2026, help="world seed of the evaluation set")
     parser.add_argument("--show", type=int, default=6, help="examples drawn in the report")
+    parser.add_argument("--no-modern", dest="modern", action="store_false",
+                        help="leave out the modern models (shapes-vlm, a LLaVA-class VLM, and "
+                        "shapes-video, a VideoMAE), explained beside the classic ones")
 
 
 @dataclass
@@ -170,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
     _vqa_section(demo)
     _video_section(demo)
     figures = _figures(demo, checks, measured)
+    if getattr(demo.args, "modern", True):
+        from mmexplain import demo_modern
+
+        figures["modern"] = demo_modern.section(demo)
     figures["seconds"] = round(time.time() - start, 1)
     _write(demo, figures)
     return 0

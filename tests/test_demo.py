@@ -147,9 +147,27 @@ def test_demo_report_is_self_contained_and_escaped(demo_out: Path) -> None:
     assert "Pointing: caption words (%)" in html and "word_pointing" not in html
     assert "http://" not in html and "https://" not in html
     assert html.count("data:image/png;base64,") >= 4
-    assert html.count("data:video/mp4;base64,") == 2  # a row per set in each
+    # the classic C3D's clips (a row per set in each) and the modern VideoMAE's (--clips 2)
+    assert html.count("data:video/mp4;base64,") == 2 + 2
     assert "<script" not in html
     assert "&#x201c;" in html or "“" in html  # captions are text, quoted
+
+
+def test_demo_explains_the_modern_models_beside_the_classic_ones(demo_out: Path) -> None:
+    """shapes-vlm and shapes-video (issue 20) on the same scenes and clips, by every method:
+    their accuracies and measures in figures.json, their section in the report."""
+    from mmexplain.methods import list_methods
+
+    modern = json.loads((demo_out / "figures.json").read_text())["modern"]
+    assert set(modern["methods"]) == set(list_methods())
+    checks = modern["checks"]
+    assert set(checks) == {"vlm_caption_visual_words_correct", "vlm_vqa_accuracy",
+                           "video_action_accuracy"}
+    assert all(0.0 <= v <= 1.0 for v in checks.values())
+    for f in modern["methods"].values():
+        assert f["video_frame_pointing"] is None or 0.0 <= f["video_frame_pointing"] <= 1.0
+    html = (demo_out / "report.html").read_text()
+    assert html.index("<h2>Figures") < html.index("<h2>Modern models")
 
 
 CHECK = """<script>
@@ -180,7 +198,7 @@ def test_report_renders_images_and_videos_in_headless_chromium(demo_out: Path,
     assert found, "the probe did not run"
     check = json.loads(found.group(1).replace("&quot;", '"'))
     assert len(check["imgs"]) >= 4 and all(check["imgs"])
-    assert len(check["vids"]) == 2 and all(check["vids"])
+    assert len(check["vids"]) == 2 + 2 and all(check["vids"])  # classic C3D and modern VideoMAE
 
 
 def test_a_set_whose_weights_are_not_shipped_is_left_out_with_a_note(
