@@ -74,6 +74,9 @@ def _add_common(parser: argparse.ArgumentParser, default_model: str | None,
     ``size``: the help of its --size)."""
     if image:
         parser.add_argument("input", metavar="IMAGE", help="image file")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace this run's outputs in --out (default: refuse, naming "
+                            "them)")
     if size is not None:
         _add_size(parser, size)
     shown = default_model or "the shipped model, else a random-weight stand-in"
@@ -271,6 +274,11 @@ def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labe
 
     out = _out_dir(args)
     stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
+    existing = sorted(out.glob(f"{stem}.npz")) + sorted(out.glob(f"{stem}_*"))
+    if existing and not getattr(args, "overwrite", False):
+        raise InputError(f"--out: expected a folder without this run's outputs (or "
+                         f"--overwrite), received {str(out)!r}, which holds "
+                         f"{len(existing)} of them, e.g. {existing[0].name!r}")
     maps = expl.maps.detach().float().cpu()  # (1, K, h, w), a clip's (1, K, t', h, w)
     scores = expl.scores.detach().float().cpu()
     if shown.ndim == 3:

@@ -958,12 +958,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="output folder (default mmexplain-out/eval/<protocol>-<dataset>)")
         p.add_argument("--resume", action="store_true",
                        help="keep the records in --out and evaluate only the missing items")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the records of an earlier run in --out (default: refuse, "
+                       "naming them)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         spec.add_arguments(p)
 
 
 #: settings that do not change the records (a resumed run may change them)
-_FREE = ("out", "resume", "device", "no_progress", "limit", "command", "protocol")
+_FREE = ("out", "resume", "overwrite", "device", "no_progress", "limit", "command", "protocol")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -975,6 +978,11 @@ def _check_settings(args: argparse.Namespace, out: Path, main_process: bool) -> 
     """Write OUT/settings.json; on --resume refuse records made with other settings."""
     path = out / "settings.json"
     settings = {"protocol": args.protocol, **_settings(args)}
+    done = sorted(out.glob("records.rank*.jsonl"))
+    if done and not args.resume and not getattr(args, "overwrite", False):
+        raise InputError(f"--out: expected a folder without an earlier run's records (or "
+                         f"--resume to go on with them, --overwrite to replace them), received "
+                         f"{str(out)!r}, which holds {done[0].name}")
     if args.resume and path.is_file():
         before = json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))

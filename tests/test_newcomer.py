@@ -445,3 +445,41 @@ def test_densecap_boxes_far_beyond_the_image_are_a_warning_naming_it(tmp_path: P
                      "--image", str(wide), "--weights", "random", "--size", "32", "--top", "2",
                      "--method", "gradcam", "--no-progress",
                      "--out", str(tmp_path / "o")]) == 0
+
+
+def test_item2_nothing_a_user_made_is_overwritten_without_being_asked(tmp_path, capsys) -> None:
+    """#2: a second image of the same stem (a/test.png, b/test.png) into the same --out, and
+    a second `eval` run into a finished run's folder, are refused naming what is there
+    (they replaced it silently); --overwrite replaces, eval --resume goes on."""
+    import numpy as np
+    from PIL import Image
+
+    for folder, seed in (("a", 0), ("b", 1)):
+        (tmp_path / folder).mkdir()
+        pixels = np.random.default_rng(seed).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / folder / "test.png")
+    out = tmp_path / "out"
+    common = ["--size", "32", "--weights", "random", "--classes", "tabby", "--out", str(out)]
+    assert main(["classify", str(tmp_path / "a" / "test.png"), *common]) == 0
+    first = np.load(out / "test_resnet18_gradcam.npz")["image"]
+    capsys.readouterr()
+    assert main(["classify", str(tmp_path / "b" / "test.png"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "--out: expected a folder without this run's outputs (or --overwrite)" in err
+    assert "test_resnet18_gradcam" in err
+    assert np.array_equal(np.load(out / "test_resnet18_gradcam.npz")["image"], first)
+    assert main(["classify", str(tmp_path / "b" / "test.png"), *common, "--overwrite"]) == 0
+    assert not np.array_equal(np.load(out / "test_resnet18_gradcam.npz")["image"], first)
+
+    runs = tmp_path / "eval"
+    argv = ["eval", "pointing", "--dataset", "shapes", "--limit", "2", "--out", str(runs),
+            "--no-progress"]
+    assert main(argv) == 0
+    records = (runs / "records.rank0.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "--out: expected a folder without an earlier run's records (or --resume to go on " \
+        "with them, --overwrite to replace them)" in capsys.readouterr().err
+    assert (runs / "records.rank0.jsonl").read_text() == records
+    assert main([*argv, "--resume"]) == 0 and main([*argv, "--overwrite"]) == 0
+    assert (runs / "records.rank0.jsonl").read_text() == records  # the same items, remade
