@@ -98,6 +98,13 @@ def test_the_plain_c3d_recognises_actions() -> None:
 
 @shipped("shapes-vqa")
 def test_mmexplain_vqa_explains_the_plain_model_as_the_library_does(tmp_path: Path) -> None:
+    check_vqa_command("shapes-vqa-plain", "shapes-vqa", tmp_path)
+
+
+def check_vqa_command(name: str, other: str, tmp_path: Path) -> None:
+    """``mmexplain vqa SCENE.png --model NAME`` with forced answers: its maps (the model's
+    own answer first, then the forced ones) equal the library call's and differ from the
+    ``other`` model's."""
     from PIL import Image
 
     from mmexplain.cli import main
@@ -108,17 +115,45 @@ def test_mmexplain_vqa_explains_the_plain_model_as_the_library_does(tmp_path: Pa
     path = tmp_path / "scene.png"
     Image.fromarray((scene.image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
     question = "what color is the circle ?"
-    assert main(["vqa", str(path), "--model", "shapes-vqa-plain", "--question", question,
+    assert main(["vqa", str(path), "--model", name, "--question", question,
                  "--answers", "red,blue", "--out", str(tmp_path / "o")]) == 0
     saved = np.load(next((tmp_path / "o").glob("*.npz")))
-    plain = get_adapter("shapes-vqa-plain")
-    expl, answers = explain_vqa(plain, plain.prepare_image(read_image(path))[0], question,
-                                ["red", "blue"])
-    assert answers == ["red", "blue"] and saved["maps"].shape == (2, 16, 16)
-    np.testing.assert_allclose(saved["maps"], expl.maps[0].numpy(), rtol=1e-5, atol=1e-7)
-    supervised, _ = explain_vqa(get_adapter("shapes-vqa"), plain.prepare_image(
-        read_image(path))[0], question, ["red", "blue"])
-    assert not np.allclose(saved["maps"], supervised.maps[0].numpy())  # the other model
+    answers = saved["labels"].tolist()
+    assert answers[-2:] == ["red", "blue"] and saved["maps"].shape[2:] == (16, 16)
+    model = get_adapter(name)
+    x = model.prepare_image(read_image(path))[0]
+    expl, labels = explain_vqa(model, x, question, answers)
+    assert labels == answers
+    np.testing.assert_allclose(saved["maps"], expl.maps.numpy(), rtol=1e-5, atol=1e-7)
+    others, _ = explain_vqa(get_adapter(other), x, question, answers)
+    assert not np.allclose(saved["maps"], others.maps.numpy())  # the other model
+
+
+def test_mmexplain_video_explains_the_plain_c3d_as_the_library_does(tmp_path: Path) -> None:
+    """``mmexplain video CLIP.mp4 --model shapes-c3d-plain`` on a shapes clip written as
+    H.264: its window's maps equal explain_clip on the same decoded window, and differ
+    from the supervised C3D's."""
+    from mmexplain.cli import main
+    from mmexplain.data.video import stream_windows
+    from mmexplain.render import write_mp4
+    from mmexplain.tasks.video import explain_clip
+
+    clips = W.ShapesWorld(seed=5).clip_batch(1)
+    frames = (clips.videos[0] * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    mp4 = tmp_path / "clip.mp4"
+    write_mp4(frames, mp4, fps=8)
+    assert main(["video", str(mp4), "--model", "shapes-c3d-plain", "--out",
+                 str(tmp_path / "o")]) == 0
+    saved = np.load(next((tmp_path / "o").glob("*.npz")))
+    assert saved["frame_indices"].tolist() == [list(range(16))]
+    maps = {}
+    for name in ("shapes-c3d-plain", "shapes-c3d"):
+        model = get_adapter(name)
+        (clip,) = stream_windows(mp4, 16, transform=model.preprocess.frame)
+        x = model.preprocess.normalize(clip.frames).transpose(0, 1)[None]
+        maps[name] = explain_clip(model, x)[0].maps.detach().numpy()
+    np.testing.assert_allclose(saved["maps"], maps["shapes-c3d-plain"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(saved["maps"], maps["shapes-c3d"])  # the other model
 
 
 # --------------------------------------------------------------------------- the training
