@@ -266,19 +266,35 @@ def _warn_small(args: argparse.Namespace, grid: Sequence[int], layer: str,
                       "of an upsampled blur", UserWarning, stacklevel=2)
 
 
+def _image_stem(args: argparse.Namespace) -> str:
+    """The name every output of an image command starts with."""
+    return f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
+
+
+def _refuse_written(args: argparse.Namespace) -> None:
+    """Before the model runs: an image command's outputs already in --out are an error
+    naming them unless --overwrite (another folder's image of the same name too)."""
+    out, stem = _out_dir(args), _image_stem(args)
+    if not getattr(args, "overwrite", False):
+        existing = sorted(out.glob(f"{stem}.npz")) + sorted(out.glob(f"{stem}_*"))
+        _written(out, [f.name for f in existing], "--overwrite")
+
+
+def _written(out: Path, existing: Sequence[str], instead: str) -> None:
+    """The InputError of a run that would replace ``existing`` outputs in ``out``."""
+    if existing:
+        raise InputError(f"--out: expected a folder without this run's outputs (or "
+                         f"{instead}), received {str(out)!r}, which holds {len(existing)} of "
+                         f"them, e.g. {existing[0]!r}")
+
+
 def _write_image_results(args: argparse.Namespace, adapter: Any, expl: Any, labels: Sequence[str],
                          shown: np.ndarray, extra: dict[str, Any]) -> int:
     """One overlay PNG per target (for a clip an MP4: each frame with its tubelet's map)
     and the .npz of the maps; prints what it wrote."""
     from mmexplain.render import overlay, overlay_clip, save_png, write_mp4
 
-    out = _out_dir(args)
-    stem = f"{Path(args.input).stem}_{_slug(args.model)}_{_slug(args.method)}"
-    existing = sorted(out.glob(f"{stem}.npz")) + sorted(out.glob(f"{stem}_*"))
-    if existing and not getattr(args, "overwrite", False):
-        raise InputError(f"--out: expected a folder without this run's outputs (or "
-                         f"--overwrite), received {str(out)!r}, which holds "
-                         f"{len(existing)} of them, e.g. {existing[0].name!r}")
+    out, stem = _out_dir(args), _image_stem(args)
     maps = expl.maps.detach().float().cpu()  # (1, K, h, w), a clip's (1, K, t', h, w)
     scores = expl.scores.detach().float().cpu()
     if shown.ndim == 3:
@@ -326,6 +342,7 @@ class Classify:
         image = _read_image(args)
         folder = _folder_family(args, "classify")
         args.model = args.model or "resnet18"
+        _refuse_written(args)
         options = {} if folder else dict(size=args.size, num_classes=args.num_classes)
         adapter = _capable(build_adapter(args.model, args.weights, args.layer, args.device,
                                          args.seed, **options), "classify", "classify")
@@ -387,6 +404,7 @@ def _language_input(args: argparse.Namespace, task: str, capability: str, prompt
         raise bad_value("--frames", "a positive number of frames", args.frames)
     image = None if video else _read_image(args)
     adapter = _capable(_language_adapter(args, task), capability, task)
+    _refuse_written(args)  # args.model is known now
     print(_weights_line(adapter))
     if image is not None:
         return (adapter, *_prepared(adapter, image, prompt, args.size))
@@ -624,10 +642,7 @@ def _video_jobs(args: argparse.Namespace, jobs: list[tuple[Path, Path]]
     if not args.overwrite and not args.resume:
         existing = [str(f) for _, b in jobs for f in (b.with_suffix(".mp4"), b.with_suffix(".npz"))
                     if f.exists()]
-        if existing:
-            raise InputError(f"--out: expected a folder without this run's outputs (or "
-                             f"--overwrite / --resume), received {str(jobs[0][1].parent)!r}, "
-                             f"which holds {len(existing)} of them, e.g. {existing[0]!r}")
+        _written(jobs[0][1].parent, existing, "--overwrite / --resume")
     return jobs
 
 
