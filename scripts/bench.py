@@ -935,7 +935,7 @@ def row_folder(s: Config, device: torch.device) -> list[Case]:
     import io
     from contextlib import redirect_stdout
 
-    from mmexplain.commands import _explain_windows
+    from mmexplain.commands import _explain_windows, _window_batch
     from mmexplain.data.video import stream_windows
     from mmexplain.tasks.video import explain_clip
 
@@ -946,8 +946,8 @@ def row_folder(s: Config, device: torch.device) -> list[Case]:
     decoded = []
     for path in paths:  # the floor's windows, decoded and preprocessed beforehand
         clips = list(stream_windows(path, 16, transform=adapter.preprocess.frame))
-        decoded += [torch.stack([adapter.preprocess.normalize(c.frames).transpose(0, 1)
-                                 for c in clips[i:i + batch]]) for i in range(0, len(clips), batch)]
+        decoded += [_window_batch(adapter, clips[i:i + batch], device)[2]
+                    for i in range(0, len(clips), batch)]
 
     def folder(sequential: bool) -> torch.Tensor:
         run.sequential = sequential

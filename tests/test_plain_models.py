@@ -134,6 +134,7 @@ def test_mmexplain_video_explains_the_plain_c3d_as_the_library_does(tmp_path: Pa
     H.264: its window's maps equal explain_clip on the same decoded window, and differ
     from the supervised C3D's."""
     from mmexplain.cli import main
+    from mmexplain.commands import _window_batch
     from mmexplain.data.video import stream_windows
     from mmexplain.render import write_mp4
     from mmexplain.tasks.video import explain_clip
@@ -150,7 +151,7 @@ def test_mmexplain_video_explains_the_plain_c3d_as_the_library_does(tmp_path: Pa
     for name in ("shapes-c3d-plain", "shapes-c3d"):
         model = get_adapter(name)
         (clip,) = stream_windows(mp4, 16, transform=model.preprocess.frame)
-        x = model.preprocess.normalize(clip.frames).transpose(0, 1)[None]
+        x = _window_batch(model, [clip], torch.device("cpu"))[2]  # as the command does
         maps[name] = explain_clip(model, x)[0].maps.detach().numpy()
     np.testing.assert_allclose(saved["maps"], maps["shapes-c3d-plain"], rtol=1e-5, atol=1e-7)
     assert not np.allclose(saved["maps"], maps["shapes-c3d"])  # the other model
