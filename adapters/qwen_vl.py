@@ -254,11 +254,7 @@ class QwenVL(VisionLanguageAdapter):
             return super().prepare_image(image, prompt, size=size)  # its InputError
         self._prompt = self.format_prompt(self.default_prompt if prompt is None else prompt)
         out = self._process(image if image.flags.writeable else image.copy(), self._prompt)
-        thw = out.pop("image_grid_thw")
-        inputs = {"image_grid_thw": thw.to(device_of(self.vision)),
-                  "pixel_values": out.pop("pixel_values").to(device_of(self.vision),
-                                                             dtype_of(self.vision))}
-        context = {k: v.to(self._text_device()) for k, v in out.items()}
+        inputs, thw, context = self._placed(out, "image")
         self._image_size = tuple(image.shape[:2])
         return inputs, _resized(image, *self._meta(thw)["size"]), context
 
@@ -279,13 +275,20 @@ class QwenVL(VisionLanguageAdapter):
                              f"{type(self.processor).__name__} can prepare, received "
                              f"{describe(frames)} and prompt {text!r}: {exc}") from exc
         out = {k: v for k, v in dict(out).items() if k in self._context_keys()}
-        thw = out.pop("video_grid_thw")
-        inputs = {"video_grid_thw": thw.to(device_of(self.vision)),
-                  "pixel_values_videos": out.pop("pixel_values_videos").to(
-                      device_of(self.vision), dtype_of(self.vision))}
-        context = {k: v.to(self._text_device()) for k, v in out.items()}
+        inputs, thw, context = self._placed(out, "video")
         height, width = self._meta(thw)["size"]
         return inputs, np.stack([_resized(f, height, width) for f in frames]), context
+
+    def _placed(self, out: dict[str, Any], kind: str
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """The processor's outputs for an image or a clip (``kind``) -> (its pixels and grid
+        on the vision tower's device and dtype, the grid, the prompt's tensors on the
+        language model's device)."""
+        thw = out.pop(f"{kind}_grid_thw")
+        inputs = {f"{kind}_grid_thw": thw.to(device_of(self.vision)),
+                  PIXELS[kind]: out.pop(PIXELS[kind]).to(device_of(self.vision),
+                                                         dtype_of(self.vision))}
+        return inputs, thw, {k: v.to(self._text_device()) for k, v in out.items()}
 
     default_video_prompt = "Describe this video."
 
@@ -304,10 +307,7 @@ class QwenVL(VisionLanguageAdapter):
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             if token in text:
                 return text
-        if any(t in prompt for t in ("<|im_start|>", "<|vision_start|>")):
-            raise bad_value("prompt", f"a prompt with the video token {token!r} where the clip "
-                            "goes (a prompt written in the model's template must hold it)",
-                            repr(prompt), raw=True)
+        refuse_templated(prompt, token, TEMPLATE_MARKS, ("video", "clip"))
         return VIDEO_SLOT + prompt
 
     def frame_maps(self, maps: torch.Tensor, frames: int) -> torch.Tensor:
@@ -354,7 +354,7 @@ class QwenVL(VisionLanguageAdapter):
     def format_prompt(self, prompt: str) -> str:
         """As the base; without a chat template a plain prompt gets Qwen's image slot
         ``<|vision_start|><|image_pad|><|vision_end|>`` before it."""
-        prompt = slot_prompt(self, prompt, IMAGE_SLOT, ("<|im_start|>", "<|vision_start|>"),
+        prompt = slot_prompt(self, prompt, IMAGE_SLOT, TEMPLATE_MARKS,
                              token=self.image_token())
         return super().format_prompt(prompt)
 
@@ -368,6 +368,8 @@ class Qwen25VL(QwenVL):
 
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_SLOT = "<|vision_start|><|video_pad|><|vision_end|>"
+#: what marks a prompt written in Qwen's chat template
+TEMPLATE_MARKS = ("<|im_start|>", "<|vision_start|>")
 #: the processor's pixel key of each kind of visual input
 PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
@@ -381,13 +383,20 @@ def slot_prompt(adapter: Any, prompt: Any, slot: str, template: tuple[str, ...],
     token = slot if token is None else token
     if not isinstance(prompt, str) or token in prompt:
         return prompt
-    if any(t in prompt for t in template):
-        raise bad_value("prompt", f"a prompt with the image token {token!r} where the image "
-                        "goes (a prompt written in the model's template must hold it)",
-                        repr(prompt), raw=True)
+    refuse_templated(prompt, token, template)
     if getattr(adapter.processor, "chat_template", None):
         return prompt  # the base puts it through the chat template
     return slot + prompt
+
+
+def refuse_templated(prompt: str, token: str, template: tuple[str, ...],
+                     what: tuple[str, str] = ("image", "image")) -> None:
+    """A prompt written in the model's template (it holds one of ``template``) but without
+    the ``what[0]`` token is an InputError: the processor could not place the ``what[1]``."""
+    if any(t in prompt for t in template):
+        raise bad_value("prompt", f"a prompt with the {what[0]} token {token!r} where the "
+                        f"{what[1]} goes (a prompt written in the model's template must hold "
+                        "it)", repr(prompt), raw=True)
 
 
 def _resized(image: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -295,6 +295,9 @@ def test_video_forced_answers_and_errors(clips):
         adapter.prepare_video(_clip()[0])
     with pytest.raises(InputError, match="inputs: expected the processor's image inputs"):
         adapter.encode({"pixel_values_videos": inputs["pixel_values_videos"]})
+    with pytest.raises(InputError, match="prompt: expected a prompt with the video token "
+                       "'<\\|video_pad\\|>' where the clip goes"):
+        adapter.prepare_video(_clip(), "<|im_start|>user what moves ?<|im_end|>")
 
 
 SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "armwrestling.mp4"
