@@ -129,6 +129,35 @@ def check_vqa_command(name: str, other: str, tmp_path: Path) -> None:
     assert not np.allclose(saved["maps"], others.maps.numpy())  # the other model
 
 
+@shipped("shapes-captioner")
+def test_mmexplain_caption_explains_the_plain_captioner_as_the_library_does(
+        tmp_path: Path) -> None:
+    check_caption_command("shapes-captioner-plain", "shapes-captioner", tmp_path)
+
+
+def check_caption_command(name: str, other: str, tmp_path: Path) -> None:
+    """``mmexplain caption SCENE.png --model NAME``: one map per word of its own caption,
+    equal to the library call's and not the ``other`` model's."""
+    from PIL import Image
+
+    from mmexplain.cli import main
+    from mmexplain.data.images import read_image
+    from mmexplain.tasks.caption import explain_caption
+
+    scene = W.ShapesWorld(seed=5).image(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray((scene.image.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(path)
+    assert main(["caption", str(path), "--model", name, "--out", str(tmp_path / "o")]) == 0
+    saved = np.load(next((tmp_path / "o").glob("*.npz")))
+    model = get_adapter(name)
+    x, _, context = model.prepare_image(read_image(path))
+    expl, words = explain_caption(model, x, None, "all", context=context)
+    assert saved["labels"].tolist() == list(words) and len(words) > 0
+    np.testing.assert_allclose(saved["maps"], expl.maps.numpy(), rtol=1e-5, atol=1e-7)
+    others, _ = explain_caption(get_adapter(other), x, " ".join(words), "all")
+    assert not np.allclose(saved["maps"], others.maps.numpy())  # the other model
+
+
 def test_mmexplain_video_explains_the_plain_c3d_as_the_library_does(tmp_path: Path) -> None:
     """``mmexplain video CLIP.mp4 --model shapes-c3d-plain`` on a shapes clip written as
     H.264: its window's maps equal explain_clip on the same decoded window, and differ
