@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mmexplain.process import skip_triton
+
+    skip_triton()  # no CUDA: Triton is dead weight (before the commands import torchvision)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

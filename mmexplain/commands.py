@@ -564,7 +564,10 @@ class Video:
     @staticmethod
     def run(args: argparse.Namespace) -> int:
         from mmexplain.data.video_folder import expand_video_inputs, output_stems
+        from mmexplain.process import release_large_blocks
         from mmexplain.runs import join_world, leave_world, read_records, run_items
+
+        release_large_blocks()  # a long run's memory stays flat (mmexplain.process)
 
         for arg, value in (("--batch-size", args.batch_size), ("--top", args.top)):
             if value < 1:
