@@ -723,15 +723,16 @@ def _explain_video(args: argparse.Namespace, adapter: Any, path: Path, base: Pat
     frames = _render_video(adapter, path, found, mp4, info.fps, args.cmap)
     print(f"overlay video: {frames} frames at {info.fps:g} fps -> {mp4}")
     npz = base.with_suffix(".npz")
+    frame_maps = stitched.maps()
     np.savez(npz, maps=found["maps"].numpy(), scores=found["scores"].numpy(),
              classes=np.array(found["classes"]), labels=np.array(found["labels"]),
-             frame_indices=np.array(found["frame_indices"]), frame_maps=stitched.maps().numpy(),
+             frame_indices=np.array(found["frame_indices"]), frame_maps=frame_maps.numpy(),
              frame_windows=stitched.counts.numpy(), frame_importance=stitched.importance().numpy(),
              fps=info.fps, layer=found["layer"], method=found["method"],
              per_slice=args.per_slice, video=str(path),
              weights_source=str(getattr(adapter, "weights_source", "")))
     print(f"maps {tuple(found['maps'].shape)} at layer {found['layer']!r}, per frame "
-          f"{tuple(stitched.maps().shape)} -> {npz}")
+          f"{tuple(frame_maps.shape)} -> {npz}")
     top: dict[str, list[float]] = {}
     for names, scores in zip(found["labels"], found["scores"].tolist()):
         top.setdefault(names[0], []).append(scores[0])
@@ -796,10 +797,10 @@ def _render_video(adapter: Any, path: Path, found: dict[str, Any], mp4: Path, fp
     from mmexplain.render import overlay_clip
 
     stitched = found["stitched"]
-    maps = stitched.maps()  # (K, N, h', w')
+    maps = stitched.maps()  # (K, N, h', w'): normalised in place (a long video's only copy)
     lo = maps.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
     span = maps.flatten(1).amax(dim=1).view(-1, 1, 1, 1) - lo
-    maps = torch.where(span > 0, (maps - lo) / span.clamp(min=1e-30), torch.zeros_like(maps))
+    maps.sub_(lo).div_(span.clamp(min=1e-30))  # a constant map (span 0) is 0 everywhere
     covered = (stitched.counts > 0).numpy()
     h, w = adapter.preprocess.crop
     strips = _importance_strips(stitched.importance(), w, max(8, h // 8))  # (K, sh, w, 3)

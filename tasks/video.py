@@ -154,7 +154,7 @@ class StitchedMaps:
     def importance(self) -> torch.Tensor:
         """(K, N): the share of the explanation each frame carries, its map's sum over
         the sum of every frame's map (of the positive parts; 0 for an all-zero map)."""
-        mass = self.maps().clamp(min=0).flatten(2).sum(dim=2)  # (K, N)
+        mass = self.maps().clamp_(min=0).flatten(2).sum(dim=2)  # (K, N); maps() a copy
         total = mass.sum(dim=1, keepdim=True)
         return torch.where(total > 0, mass / total.clamp(min=1e-30), torch.zeros_like(mass))
 
