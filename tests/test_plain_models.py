@@ -248,6 +248,30 @@ def test_plain_image_losses_have_no_probe_term(script) -> None:
     assert float(script.vqa_loss(vqa, script.Probes(vqa, data), data, q)) > want + 1.0
 
 
+def test_the_plain_trunk_pretraining_reads_which_looks_a_scene_holds(script) -> None:
+    """Presence: the multi-hot of each scene's colour-shape looks (image-level labels, two
+    objects of one look count once, empty slots none), and its loss the binary
+    cross-entropy of a linear read-out of the trunk's averaged final map."""
+    from mmexplain.adapters.shapes import shapes_trunk
+    from mmexplain.adapters.vqa import LSTMQNormI
+
+    data = W.ShapesWorld(seed=3).image_batch(6)
+    channels = script.TRUNK_CHANNELS
+    vqa = LSTMQNormI(W.QUESTION_VOCAB, W.ANSWER_VOCAB, trunk=shapes_trunk(channels),
+                     trunk_channels=channels, normalize=None, **script.VQA).eval()
+    presence = script.Presence(vqa, data)
+    for row in range(6):
+        looks = {W.COLORS.index(c) * len(W.SHAPES) + W.SHAPES.index(s) for c, s in (
+            (W.COLORS[int(data.object_colors[row, j])], W.SHAPES[int(data.object_shapes[row, j])])
+            for j in range(int(data.num_objects[row])))}
+        assert set(presence.present[row].nonzero().flatten().tolist()) == looks
+    idx = torch.tensor([0, 4])
+    pooled = vqa.feature_map(data.images[idx]).mean((2, 3))
+    want = torch.nn.functional.binary_cross_entropy(
+        torch.sigmoid(presence.head(pooled)), presence.present[idx])
+    assert float(presence.loss(idx)) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_plain_defaults_and_the_child_processes_flag(script) -> None:
     args = script.parse_args(["--plain"])
     assert args.plain and args.explain_steps == 0 and args.vqa_explain_steps == 0
@@ -257,6 +281,7 @@ def test_plain_defaults_and_the_child_processes_flag(script) -> None:
     child = script.child_command(args, "vqa")
     assert child.count("--plain") == 1 and child[-2:] == ["--only", "vqa"]
     assert "--epochs=20" in child and "--explain-steps=0" in child
+    assert "--pretrain-epochs=6" in child and script.parse_args([]).pretrain_epochs == 0
     assert "--plain" not in script.child_command(script.parse_args([]), "vqa")
 
 
@@ -276,7 +301,8 @@ def test_the_plain_path_is_deterministic_and_named_plain(script, tmp_path: Path)
     try:
         for run in ("a", "b"):
             (tmp_path / run).mkdir()
-            script.train_vqa(tmp_path / run, 64, 1, 0, world.image_batch(64), 2, 0, plain=True)
+            script.train_vqa(tmp_path / run, 64, 1, 0, world.image_batch(64), 2, 0, plain=True,
+                             pretrain_epochs=script.PLAIN_SCHEDULE["pretrain_epochs"])
     finally:
         torch.set_num_threads(threads)
     files = [d / "shapes-vqa-plain.safetensors" for d in (out, tmp_path / "a", tmp_path / "b")]
