@@ -27,7 +27,6 @@ use yet another seed. Each model trains in its own single-threaded process (``--
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys

@@ -7,9 +7,7 @@ peer is right (and differ, flagged, where it is known to be wrong).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -17,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from script_module import load_script
 
 from mmexplain.errors import InputError
 
-BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 
 CASES = ["1-gradcam", "1-gradcam++", "2-shapes", "2-show-tell", "3-shapes", "3-vqa-lstm",
          "4-r3d_18", "4-r3d_18-pp", "4-c3d", "4-sliding", "5-guided", "6-occlusion", "7-vlm",
@@ -41,11 +39,7 @@ THEIR_WAY = [("4-r3d_18", "pytorch-grad-cam"), ("4-c3d", "pytorch-grad-cam"),
 
 
 def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mmexplain_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench.py", "mmexplain_bench", register=True)
 
 
 @pytest.fixture(scope="module")

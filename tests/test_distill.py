@@ -9,13 +9,13 @@ model as found (training flags, requires_grad, no hooks).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import script_module
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,14 +174,9 @@ def test_maps_at_refuses_scores_without_a_graph() -> None:
 
 # --------------------------------------------------------------------------- Table 4
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "distill_table4.py"
-
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("distill_table4", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module.load_script("distill_table4.py", "distill_table4")
 
 
 def test_tiny_run_gives_the_papers_rows_with_finite_values(tmp_path: Path, capsys) -> None:

@@ -8,7 +8,6 @@ and no explanation term (checked on values), deterministically.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from mmexplain.adapters import get_adapter
 from mmexplain.data import shapes as W
 from mmexplain.tasks.shapes import action_accuracy, caption_accuracy, vqa_accuracy
+from script_module import load_script
 
 EVAL_SEED = 777  # as tests/test_demo.py: training used world seeds 0 and 1
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes.py"
@@ -39,10 +39,7 @@ def shipped(*names: str) -> pytest.MarkDecorator:
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("train_shapes_plain", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_shapes.py", "train_shapes_plain")
 
 
 @pytest.fixture(scope="module")

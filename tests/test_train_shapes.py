@@ -7,13 +7,13 @@ the same draws, and asserts that its motion still says the (new) action.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import script_module
 import torch
 
 from mmexplain.data import shapes as W
@@ -22,10 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_shapes.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("train_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module.load_script("train_shapes.py", "train_shapes")
 
 
 def motion(mask: torch.Tensor) -> tuple[float, float, float, float]:

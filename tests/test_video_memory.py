@@ -5,21 +5,15 @@ process, stays below 1 GB, and a clip four times as long peaks less than 10 % hi
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "video_memory.py"
+from script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def vm():
-    spec = importlib.util.spec_from_file_location("video_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("video_memory.py", "video_memory")
 
 
 def test_the_goals_are_judged_from_the_measured_rows(vm) -> None:
