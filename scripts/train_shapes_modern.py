@@ -61,7 +61,7 @@ CHAT = ("{% for m in messages %}USER: "
 SIZE, PATCH = 64, 8
 VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3,
               num_attention_heads=4, image_size=SIZE, patch_size=PATCH, projection_dim=64)
-TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=128)
 VIDEO = dict(image_size=SIZE, patch_size=8, num_frames=16, tubelet_size=4, hidden_size=64,
              num_hidden_layers=3, num_attention_heads=4, intermediate_size=192,
@@ -499,7 +499,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--vlm-vision-steps", type=int, default=800, help="steps of 64 "
                         "scenes training the vision tower alone on the looks first")
-    parser.add_argument("--vlm-steps", type=int, default=1500)
+    parser.add_argument("--vlm-steps", type=int, default=2500)
     parser.add_argument("--vlm-explain-steps", type=int, default=200)
     parser.add_argument("--vlm-batch", type=int, default=8, help="scenes per step (each with "
                         "its caption's and its questions' dialogues, about 7)")
