@@ -19,11 +19,12 @@ every method of ``demo.methods``, as the classic models are explained:
 - spatiotemporal maps of the video transformer for each clip's true action, pointing per
   frame against the actor's mask.
 
-Budget: the demo's 40 scenes and 12 clips with the six methods in about 45 s on 2 cores,
-so the models' accuracy is measured on all the scenes and clips, but only the first
-``CAPTION_SCENES`` scenes' captions are explained word by word, ``QUESTIONS`` question per
-scene of the first ``ANSWER_SCENES``, and the regions and the answers' faithfulness of the
-first ``FAITHFUL`` scenes; every clip is explained.
+Budget: the demo's 40 scenes and 12 clips with the six methods in about a minute on 2
+cores. The models' accuracy is measured on all the scenes and clips, and the captions of
+the first ``CAPTION_SCENES`` scenes (all 40 by default) are explained word by word. Only
+``QUESTIONS`` question per scene of the first ``ANSWER_SCENES`` is explained, and the
+regions and the answers' faithfulness are measured on the first ``FAITHFUL`` scenes;
+every clip is explained.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ from mmexplain.methods import get_method
 from mmexplain.tasks import protocols as P
 from mmexplain.tasks import shapes as S
 
-#: Scenes whose captions are explained word by word (the first ones).
-CAPTION_SCENES = 8
+#: Scenes whose captions are explained word by word (the first ones): all of the demo's 40
+#: by default. (With the first 8 the VLM's word pointing rested on about 40 words: 66 %
+#: on seed 2026 for Grad-CAM against 78 % over all 40 scenes' 174.)
+CAPTION_SCENES = 40
 #: Scenes whose questions are explained, and how many per scene (those whose answer is
 #: about objects first).
 ANSWER_SCENES, QUESTIONS = 12, 1

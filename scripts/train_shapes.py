@@ -14,9 +14,10 @@ README).
 
 ``--plain`` trains the same three architectures, seeds and data on their task alone --
 no auxiliary probes, no concept supervision, no explanation supervision (no third phase)
--- on the longer schedule :data:`PLAIN_SCHEDULE`, into ``shapes-*-plain.safetensors``:
-models never trained for any explanation method, for the demo's side-by-side comparison.
-The image models' trunk is first pretrained on image-level labels (:class:`Presence`).
+-- on the schedule :data:`PLAIN_SCHEDULE`, into ``shapes-*-plain.safetensors``: models
+never trained for any explanation method, for the demo's side-by-side comparison. The
+image models' trunk is pretrained on image-level labels (:class:`Presence`) and then kept
+fixed while their LSTMs learn the task.
 """
 
 from __future__ import annotations
@@ -67,15 +68,22 @@ CAPTIONER_EXPLAIN_LR, VQA_EXPLAIN_LR = 1e-3, 3e-4
 EXPLAIN_IMAGES = 20000
 
 
-#: The defaults --plain changes: the steps the probes and the explanation phases took go to
-#: longer task-only phases.
-PLAIN_SCHEDULE = dict(epochs=20, explain_steps=0, vqa_explain_steps=0, pretrain_epochs=6)
+#: The defaults --plain changes: the trunk learns from image-level labels alone
+#: (:class:`Presence`, 10 epochs), then stays as that left it while the LSTMs learn their
+#: task on its pooled codes (the second phase; no first phase, no explanation phase) -- as
+#: Show and Tell keeps its pretrained CNN fixed. (Measured: with the trunk trained on the
+#: task too, 20 epochs after a 6-epoch pretraining that read the average-pooled map, the
+#: captioner named 43.2 % of the visual words right and the VQA model answered 56.1 %;
+#: this way 90.8 % and 93.7 %, in 11 minutes each.)
+PLAIN_SCHEDULE = dict(epochs=0, vqa_epochs=0, explain_steps=0, vqa_explain_steps=0,
+                      pretrain_epochs=10)
 
 
 class Presence(nn.Module):
     """The plain models' trunk pretraining (not shipped): which colour-shape looks a scene
     holds (multi-label, image-level: no place, no mask, no explanation), read linearly from
-    the trunk's final map averaged over the image -- as Show and Tell's and the VQA
+    the model's own pooled code of the trunk's final map (the captioner's max pooling, the
+    VQA model's average and max: what their task reads) -- as Show and Tell's and the VQA
     models' CNNs are pretrained on ImageNet's image labels before their task. Trained on
     their task alone from random weights, the plain captioner's trunk did not learn to see
     (its loss stalled at the language prior's) and the plain VQA model reached 56 %."""
@@ -83,7 +91,7 @@ class Presence(nn.Module):
     def __init__(self, model: nn.Module, data: world_mod.SceneBatch) -> None:
         super().__init__()
         self.model = model
-        self.head = nn.Linear(model.feature_dim, len(world_mod.COLORS) * len(world_mod.SHAPES))
+        self.head = nn.Linear(model.code_dim, len(world_mod.COLORS) * len(world_mod.SHAPES))
         looks = (data.object_colors.clamp(min=0) * len(world_mod.SHAPES)
                  + data.object_shapes.clamp(min=0))
         present = torch.zeros(len(looks), self.head.out_features)
@@ -92,7 +100,7 @@ class Presence(nn.Module):
         self.present, self.images = present, data.images
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.feature_map(self.images[idx]).mean((2, 3))
+        pooled = self.model.pool(self.model.feature_map(self.images[idx]))
         return nn.functional.binary_cross_entropy_with_logits(self.head(pooled),
                                                               self.present[idx])
 
@@ -463,9 +471,10 @@ def train_captioner(out: Path, images: int, epochs: int, seed: int,
     probes = None if plain else CaptionerProbes(model, data)
     if plain:
         pretrain_trunk(model, data, pretrain_epochs, seed, "captioner")
-    fit(model if probes is None else probes,
-        lambda idx: captioner_loss(model, probes, data.images, tokens, idx), images,
-        epochs=epochs, batch=64, lr=2e-3, seed=seed, name="captioner")
+    if epochs > 0:  # --plain: none; the LSTM learns on the pretrained trunk's codes
+        fit(model if probes is None else probes,
+            lambda idx: captioner_loss(model, probes, data.images, tokens, idx), images,
+            epochs=epochs, batch=64, lr=2e-3, seed=seed, name="captioner")
     names = model.trunk.names
     below = names[names.index(DEFAULT_LAYER) - 1]  # the stage feeding the explained layer
     keep = min(EXPLAIN_IMAGES, len(head.images)) if explain_steps > 0 else 0
@@ -499,8 +508,9 @@ def train_vqa(out: Path, images: int, epochs: int, seed: int, head: world_mod.Sc
     probes = None if plain else Probes(model, data)
     if plain:
         pretrain_trunk(model, data, pretrain_epochs, seed, "vqa")
-    fit(model if probes is None else probes, lambda idx: vqa_loss(model, probes, data, idx),
-        len(data.questions), epochs=epochs, batch=64, lr=2e-3, seed=seed, name="vqa")
+    if epochs > 0:
+        fit(model if probes is None else probes, lambda idx: vqa_loss(model, probes, data, idx),
+            len(data.questions), epochs=epochs, batch=64, lr=2e-3, seed=seed, name="vqa")
     codes, _ = pooled_codes(model, head.images)
 
     def head_loss(idx: torch.Tensor) -> torch.Tensor:

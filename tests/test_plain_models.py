@@ -248,7 +248,8 @@ def test_plain_image_losses_have_no_probe_term(script) -> None:
 def test_the_plain_trunk_pretraining_reads_which_looks_a_scene_holds(script) -> None:
     """Presence: the multi-hot of each scene's colour-shape looks (image-level labels, two
     objects of one look count once, empty slots none), and its loss the binary
-    cross-entropy of a linear read-out of the trunk's averaged final map."""
+    cross-entropy of a linear read-out of the model's pooled code of the trunk's final map
+    (the VQA model's: average and max pooling, side by side)."""
     from mmexplain.adapters.shapes import shapes_trunk
     from mmexplain.adapters.vqa import LSTMQNormI
 
@@ -263,7 +264,8 @@ def test_the_plain_trunk_pretraining_reads_which_looks_a_scene_holds(script) -> 
             for j in range(int(data.num_objects[row])))}
         assert set(presence.present[row].nonzero().flatten().tolist()) == looks
     idx = torch.tensor([0, 4])
-    pooled = vqa.feature_map(data.images[idx]).mean((2, 3))
+    fmap = vqa.feature_map(data.images[idx])
+    pooled = torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1)
     want = torch.nn.functional.binary_cross_entropy(
         torch.sigmoid(presence.head(pooled)), presence.present[idx])
     assert float(presence.loss(idx)) == pytest.approx(float(want), rel=1e-5)
@@ -272,13 +274,14 @@ def test_the_plain_trunk_pretraining_reads_which_looks_a_scene_holds(script) -> 
 def test_plain_defaults_and_the_child_processes_flag(script) -> None:
     args = script.parse_args(["--plain"])
     assert args.plain and args.explain_steps == 0 and args.vqa_explain_steps == 0
-    assert args.epochs == script.PLAIN_SCHEDULE["epochs"] == 20
+    assert args.epochs == args.vqa_epochs == 0  # the trunk as Presence leaves it
     assert script.parse_args(["--plain", "--epochs", "3"]).epochs == 3  # asked for: kept
     assert script.parse_args([]).explain_steps == 1500  # the supervised schedule unchanged
+    assert (script.parse_args([]).epochs, script.parse_args([]).vqa_epochs) == (14, 3)
     child = script.child_command(args, "vqa")
     assert child.count("--plain") == 1 and child[-2:] == ["--only", "vqa"]
-    assert "--epochs=20" in child and "--explain-steps=0" in child
-    assert "--pretrain-epochs=6" in child and script.parse_args([]).pretrain_epochs == 0
+    assert "--epochs=0" in child and "--vqa-epochs=0" in child and "--explain-steps=0" in child
+    assert "--pretrain-epochs=10" in child and script.parse_args([]).pretrain_epochs == 0
     assert "--plain" not in script.child_command(script.parse_args([]), "vqa")
 
 

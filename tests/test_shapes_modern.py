@@ -88,14 +88,6 @@ def test_the_package_data_holds_both_folders() -> None:
                for f in files)
 
 
-#: The shipped shapes-vlm misses the issue's bars (see README): its bar tests are kept, and
-#: expected to fail until a better-trained folder replaces it (issue 20 stays open).
-VLM_SHORT = pytest.mark.xfail(strict=True, reason="shapes-vlm below the bars: 81.6 % of "
-                              "visual words, 65.8 % of answers on 300 fresh scenes; Grad-CAM "
-                              "pointing 69 % of words on this seed")
-
-
-@VLM_SHORT
 def test_the_vlm_captions_and_answers_generatively(vlm, scenes) -> None:
     captions = S.generated_captions(vlm, scenes)
     assert S.vlm_caption_accuracy(vlm, scenes, captions) >= 0.90
@@ -111,7 +103,6 @@ def _picture(scenes: W.SceneBatch, row: int) -> np.ndarray:
     return S.pictures(scenes)[row]
 
 
-@VLM_SHORT
 def test_gradcam_points_at_what_the_words_and_answers_name(vlm, scenes) -> None:
     """Per generated word its map's maximum on the objects it names, per right answer on
     the objects it is about: each >= 70 % (12 scenes)."""
