@@ -86,23 +86,17 @@ class Presence(nn.Module):
     VQA model's average and max: what their task reads) -- as Show and Tell's and the VQA
     models' CNNs are pretrained on ImageNet's image labels before their task. Trained on
     their task alone from random weights, the plain captioner's trunk did not learn to see
-    (its loss stalled at the language prior's) and the plain VQA model reached 56 %."""
+    (its loss stalled at the language prior's) and the plain VQA model reached 56 %. The
+    supervised models' :class:`PresenceProbe` on :func:`looks_present`, alone."""
 
     def __init__(self, model: nn.Module, data: world_mod.SceneBatch) -> None:
         super().__init__()
-        self.model = model
-        self.head = nn.Linear(model.code_dim, len(world_mod.COLORS) * len(world_mod.SHAPES))
-        looks = (data.object_colors.clamp(min=0) * len(world_mod.SHAPES)
-                 + data.object_shapes.clamp(min=0))
-        present = torch.zeros(len(looks), self.head.out_features)
-        present.scatter_add_(1, looks, (data.object_colors >= 0).float())  # padding adds 0
-        present.clamp_(max=1.0)  # two objects of one look
-        self.present, self.images = present, data.images
+        self.probe = PresenceProbe(model)
+        self.present, self.images = looks_present(data), data.images
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        pooled = self.model.pool(self.model.feature_map(self.images[idx]))
-        return nn.functional.binary_cross_entropy_with_logits(self.head(pooled),
-                                                              self.present[idx])
+        fmap = self.probe.model.feature_map(self.images[idx])
+        return self.probe.loss(fmap, self.present[idx])
 
 
 def pretrain_trunk(model: nn.Module, data: world_mod.SceneBatch, epochs: int, seed: int,

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_shapes import fit, look_maps, pointing_loss, reuse_memory  # noqa: E402
+from train_shapes import (fit, look_maps, object_cover, pointing_loss,  # noqa: E402
+                          reuse_memory)
 
 from mmexplain.data import shapes as W  # noqa: E402
 from mmexplain.distill import maps_at  # noqa: E402
@@ -306,12 +307,6 @@ class GroundProbe(nn.Module):
                 + bce(self.answered(hidden)[..., 0], answered))
 
 
-def object_cover(masks: torch.Tensor, objects: torch.Tensor, side: int) -> torch.Tensor:
-    """masks (B, M, H, W), objects (B, M) bool -> (B, side, side) share of each cell covered."""
-    union = (masks & objects[:, :, None, None]).any(1).float()
-    return nn.functional.adaptive_avg_pool2d(union[:, None], side)[:, 0]
-
-
 def vlm_loss(model: nn.Module, probe: LookProbe, processor: Any, scenes: W.SceneBatch,
              looks: torch.Tensor, talks: Dialogues, idx: torch.Tensor, explain: bool,
              ground: GroundProbe | None = None, gen: torch.Generator | None = None
@@ -333,12 +328,14 @@ def vlm_loss(model: nn.Module, probe: LookProbe, processor: Any, scenes: W.Scene
     scored = talks.weight[which, 1:length]
     loss = -(logp * scored).sum() / scored.sum()
     loss = loss + probe.loss(hidden, looks[idx].flatten(1))
+    if ground is None and not explain:
+        return loss
+    masks, cells = scenes.masks[idx][rows], (SIZE // PATCH,) * 2  # each dialogue's scene
     if ground is not None and bool(talks.question[which].any()):
         q = talks.question[which]
-        masks, side = scenes.masks[idx][rows][q], SIZE // PATCH
         loss = loss + GROUND_WEIGHT * ground.loss(
-            at[q], object_cover(masks, talks.asked[which][q], side).flatten(1),
-            object_cover(masks, talks.answered[which][q], side).flatten(1))
+            at[q], object_cover(masks[q], talks.asked[which][q], cells).flatten(1),
+            object_cover(masks[q], talks.answered[which][q], cells).flatten(1))
     if not explain:
         return loss
     refs = talks.refs[which, 1:length]  # (S, L-1, M): the objects each predicted token names
@@ -346,7 +343,7 @@ def vlm_loss(model: nn.Module, probe: LookProbe, processor: Any, scenes: W.Scene
     score = logp.gather(1, pick)[:, 0]
     named = refs.gather(1, pick[:, :, None].expand(-1, -1, refs.shape[2]))[:, 0]
     maps = maps_at(grid, score)  # (S, 8, 8) Grad-CAM, differentiable
-    cover = object_cover(scenes.masks[idx][rows], named, maps.shape[-1])
+    cover = object_cover(masks, named, cells)
     for part in (keep & ~talks.question[which], keep & talks.question[which]):
         if bool(part.any()):  # the captions' words weigh as much as all the answers
             loss = loss + EXPLAIN_WEIGHT * pointing_loss(maps[part], cover[part])
@@ -399,13 +396,11 @@ def train_vlm(out: Path, images: int, steps: int, explain_steps: int, seed: int,
     start = time.time()
     world = W.ShapesWorld(seed=seed)
     listed = world.images(max(images, vision_images))
-    seen = W.collate_scenes(listed, dtype=torch.uint8)  # the vision phase's scenes
+    scenes = W.collate_scenes(listed, dtype=torch.uint8)  # the rest reads the first images
     side = SIZE // PATCH
-    looks, centres = look_maps(seen, side), centre_cells(seen.masks, side)
-    listed = listed[:images]
-    scenes = W.collate_scenes(listed, dtype=torch.uint8)
-    talks = Dialogues(processor, listed, answer_weight)
-    print(f"vlm: {len(seen)} scenes for the vision tower, {images} for the rest: "
+    looks, centres = look_maps(scenes, side), centre_cells(scenes.masks, side)
+    talks = Dialogues(processor, listed[:images], answer_weight)
+    print(f"vlm: {len(scenes)} scenes for the vision tower, {images} for the rest: "
           f"{len(talks)} dialogues of {talks.ids.shape[1]} tokens at most "
           f"({time.time() - start:.0f} s); "
           f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
@@ -413,11 +408,10 @@ def train_vlm(out: Path, images: int, steps: int, explain_steps: int, seed: int,
     both = nn.ModuleList([model, probe, *([grounding] if grounding else [])])
     if vision_steps > 0:  # phase 0: the vision tower learns the looks first (no LM: cheap)
         vision = nn.ModuleList([model.model.vision_tower, probe])
-        fit(vision, lambda idx: vision_loss(model, probe, processor, seen, looks, centres, idx),
-            len(seen), steps=vision_steps, batch=64, lr=2e-3, seed=seed + 7,
+        fit(vision, lambda idx: vision_loss(model, probe, processor, scenes, looks, centres,
+                                            idx),
+            len(scenes), steps=vision_steps, batch=64, lr=2e-3, seed=seed + 7,
             name="vlm vision", clip=1.0)
-    seen = None  # the vision phase's scenes are done with
-    looks = looks[:images]
     if freeze_vision:  # as LLaVA's second stage: the vision tower as phase 0 left it
         model.model.vision_tower.requires_grad_(False)
     if lm_threads:
@@ -431,7 +425,7 @@ def train_vlm(out: Path, images: int, steps: int, explain_steps: int, seed: int,
             model.set_attn_implementation("eager" if phase != "vlm" else "sdpa")
             fit(both, lambda idx: vlm_loss(model, probe, processor, scenes, looks, talks, idx,
                                            phase != "vlm", grounding, gen),
-                len(scenes), steps=count, batch=batch, lr=rate, seed=seed + len(phase),
+                images, steps=count, batch=batch, lr=rate, seed=seed + len(phase),
                 name=phase, clip=1.0, params=params)
     model.set_attn_implementation("sdpa")
     save_vlm(model, processor, out / "shapes-vlm")

@@ -267,7 +267,7 @@ def test_the_plain_trunk_pretraining_reads_which_looks_a_scene_holds(script) -> 
     fmap = vqa.feature_map(data.images[idx])
     pooled = torch.cat([fmap.mean((2, 3)), fmap.amax((2, 3))], 1)
     want = torch.nn.functional.binary_cross_entropy(
-        torch.sigmoid(presence.head(pooled)), presence.present[idx])
+        torch.sigmoid(presence.probe.head(pooled)), presence.present[idx])
     assert float(presence.loss(idx)) == pytest.approx(float(want), rel=1e-5)
 
 
